@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds mkosi.output/storagetm.{efi,iso,raw}. mkosi's tools tree, package cache and
+# incremental cache live in $STORAGETM_CACHE (default /var/cache/storagetm), outside the
+# checkout, so later builds and CI runs reuse them. Run ci/setup-host.sh first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE=${STORAGETM_CACHE:-/var/cache/storagetm}
+MKOSI_DIR=$(ls -d "$CACHE"/mkosi-*/ 2>/dev/null | sort | tail -n 1)
+[ -n "$MKOSI_DIR" ] || { echo "build-image: mkosi not found; run ci/setup-host.sh first" >&2; exit 1; }
+mkdir -p "$CACHE/out" "$CACHE/cache" "$CACHE/pkgcache" "$CACHE/workspace" mkosi.output
+
+mkosi() {
+    PYTHONPATH="$MKOSI_DIR/usr/lib/python3/dist-packages" python3 -m mkosi "$@"
+}
+
+start=$(date +%s)
+mkosi --force \
+    --output-directory "$CACHE/out" \
+    --cache-directory "$CACHE/cache" \
+    --package-cache-directory "$CACHE/pkgcache" \
+    --workspace-directory "$CACHE/workspace" \
+    --sandbox-tree "$CACHE/sandbox" \
+    --tools-tree-sandbox-tree "$CACHE/sandbox" \
+    build
+install -m 0644 "$CACHE/out/storagetm.efi" mkosi.output/storagetm.efi
+ci/make-media.sh mkosi.output/storagetm.efi mkosi.output
+echo "build-image: done in $(( $(date +%s) - start )) s"
+ls -l mkosi.output/storagetm.efi mkosi.output/storagetm.iso mkosi.output/storagetm.raw

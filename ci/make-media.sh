@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Wraps a UKI into boot media, reproducibly (fixed timestamps, serials and GUIDs):
+#   storagetm.iso  — El Torito EFI boot from an appended ESP; boots as a CD and as a USB stick
+#   storagetm.raw  — GPT with a single ESP, for dd to a USB stick
+# Usage: make-media.sh UKI OUTPUT_DIR
+set -euo pipefail
+uki=$1 out=$2
+epoch=${SOURCE_DATE_EPOCH:-1735689600}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+ESP_TYPE=C12A7328-F81F-11D2-BA4B-00A0C93EC93B
+
+# FAT ESP sized to the UKI plus 4 MiB of slack, rounded to whole MiB.
+uki_mib=$(( ($(stat -c %s "$uki") + 1048575) / 1048576 ))
+esp_mib=$(( uki_mib + 4 ))
+truncate -s "${esp_mib}M" "$tmp/esp.img"
+mformat -i "$tmp/esp.img" -F -N 57544d31 -v STORAGETM ::
+mkdir -p "$tmp/root/EFI/BOOT"
+cp "$uki" "$tmp/root/EFI/BOOT/BOOTX64.EFI"
+mkdir -p "$tmp/iso"
+printf 'storagetm boot medium: boot it with UEFI (the EFI image is in the appended ESP).\n' > "$tmp/iso/README.TXT"
+find "$tmp/root" "$tmp/iso" -exec touch -h -d "@$epoch" {} +
+export MTOOLS_SKIP_CHECK=1
+mcopy -i "$tmp/esp.img" -s -m "$tmp/root/EFI" ::
+
+# ISO: the ESP appended as GPT partition 2 and used as the El Torito EFI boot image.
+SOURCE_DATE_EPOCH=$epoch xorriso -as mkisofs -quiet \
+    -V STORAGETM -iso-level 3 -J -r \
+    --modification-date="$(date -u -d "@$epoch" +%Y%m%d%H%M%S00)" \
+    -appended_part_as_gpt -append_partition 2 "$ESP_TYPE" "$tmp/esp.img" \
+    -e --interval:appended_partition_2:all:: -no-emul-boot \
+    -o "$tmp/storagetm.iso" "$tmp/iso" 2>/dev/null
+
+# Raw USB image: 1 MiB GPT header area, the ESP, 1 MiB for the backup GPT.
+raw=$tmp/storagetm.raw
+truncate -s "$(( esp_mib + 2 ))M" "$raw"
+sfdisk -q --no-reread --no-tell-kernel "$raw" <<SFDISK
+label: gpt
+label-id: 5354524D-0000-4000-8000-000000000001
+first-lba: 2048
+start=2048, size=$(( esp_mib * 2048 )), type=$ESP_TYPE, uuid=5354524D-0000-4000-8000-000000000002, name="STORAGETM-ESP"
+SFDISK
+dd if="$tmp/esp.img" of="$raw" bs=1M seek=1 conv=notrunc status=none
+
+mv "$tmp/storagetm.iso" "$out/storagetm.iso"
+mv "$raw" "$out/storagetm.raw"

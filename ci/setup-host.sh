@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Installs everything this repository needs on a fresh Debian 12 host, idempotently:
+# QEMU + OVMF for the VM suite, xorriso/mtools/sfdisk for the ISO and USB images,
+# the Python test tools, and mkosi 25 unpacked from Debian trixie's package.
+# Never upgrades the host OS. Safe to run again at any time.
+set -euo pipefail
+
+CACHE=${STORAGETM_CACHE:-/var/cache/storagetm}
+MKOSI_VERSION=25.3-7
+MKOSI_SHA256=ef56c81324fd47d65490e944ec4697bb3f6fb21326d0d071bfc2fb5ba5383252
+HOST_PACKAGES=(qemu-system-x86 qemu-utils ovmf xorriso mtools dosfstools fdisk zstd
+               binutils python3-venv ca-certificates imagemagick)
+PIP_PACKAGES=(pytest==8.3.4 ruff==0.8.6 mypy==1.14.1 qemu.qmp==0.0.6 pyudev==0.24.3)
+
+log() { printf 'setup-host: %s\n' "$*"; }
+
+# The Debian mirror this host already uses; the image build and mkosi's tools tree use it too.
+debian_mirror() {
+    local uri
+    uri=$(awk '/^URIs:/ && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+    [ -n "$uri" ] || uri=$(awk '$1=="deb" && $3 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+    [ -n "$uri" ] || { echo "setup-host: no Debian mirror found in /etc/apt sources" >&2; exit 1; }
+    printf '%s\n' "$uri"
+}
+
+install_host_packages() {
+    local missing=()
+    for p in "${HOST_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing ${missing[*]}"
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
+}
+
+install_python_tools() {
+    local py=${PYTHON:-python3}
+    if ! "$py" -c 'import pytest, qemu.qmp, pyudev' 2>/dev/null || ! command -v ruff >/dev/null || ! command -v mypy >/dev/null; then
+        log "installing Python tools"
+        "$py" -m pip install -q --disable-pip-version-check "${PIP_PACKAGES[@]}"
+    fi
+}
+
+install_mkosi() {
+    local dir=$CACHE/mkosi-$MKOSI_VERSION deb
+    if [ -f "$dir/.installed" ]; then return; fi
+    log "fetching mkosi $MKOSI_VERSION from Debian trixie"
+    local apt=$CACHE/apt-trixie
+    mkdir -p "$apt/lists/partial" "$apt/archives/partial" "$dir"
+    echo "deb $(debian_mirror) trixie main" > "$apt/sources.list"
+    local opts=(-o Dir::Etc::SourceList="$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                -o Dir::State::Lists="$apt/lists" -o Dir::Cache="$apt" -o Dir::Cache::Archives="$apt/archives"
+                -o APT::Sandbox::User=root)
+    apt-get -q "${opts[@]}" update
+    (cd "$apt/archives" && apt-get -q "${opts[@]}" download "mkosi=$MKOSI_VERSION")
+    deb=$apt/archives/mkosi_${MKOSI_VERSION}_all.deb
+    echo "$MKOSI_SHA256  $deb" | sha256sum -c --quiet
+    dpkg-deb -x "$deb" "$dir"
+    touch "$dir/.installed"
+}
+
+# A sandbox tree with apt sources for trixie on the host's mirror, for mkosi and its tools tree.
+write_apt_sandbox() {
+    local mirror security tree=$CACHE/sandbox
+    mirror=$(debian_mirror)
+    security=$(awk '/^URIs:/ && $2 ~ /security/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+    [ -n "$security" ] || security="${mirror%/debian}/debian-security"
+    mkdir -p "$tree/etc/apt/sources.list.d"
+    cat > "$tree/etc/apt/sources.list.d/mkosi.sources.new" <<SOURCES
+Types: deb
+URIs: $mirror
+Suites: trixie trixie-updates
+Components: main non-free-firmware
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: $security
+Suites: trixie-security
+Components: main non-free-firmware
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+    mv "$tree/etc/apt/sources.list.d/mkosi.sources.new" "$tree/etc/apt/sources.list.d/mkosi.sources"
+}
+
+main() {
+    [ "$(id -u)" = 0 ] || { echo "setup-host: run as root (it installs packages)" >&2; exit 1; }
+    mkdir -p "$CACHE"
+    install_host_packages
+    install_python_tools
+    install_mkosi
+    write_apt_sandbox
+    log "ready (cache in $CACHE)"
+}
+
+main "$@"

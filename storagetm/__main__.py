@@ -1,0 +1,5 @@
+import sys
+
+from storagetm.cli import main
+
+sys.exit(main())

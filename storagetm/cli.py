@@ -1,0 +1,198 @@
+"""The storagetm command: a drop-in for systemd-storagetm's options, plus status/stop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from storagetm import __version__, state
+from storagetm.daemon import Daemon, explicit_files, plan
+from storagetm.errors import ExitCode, NotRunningError, StorageTMError, UsageError
+from storagetm.identity import check_nqn_prefix, default_nqn_base, host_identity
+from storagetm.policy import system_facts
+from storagetm.screen import Screen, active_consoles, human_size, render
+from storagetm.settings import (
+    KERNEL_OPTIONS,
+    OptionError,
+    Settings,
+    apply_kernel_cmdline,
+    parse_port,
+    read_kernel_cmdline,
+)
+from storagetm.udev import BlockDevices
+
+log = logging.getLogger("storagetm")
+
+EPILOG = """\
+subcommands:
+  storagetm status [--json]   show what a running storagetm exports
+  storagetm stop              stop it (its exports are torn down)
+
+exit codes: 0 ok, 1 failure, 2 usage error, 3 kernel lacks nvmet/configfs,
+            4 no storagetm running, 5 nothing to export
+"""
+
+
+def _port(value: str) -> int:
+    try:
+        return parse_port(value)
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _nqn(value: str) -> str:
+    try:
+        return check_nqn_prefix(value)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(exc.one_line()) from exc
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="storagetm",
+        description="Export this machine's disks over NVMe/TCP (target disk mode).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("devices", nargs="*", metavar="DEVICE|FILE",
+                        help="block devices (path, by-id name or serial) or regular files to export")  # fmt: skip
+    parser.add_argument("-a", "--all", action="count", default=0,
+                        help="export every disk, now and hotplugged later; twice: also the root "
+                        "disk and the boot medium")  # fmt: skip
+    parser.add_argument("--nqn", type=_nqn, metavar="PREFIX", help="NQN prefix (default: derived from this host)")
+    parser.add_argument("--port", type=_port, default=None, help="TCP port for I/O (default 4420)")
+    parser.add_argument(
+        "--list-devices", action="store_true", help="list block devices and whether they are exported"
+    )
+    parser.add_argument(
+        "--kernel-cmdline", action="store_true", help="read storagetm.* options from /proc/cmdline"
+    )
+    parser.add_argument("--console", action="store_true", help="draw the screen on the kernel's consoles, not stdout")
+    parser.add_argument("--json", action="store_true", help="JSON output (with --list-devices)")
+    parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument("--version", action="version", version=f"storagetm {__version__}")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
+    settings = Settings(
+        all_disks=args.all > 0,
+        lift_guards=args.all > 1,
+        devices=tuple(args.devices),
+        nqn_base=args.nqn,
+        port=args.port or Settings.port,
+    )
+    problems: list[str] = []
+    if args.kernel_cmdline:
+        settings, problems = apply_kernel_cmdline(settings, read_kernel_cmdline())
+    return settings, problems
+
+
+def list_devices(settings: Settings, as_json: bool) -> int:
+    disks = BlockDevices().enumerate() + explicit_files(settings)
+    base = settings.nqn_base or default_nqn_base(host_identity())
+    selection = settings if (settings.all_disks or settings.devices) else Settings(all_disks=True)
+    result = plan(disks, selection, system_facts(), base)
+    reasons = {d.devnode: r.value for d, r in result.not_exported}
+    exported = {e.disk.devnode: nqn for nqn, e in result.exports.items()}
+    rows: list[dict[str, str | int | bool]] = []
+    for disk in disks:
+        rows.append({
+            "device": disk.devnode, "type": disk.devtype, "size": disk.size, "model": disk.model,
+            "serial": disk.serial, "export": disk.devnode in exported,
+            "nqn": exported.get(disk.devnode, ""),
+            "reason": reasons.get(disk.devnode, "" if disk.devnode in exported else "partition (whole disks only)"),
+        })  # fmt: skip
+    if as_json:
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+        return ExitCode.OK
+    for row in rows:
+        verdict = "export" if row["export"] else f"skip: {row['reason']}"
+        print(f"{row['device']:<22} {human_size(int(row['size'])):>10}  {str(row['model'])[:24]:<24}  {verdict}")
+    return ExitCode.OK
+
+
+def serve(argv: Sequence[str]) -> int:
+    args = serve_parser().parse_args(argv)
+    setup_logging(args.debug)
+    settings, problems = settings_from(args)
+    for problem in problems:
+        log.warning("%s", problem)
+    if args.list_devices:
+        return list_devices(settings, args.json)
+    if not settings.all_disks and not settings.devices:
+        raise UsageError("no disks selected", hint="give --all, or name the disks (DEVICE|FILE …)")
+    if os.geteuid() != 0:
+        raise UsageError("storagetm must run as root", hint="it configures the kernel's NVMe target")
+    screen = Screen(active_consoles() if args.console else ())
+    return Daemon(settings, screen=screen, startup_problems=problems).run()
+
+
+def status(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="storagetm status", description="Show what storagetm exports.")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    current = state.load()
+    if current is None or not state.pid_alive(current.pid):
+        raise NotRunningError("storagetm is not running", hint="start it with `storagetm --all`")
+    if args.json:
+        json.dump(current.to_json(), sys.stdout, indent=1)
+        print()
+    else:
+        print(render(current), end="")
+    return ExitCode.OK
+
+
+def stop(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="storagetm stop", description="Stop storagetm and withdraw its exports.")
+    parser.add_argument("--timeout", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    current = state.load()
+    if current is None or not state.pid_alive(current.pid):
+        raise NotRunningError("storagetm is not running")
+    os.kill(current.pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while state.pid_alive(current.pid):
+        if time.monotonic() > deadline:
+            raise StorageTMError(f"storagetm (pid {current.pid}) did not stop within {args.timeout:.0f} s")
+        time.sleep(0.1)
+    print("storagetm stopped")
+    return ExitCode.OK
+
+
+def help_kernel_cmdline() -> str:
+    return "\n".join(f"  storagetm.{opt.name}=  {opt.help}" for opt in KERNEL_OPTIONS)
+
+
+def setup_logging(debug: bool) -> None:
+    fmt = "%(message)s" if os.environ.get("JOURNAL_STREAM") else "storagetm: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt, stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    commands = {"status": status, "stop": stop}
+    try:
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
+        return serve(argv)
+    except StorageTMError as exc:
+        if debug:
+            log.exception("failed")
+        print(f"storagetm: {exc.one_line()}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        return ExitCode.FAILURE
+    except Exception as exc:  # one line unless --debug; mkosi does the same at its top level
+        if debug:
+            raise
+        print(f"storagetm: unexpected error: {exc} (run with --debug for details)", file=sys.stderr)
+        return ExitCode.FAILURE

@@ -1,0 +1,266 @@
+"""A typed model of the kernel's nvmet configfs tree (/sys/kernel/config/nvmet).
+
+Each node knows its path; attributes are files named `<group>_<name>`
+(`attr_model`, `device_path`, `addr_traddr`). All file-system access goes through
+`ConfigfsOps`, so unit tests can run on a temp-dir fake that behaves like the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from storagetm.errors import ConfigfsError
+
+NVMET_ROOT = Path("/sys/kernel/config/nvmet")
+
+
+class ConfigfsOps(Protocol):
+    """The file operations configfs needs; `OsOps` is the real one."""
+
+    def mkdir(self, path: Path) -> None: ...
+    def rmdir(self, path: Path) -> None: ...
+    def read(self, path: Path) -> str: ...
+    def write(self, path: Path, value: str) -> None: ...
+    def symlink(self, target: Path, link: Path) -> None: ...
+    def unlink(self, path: Path) -> None: ...
+
+
+class OsOps:
+    def mkdir(self, path: Path) -> None:
+        path.mkdir()
+
+    def rmdir(self, path: Path) -> None:
+        path.rmdir()
+
+    def read(self, path: Path) -> str:
+        return path.read_text()
+
+    def write(self, path: Path, value: str) -> None:
+        # configfs wants the whole value in one write() call.
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+
+    def symlink(self, target: Path, link: Path) -> None:
+        link.symlink_to(target)
+
+    def unlink(self, path: Path) -> None:
+        path.unlink()
+
+
+def _describe(exc: OSError) -> str:
+    return exc.strerror or errno.errorcode.get(exc.errno or 0) or str(exc)
+
+
+class Node:
+    """One configfs directory."""
+
+    def __init__(self, path: Path, ops: ConfigfsOps) -> None:
+        self.path = path
+        self.ops = ops
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def get(self, group: str, name: str) -> str:
+        try:
+            return self.ops.read(self.path / f"{group}_{name}").strip()
+        except OSError as exc:
+            raise ConfigfsError(f"cannot read {self.path}/{group}_{name}: {_describe(exc)}") from exc
+
+    def set(self, group: str, name: str, value: str) -> None:
+        try:
+            self.ops.write(self.path / f"{group}_{name}", value)
+        except OSError as exc:
+            raise ConfigfsError(f"cannot set {self.path}/{group}_{name} to {value!r}: {_describe(exc)}") from exc
+
+    def _mkdir(self) -> None:
+        try:
+            self.ops.mkdir(self.path)
+        except OSError as exc:
+            raise ConfigfsError(f"cannot create {self.path}: {_describe(exc)}") from exc
+
+    def _rmdir(self) -> None:
+        try:
+            self.ops.rmdir(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigfsError(f"cannot remove {self.path}: {_describe(exc)}") from exc
+
+    def _children(self, group: str) -> Iterator[Path]:
+        directory = self.path / group
+        if directory.is_dir():
+            yield from sorted(directory.iterdir())
+
+
+class Namespace(Node):
+    @property
+    def nsid(self) -> int:
+        return int(self.name)
+
+    @property
+    def enabled(self) -> bool:
+        return self.ops.read(self.path / "enable").strip() == "1"
+
+    def enable(self, on: bool = True) -> None:
+        try:
+            self.ops.write(self.path / "enable", "1" if on else "0")
+        except OSError as exc:
+            verb = "enable" if on else "disable"
+            raise ConfigfsError(f"cannot {verb} namespace {self.path}: {_describe(exc)}") from exc
+
+    def delete(self) -> None:
+        if not self.exists():
+            return
+        if self.enabled:
+            self.enable(False)
+        self._rmdir()
+
+
+class Host(Node):
+    def delete(self) -> None:
+        self._rmdir()
+
+
+class Subsystem(Node):
+    @property
+    def nqn(self) -> str:
+        return self.name
+
+    def namespace(self, nsid: int) -> Namespace:
+        return Namespace(self.path / "namespaces" / str(nsid), self.ops)
+
+    def namespaces(self) -> list[Namespace]:
+        return [Namespace(p, self.ops) for p in self._children("namespaces")]
+
+    def create_namespace(self, nsid: int) -> Namespace:
+        ns = self.namespace(nsid)
+        ns._mkdir()
+        return ns
+
+    def allow_host(self, host: Host) -> None:
+        link = self.path / "allowed_hosts" / host.name
+        if not link.is_symlink():
+            try:
+                self.ops.symlink(host.path, link)
+            except OSError as exc:
+                raise ConfigfsError(f"cannot allow host {host.name} on {self.nqn}: {_describe(exc)}") from exc
+
+    def allowed_hosts(self) -> list[str]:
+        return [p.name for p in self._children("allowed_hosts")]
+
+    def delete(self) -> None:
+        """Remove namespaces, then host links, then the subsystem itself."""
+        if not self.exists():
+            return
+        for ns in self.namespaces():
+            ns.delete()
+        for link in self._children("allowed_hosts"):
+            self.ops.unlink(link)
+        self._rmdir()
+
+
+class Port(Node):
+    @property
+    def port_id(self) -> int:
+        return int(self.name)
+
+    def linked_subsystems(self) -> list[str]:
+        return [p.name for p in self._children("subsystems")]
+
+    def referrals(self) -> list[str]:
+        return [p.name for p in self._children("referrals")]
+
+    def link(self, subsystem: Subsystem) -> None:
+        link = self.path / "subsystems" / subsystem.name
+        if link.is_symlink():
+            return
+        try:
+            self.ops.symlink(subsystem.path, link)
+        except OSError as exc:
+            raise ConfigfsError(
+                f"cannot link {subsystem.name} to port {self.name} "
+                f"({self.get('addr', 'traddr')}:{self.get('addr', 'trsvcid')}): {_describe(exc)}",
+                hint="another program may already listen on that address and port; see dmesg",
+            ) from exc
+
+    def unlink(self, nqn: str) -> None:
+        link = self.path / "subsystems" / nqn
+        try:
+            self.ops.unlink(link)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigfsError(f"cannot unlink {nqn} from port {self.name}: {_describe(exc)}") from exc
+
+    def delete(self) -> None:
+        if not self.exists():
+            return
+        for nqn in self.linked_subsystems():
+            self.unlink(nqn)
+        self._rmdir()
+
+
+class Root(Node):
+    """`/sys/kernel/config/nvmet`."""
+
+    def __init__(self, path: Path = NVMET_ROOT, ops: ConfigfsOps | None = None) -> None:
+        super().__init__(path, ops or OsOps())
+
+    def subsystem(self, nqn: str) -> Subsystem:
+        return Subsystem(self.path / "subsystems" / nqn, self.ops)
+
+    def port(self, port_id: int) -> Port:
+        return Port(self.path / "ports" / str(port_id), self.ops)
+
+    def host(self, hostnqn: str) -> Host:
+        return Host(self.path / "hosts" / hostnqn, self.ops)
+
+    def subsystems(self) -> list[Subsystem]:
+        return [Subsystem(p, self.ops) for p in self._children("subsystems")]
+
+    def ports(self) -> list[Port]:
+        return [Port(p, self.ops) for p in self._children("ports") if p.name.isdigit()]
+
+    def hosts(self) -> list[Host]:
+        return [Host(p, self.ops) for p in self._children("hosts")]
+
+    def create_subsystem(self, nqn: str) -> Subsystem:
+        subsystem = self.subsystem(nqn)
+        subsystem._mkdir()
+        return subsystem
+
+    def create_port(self, port_id: int) -> Port:
+        port = self.port(port_id)
+        port._mkdir()
+        return port
+
+    def create_host(self, hostnqn: str) -> Host:
+        host = self.host(hostnqn)
+        if not host.exists():
+            host._mkdir()
+        return host
+
+    def free_port_id(self, preferred: int) -> int:
+        """`preferred` if no port has that id yet, else the lowest free id above it."""
+        taken = {p.port_id for p in self.ports()}
+        port_id = preferred
+        while port_id in taken:
+            port_id += 1
+        if port_id > 0xFFFF:
+            raise ConfigfsError("no free nvmet port id")
+        return port_id

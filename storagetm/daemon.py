@@ -1,0 +1,199 @@
+"""The daemon: watch disks and addresses, keep the exports as desired, show the screen."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storagetm import kernel, network, state
+from storagetm.configfs import Root
+from storagetm.disks import Disk, disk_from_file, sort_disks
+from storagetm.errors import ExitCode, StorageTMError
+from storagetm.exports import Export, Exporter, listeners
+from storagetm.identity import default_nqn_base, host_identity, identity_for
+from storagetm.notify import sd_notify
+from storagetm.policy import Reason, SystemFacts, exclusion, system_facts
+from storagetm.screen import Screen, render
+from storagetm.settings import Settings
+from storagetm.udev import BlockDevices
+
+log = logging.getLogger(__name__)
+
+REDRAW_DEBOUNCE = 0.75  # seconds, as upstream: addresses come and go in bursts
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The outcome of the export policy for the current set of block devices."""
+
+    exports: dict[str, Export]
+    not_exported: list[tuple[Disk, Reason]]
+    problems: list[str] = field(default_factory=list)
+
+
+def plan(disks: list[Disk], settings: Settings, facts: SystemFacts, nqn_base: str) -> Plan:
+    exports: dict[str, Export] = {}
+    skipped: list[tuple[Disk, Reason]] = []
+    problems: list[str] = []
+    for disk in sort_disks(disks):
+        selected = settings.all_disks or any(disk.matches(spec) for spec in settings.devices)
+        reason = exclusion(disk, facts, lift_guards=settings.lift_guards)
+        if reason is None and not selected:
+            reason = Reason.NOT_SELECTED
+        if reason is not None:
+            if reason is not Reason.PARTITION and not (reason is Reason.VIRTUAL and not selected):
+                skipped.append((disk, reason))
+            if selected and not settings.all_disks:
+                problems.append(f"not exporting {disk.devnode}: {reason.value}")
+            continue
+        identity = identity_for(nqn_base, disk)
+        if identity.nqn in exports:
+            problems.append(f"not exporting {disk.devnode}: same identity as "
+                            f"{exports[identity.nqn].disk.devnode}")  # fmt: skip
+            continue
+        exports[identity.nqn] = Export(disk, identity)
+    for spec in settings.devices:
+        if not any(disk.matches(spec) for disk in disks):
+            problems.append(f"no disk matches {spec!r} (yet); it is exported if it appears")
+    return Plan(exports, skipped, problems)
+
+
+def explicit_files(settings: Settings) -> list[Disk]:
+    """DEVICE arguments that are regular files, exported through nvmet's file backend."""
+    return [disk_from_file(spec) for spec in settings.devices if Path(spec).is_file()]
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        screen: Screen,
+        root: Root | None = None,
+        devices: BlockDevices | None = None,
+        facts: Callable[[], SystemFacts] = system_facts,
+        startup_problems: list[str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.screen = screen
+        self.root = root
+        self.devices = devices
+        self.facts = facts
+        self.startup_problems = list(startup_problems or [])
+        self.disks: dict[str, Disk] = {}
+        self.state = state.RunState(pid=os.getpid())
+        self.exporter: Exporter | None = None
+        self.stop_requested = False
+
+    # ---- one reconcile pass ------------------------------------------------
+
+    def reconcile(self) -> None:
+        assert self.exporter is not None
+        result = plan(list(self.disks.values()), self.settings, self.facts(), self.state.nqn_base)
+        errors = self.exporter.apply(result.exports)
+        problems = self.startup_problems + result.problems + [e.one_line() for e in errors]
+        for problem in problems:
+            if problem not in self.state.problems:
+                log.warning("%s", problem)
+        self.state.exports = self.exporter.exports
+        self.state.ports = dict(self.exporter.owned_ports)
+        self.state.not_exported = [{"name": d.name, "device": d.devnode, "reason": r.value}
+                                   for d, r in result.not_exported]  # fmt: skip
+        self.state.problems = problems
+        self.publish()
+
+    def publish(self) -> None:
+        state.save(self.state)
+        self.screen.show(render(self.state, self.settings.port))
+        n = len(self.state.exports)
+        sd_notify(STATUS=f"Exporting {n} disk{'s' if n != 1 else ''}")
+
+    # ---- main loop ---------------------------------------------------------
+
+    def run(self) -> int:
+        previous = state.load()
+        if previous is not None and previous.pid != os.getpid() and state.pid_alive(previous.pid):
+            raise StorageTMError(f"storagetm is already running (pid {previous.pid})",
+                                 hint="use `storagetm status` or `storagetm stop`")  # fmt: skip
+        if self.root is None:
+            self.root = Root(kernel.ensure_nvmet())
+        devices = self.devices or BlockDevices()
+        devices.start()  # before enumerating, so no hotplug event is missed
+        addr_sock = network.address_monitor()
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.exporter = Exporter(self.root)
+        try:
+            self._start(devices, previous)
+            sd_notify(READY="1", STATUS=f"Exporting {len(self.state.exports)} disks")
+            self._loop(devices, addr_sock, wake_r)
+        finally:
+            sd_notify(STOPPING="1", STATUS="Tearing down exports")
+            self.exporter.teardown()
+            state.STATE_FILE.unlink(missing_ok=True)
+            signal.set_wakeup_fd(old_wakeup)
+            addr_sock.close()
+            os.close(wake_r)
+            os.close(wake_w)
+            log.info("stopped; nothing left exported")
+        return ExitCode.OK
+
+    def _start(self, devices: BlockDevices, previous: state.RunState | None) -> None:
+        assert self.exporter is not None
+        self.state.nqn_base = self.settings.nqn_base or default_nqn_base(host_identity())
+        wanted = listeners(self.settings.port, network.ipv6_available())
+        self.exporter.open_ports(wanted, adopt=previous.ports if previous else None)
+        if previous is not None:
+            self.exporter.adopt(previous.exports)
+        for disk in devices.enumerate() + explicit_files(self.settings):
+            self.disks[disk.devnode] = disk
+        self.state.addresses = network.local_addresses()
+        self.reconcile()
+
+    def _loop(self, devices: BlockDevices, addr_sock: object, wake_r: int) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(devices.fileno(), selectors.EVENT_READ, "udev")
+        selector.register(addr_sock, selectors.EVENT_READ, "net")  # type: ignore[arg-type]
+        selector.register(wake_r, selectors.EVENT_READ, "signal")
+        redraw_at: float | None = None
+        while not self.stop_requested:
+            timeout = None if redraw_at is None else max(0.0, redraw_at - time.monotonic())
+            for key, _ in selector.select(timeout):
+                if key.data == "udev":
+                    self._on_disk_events(devices)
+                elif key.data == "net":
+                    network.drain(addr_sock)  # type: ignore[arg-type]
+                    redraw_at = redraw_at or time.monotonic() + REDRAW_DEBOUNCE
+                else:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(wake_r, 64)
+            if redraw_at is not None and time.monotonic() >= redraw_at:
+                redraw_at = None
+                self.state.addresses = network.local_addresses()
+                self.publish()
+        selector.close()
+
+    def _on_disk_events(self, devices: BlockDevices) -> None:
+        changed = False
+        for event in devices.events():
+            log.debug("udev %s %s", event.action, event.disk.devnode)
+            if event.action == "remove":
+                changed |= self.disks.pop(event.disk.devnode, None) is not None
+            else:
+                changed |= self.disks.get(event.disk.devnode) != event.disk
+                self.disks[event.disk.devnode] = event.disk
+        if changed:
+            self.reconcile()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        self.stop_requested = True

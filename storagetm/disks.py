@@ -1,0 +1,137 @@
+"""Block devices as seen by udev, turned into plain values."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+SECTOR = 512
+
+
+class UdevDevice(Protocol):
+    """The part of pyudev.Device we use (tests pass simple stand-ins)."""
+
+    @property
+    def sys_path(self) -> str: ...
+    @property
+    def sys_name(self) -> str: ...
+    @property
+    def device_node(self) -> str | None: ...
+    @property
+    def device_number(self) -> int: ...
+    @property
+    def device_type(self) -> str | None: ...
+    @property
+    def properties(self) -> Mapping[str, str]: ...
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A block device with the identity facts storagetm needs."""
+
+    name: str  # kernel name: sda, nvme0n1
+    devnode: str  # /dev/sda, or a regular file's path
+    devnum: int  # st_rdev; 0 for regular files
+    devtype: str  # "disk", "partition" or "file"
+    size: int  # bytes
+    model: str = ""
+    serial: str = ""
+    wwn: str = ""
+    bus: str = ""  # ID_BUS: ata, scsi, usb, nvme, virtio
+    by_id: tuple[str, ...] = ()
+    by_path: str = ""
+    cdrom: bool = False
+    read_only: bool = False
+    removable: bool = False
+    nvme_transport: str = ""  # pcie, tcp, rdma, fc, loop for NVMe namespaces
+    fs_label: str = ""
+
+    @property
+    def is_file(self) -> bool:
+        return self.devtype == "file"
+
+    def matches(self, spec: str) -> bool:
+        """True if `spec` names this disk: path, kernel name, by-id name or serial."""
+        if spec in (self.devnode, self.name) or (self.serial and spec == self.serial):
+            return True
+        for link in self.by_id:
+            if spec in (link, os.path.basename(link)):
+                return True
+        return bool(self.by_path) and spec == self.by_path
+
+
+def _sysfs_int(path: Path, default: int = 0) -> int:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return default
+
+
+def _sysfs_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def nvme_transport(sys_path: str) -> str:
+    """Transport of the controller(s) behind an NVMe namespace block device, "" if none."""
+    base = Path(sys_path)
+    direct = base / "device" / "transport"
+    if direct.exists():
+        return direct.read_text().strip()
+    # Native multipath: the block device hangs off nvme-subsysN; ask its controllers.
+    transports = {p.read_text().strip() for p in base.parent.glob("nvme*/transport")}
+    if not transports and (base / "device").exists():
+        transports = {p.read_text().strip() for p in (base / "device").resolve().glob("nvme*/transport")}
+    return ",".join(sorted(transports))
+
+
+def disk_from_udev(device: UdevDevice) -> Disk:
+    props = device.properties
+    sys_path = Path(device.sys_path)
+    links = props.get("DEVLINKS", "").split()
+    name = device.sys_name
+    return Disk(
+        name=name,
+        devnode=device.device_node or f"/dev/{name}",
+        devnum=device.device_number,
+        devtype=device.device_type or "",
+        size=_sysfs_int(sys_path / "size") * SECTOR,
+        model=_sysfs_text(sys_path / "device" / "model") or props.get("ID_MODEL", "").replace("_", " ").strip(),
+        serial=props.get("ID_SERIAL_SHORT", "")
+        or props.get("ID_SCSI_SERIAL", "")
+        or _sysfs_text(sys_path / "device" / "serial"),
+        wwn=props.get("ID_WWN_WITH_EXTENSION", "") or props.get("ID_WWN", ""),
+        bus=props.get("ID_BUS", "") or ("nvme" if name.startswith("nvme") else ""),
+        by_id=tuple(sorted(link for link in links if link.startswith("/dev/disk/by-id/"))),
+        by_path=next((link for link in links if link.startswith("/dev/disk/by-path/")), ""),
+        cdrom=props.get("ID_CDROM") == "1" or name.startswith("sr"),
+        read_only=_sysfs_int(sys_path / "ro") == 1,
+        removable=_sysfs_int(sys_path / "removable") == 1,
+        nvme_transport=nvme_transport(str(sys_path)) if name.startswith("nvme") else "",
+        fs_label=props.get("ID_FS_LABEL", ""),
+    )
+
+
+def disk_from_file(path: str) -> Disk:
+    """A regular file given on the command line, exported through nvmet's file backend."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    base = os.path.basename(real)
+    return Disk(
+        name=base,
+        devnode=real,
+        devnum=0,
+        devtype="file",
+        size=st.st_size,
+        model="storagetm file",
+        serial=f"{st.st_dev:x}-{st.st_ino:x}",
+    )
+
+
+def sort_disks(disks: Iterable[Disk]) -> list[Disk]:
+    return sorted(disks, key=lambda d: (d.devtype == "file", len(d.name), d.name))

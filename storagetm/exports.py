@@ -1,0 +1,238 @@
+"""The reconciler: turns "these disks should be exported" into nvmet configfs state.
+
+Start-up, hotplug, adoption after a crash and teardown all go through `apply()`:
+desired exports are compared with what storagetm owns in configfs and only the
+difference is changed. Objects storagetm did not make are never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from storagetm.configfs import Port, Root, Subsystem
+from storagetm.disks import Disk
+from storagetm.errors import ConfigfsError, StorageTMError
+from storagetm.identity import Identity
+
+log = logging.getLogger(__name__)
+
+NSID = 1
+DISCOVERY_TRSVCID = 8009
+IO_TRSVCID = 4420
+
+
+@dataclass(frozen=True)
+class Export:
+    """One disk to export, with the identity the initiator will see."""
+
+    disk: Disk
+    identity: Identity
+
+    @property
+    def nqn(self) -> str:
+        return self.identity.nqn
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One nvmet port: a TCP address family and service id."""
+
+    adrfam: str  # "ipv4" or "ipv6"
+    traddr: str  # wildcard: "0.0.0.0" or "::"
+    trsvcid: int
+
+
+def listeners(io_port: int, ipv6: bool) -> list[Listener]:
+    """The ports to open. An IPv6 wildcard port also accepts IPv4 (dual-stack socket),
+    and an IPv4 and an IPv6 wildcard on the same TCP port cannot both bind."""
+    adrfam, traddr = ("ipv6", "::") if ipv6 else ("ipv4", "0.0.0.0")
+    ports = [Listener(adrfam, traddr, io_port)]
+    if io_port != DISCOVERY_TRSVCID:
+        ports.append(Listener(adrfam, traddr, DISCOVERY_TRSVCID))
+    return ports
+
+
+class ExportError(StorageTMError):
+    pass
+
+
+@dataclass
+class _Held:
+    export: Export
+    fd: int | None = None
+
+
+@dataclass
+class Exporter:
+    """Owns a set of subsystems and ports in configfs and keeps them as desired."""
+
+    root: Root
+    owned_subsystems: dict[str, _Held] = field(default_factory=dict)
+    owned_ports: dict[int, Listener] = field(default_factory=dict)
+
+    # ---- ports ---------------------------------------------------------------
+
+    def open_ports(self, wanted: list[Listener], adopt: Mapping[int, Listener] | None = None) -> None:
+        """Create the ports (they start listening once a subsystem is linked)."""
+        for port_id, listener in (adopt or {}).items():
+            port = self.root.port(port_id)
+            if port.exists() and self._port_matches(port, listener) and listener in wanted:
+                self.owned_ports[port_id] = listener
+        for listener in wanted:
+            if listener in self.owned_ports.values():
+                continue
+            port_id = self.root.free_port_id(listener.trsvcid)
+            port = self.root.create_port(port_id)
+            try:
+                port.set("addr", "trtype", "tcp")
+                port.set("addr", "adrfam", listener.adrfam)
+                port.set("addr", "traddr", listener.traddr)
+                port.set("addr", "trsvcid", str(listener.trsvcid))
+            except StorageTMError:
+                port.delete()
+                raise
+            self.owned_ports[port_id] = listener
+
+    @staticmethod
+    def _port_matches(port: Port, listener: Listener) -> bool:
+        try:
+            return (
+                port.get("addr", "adrfam") == listener.adrfam
+                and port.get("addr", "traddr") == listener.traddr
+                and port.get("addr", "trsvcid") == str(listener.trsvcid)
+            )
+        except ConfigfsError:
+            return False
+
+    def close_ports(self) -> None:
+        for port_id in sorted(self.owned_ports):
+            try:
+                self.root.port(port_id).delete()
+            except ConfigfsError as exc:
+                log.warning("%s, ignoring", exc.one_line())
+        self.owned_ports.clear()
+
+    # ---- subsystems ----------------------------------------------------------
+
+    @property
+    def exports(self) -> dict[str, Export]:
+        return {nqn: held.export for nqn, held in self.owned_subsystems.items()}
+
+    def adopt(self, previous: Mapping[str, Export]) -> None:
+        """Take over exports a previous storagetm instance left in configfs."""
+        for nqn, export in previous.items():
+            subsystem = self.root.subsystem(nqn)
+            if not subsystem.exists():
+                continue
+            self.owned_subsystems[nqn] = _Held(export, _lock(export.disk))
+            log.info("adopted %s (%s)", nqn, export.disk.devnode)
+
+    def apply(self, desired: Mapping[str, Export]) -> list[ExportError]:
+        """Make configfs match `desired`; return the errors of exports that failed."""
+        errors: list[ExportError] = []
+        for nqn in sorted(set(self.owned_subsystems) - set(desired)):
+            self.withdraw(nqn)
+        for nqn, export in sorted(desired.items()):
+            held = self.owned_subsystems.get(nqn)
+            try:
+                if held is None:
+                    self._export(export)
+                elif held.export.disk.devnode != export.disk.devnode:
+                    self.withdraw(nqn)
+                    self._export(export)
+                else:
+                    self._refresh(held, export)
+            except StorageTMError as exc:
+                errors.append(ExportError(f"{export.disk.devnode}: {exc.message}", exc.hint))
+        return errors
+
+    def _export(self, export: Export) -> None:
+        """Configure or roll back: a half-made export is removed before the error propagates."""
+        identity = export.identity
+        fd = _lock(export.disk)
+        subsystem: Subsystem | None = None
+        try:
+            subsystem = self.root.create_subsystem(identity.nqn)
+            subsystem.set("attr", "allow_any_host", "1")
+            for name, value in (("model", identity.model), ("serial", identity.serial),
+                                ("firmware", identity.firmware)):  # fmt: skip
+                if value:
+                    subsystem.set("attr", name, value)
+            namespace = subsystem.create_namespace(NSID)
+            namespace.set("device", "path", export.disk.devnode)
+            namespace.set("device", "uuid", identity.uuid)
+            namespace.set("device", "nguid", identity.nguid)
+            namespace.enable()
+            for port_id in sorted(self.owned_ports):
+                self.root.port(port_id).link(subsystem)
+        except StorageTMError:
+            for port_id in sorted(self.owned_ports):
+                self.root.port(port_id).unlink(identity.nqn)
+            if subsystem is not None:
+                subsystem.delete()
+            _unlock(fd)
+            raise
+        self.owned_subsystems[identity.nqn] = _Held(export, fd)
+        log.info("exported %s as %s", export.disk.devnode, identity.nqn)
+
+    def _refresh(self, held: _Held, export: Export) -> None:
+        """Propagate a size change of an exported disk to the initiators."""
+        if held.export.disk.size != export.disk.size:
+            namespace = self.root.subsystem(export.nqn).namespace(NSID)
+            namespace.ops.write(namespace.path / "revalidate_size", "1")
+            log.info("%s changed size: %d -> %d bytes", export.disk.devnode, held.export.disk.size,
+                     export.disk.size)  # fmt: skip
+        held.export = export
+
+    def withdraw(self, nqn: str) -> None:
+        """Tear one export down: disable and remove the namespace, unlink, remove."""
+        held = self.owned_subsystems.pop(nqn, None)
+        subsystem = self.root.subsystem(nqn)
+        steps: list[Callable[[], None]] = []
+        if subsystem.exists():
+            steps += [ns.delete for ns in subsystem.namespaces()]
+        steps += [functools.partial(self.root.port(port_id).unlink, nqn) for port_id in sorted(self.owned_ports)]
+        steps.append(subsystem.delete)
+        for step in steps:
+            try:
+                step()
+            except ConfigfsError as exc:
+                log.warning("%s, ignoring", exc.one_line())
+        if held is not None:
+            _unlock(held.fd)
+            log.info("withdrew %s (%s)", nqn, held.export.disk.devnode)
+
+    def teardown(self) -> None:
+        for nqn in sorted(self.owned_subsystems):
+            self.withdraw(nqn)
+        self.close_ports()
+
+
+def _lock(disk: Disk) -> int | None:
+    """Hold a BSD lock on the device while it is exported, so udev and other tools keep
+    away (the convention systemd-udevd honours). Files are not locked."""
+    if disk.is_file:
+        return None
+    try:
+        fd = os.open(disk.devnode, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ExportError(f"cannot open {disk.devnode}: {exc.strerror}", hint="is the device still there?") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            os.close(fd)
+            raise ExportError(f"cannot lock {disk.devnode}: {exc.strerror}") from exc
+        log.warning("%s is locked by another program; exporting it anyway", disk.devnode)
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)

@@ -1,0 +1,124 @@
+"""Stable names: NQNs, namespace UUID/NGUID, and the model/serial the initiator sees.
+
+An NQN is derived from a stable host identity and the disk's own identity (WWN,
+or model + serial, or its by-path slot), never from the kernel name, so it survives
+reboots, re-plugging and `sda` becoming `sdb`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from storagetm.disks import Disk
+from storagetm.errors import UsageError
+
+NQN_MAX = 223
+DEFAULT_NQN_BASE = "nqn.2023-10.io.systemd:storagetm"
+MODEL_MAX, SERIAL_MAX, FIRMWARE_MAX = 40, 20, 8
+_NQN_RE = re.compile(r"^nqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9][a-z0-9.-]*[a-z0-9](:[^\s]*)?$")
+_BOGUS_DMI = {"", "none", "default string", "to be filled by o.e.m.", "not specified",
+              "system serial number", "0123456789", "not applicable"}  # fmt: skip
+_UUID_NAMESPACE = uuid.UUID("4f1d6a40-4f5e-4c5b-9d55-73746f726167")
+
+
+def valid_nqn(nqn: str) -> bool:
+    return len(nqn.encode()) <= NQN_MAX and bool(_NQN_RE.match(nqn))
+
+
+def check_nqn_prefix(prefix: str) -> str:
+    if not valid_nqn(prefix) or len(prefix) > NQN_MAX - 80:
+        raise UsageError(
+            f"invalid NQN prefix {prefix!r}",
+            hint="use the form nqn.YYYY-MM.reverse.domain[:name], e.g. nqn.2024-01.com.example:lab",
+        )
+    return prefix
+
+
+def _meaningful(value: str) -> bool:
+    v = value.strip().lower()
+    if v in _BOGUS_DMI:
+        return False
+    digits = set(v) - {"-", " "}
+    return digits not in ({"0"}, {"f"}, set())
+
+
+def host_identity(dmi: Path = Path("/sys/class/dmi/id"), machine_id: Path = Path("/etc/machine-id")) -> str:
+    """A string that identifies this machine across reboots of a RAM-only image."""
+    for name in ("product_uuid", "product_serial", "board_serial"):
+        try:
+            value = (dmi / name).read_text().strip()
+        except OSError:
+            continue
+        if _meaningful(value):
+            return f"{name}:{value.lower()}"
+    try:
+        return "machine-id:" + machine_id.read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def host_id(identity: str) -> str:
+    return hashlib.sha256(f"storagetm-host:{identity}".encode()).hexdigest()[:12]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def disk_slug(disk: Disk) -> str:
+    """The disk's own identity as an NQN-safe word."""
+    if disk.is_file:
+        return "file-" + _slug(disk.name)[:40] + "-" + hashlib.sha256(disk.devnode.encode()).hexdigest()[:8]
+    if disk.wwn:
+        return _slug(disk.wwn)[:64]
+    if disk.serial:
+        return (_slug(disk.model)[:40] + "-" + _slug(disk.serial)[:40]).strip("-")
+    if disk.by_path:
+        return "path-" + _slug(disk.by_path.removeprefix("/dev/disk/by-path/"))[:80]
+    return "name-" + _slug(disk.name)
+
+
+def default_nqn_base(identity: str) -> str:
+    return f"{DEFAULT_NQN_BASE}.{host_id(identity)}"
+
+
+def subsystem_nqn(base: str, disk: Disk) -> str:
+    nqn = f"{base}.{disk_slug(disk)}"
+    if len(nqn.encode()) > NQN_MAX:
+        nqn = f"{base}.{hashlib.sha256(nqn.encode()).hexdigest()[:32]}"
+    return nqn
+
+
+def _ascii(text: str, limit: int) -> str:
+    clean = "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text).strip()
+    return clean[:limit].rstrip()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What the initiator sees of one exported disk."""
+
+    nqn: str
+    uuid: str
+    nguid: str
+    model: str
+    serial: str
+    firmware: str
+
+
+def identity_for(base: str, disk: Disk, firmware: str = "") -> Identity:
+    nqn = subsystem_nqn(base, disk)
+    ns_uuid = uuid.uuid5(_UUID_NAMESPACE, nqn)
+    nguid = hashlib.sha256(f"storagetm-nguid:{nqn}".encode()).hexdigest()[:32]
+    return Identity(
+        nqn=nqn,
+        uuid=str(ns_uuid),
+        nguid=f"{nguid[0:8]}-{nguid[8:12]}-{nguid[12:16]}-{nguid[16:20]}-{nguid[20:32]}",
+        model=_ascii(disk.model or "storagetm disk", MODEL_MAX),
+        serial=_ascii(disk.serial, SERIAL_MAX),
+        firmware=_ascii(firmware, FIRMWARE_MAX),
+    )

@@ -1,0 +1,46 @@
+"""Make sure configfs is mounted and the nvmet modules are loaded."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+from storagetm.errors import KernelError
+
+log = logging.getLogger(__name__)
+
+CONFIGFS = Path("/sys/kernel/config")
+
+
+def _is_mounted(path: Path) -> bool:
+    with open("/proc/self/mounts") as mounts:
+        return any(line.split()[1] == str(path) for line in mounts)
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
+def ensure_nvmet(transport: str = "tcp") -> Path:
+    """Mount configfs and load nvmet + nvmet_<transport> if needed; return the nvmet root."""
+    if not _is_mounted(CONFIGFS):
+        if not CONFIGFS.is_dir():
+            _run("modprobe", "configfs")
+        result = _run("mount", "-t", "configfs", "configfs", str(CONFIGFS))
+        if result.returncode != 0 and not _is_mounted(CONFIGFS):
+            raise KernelError(
+                f"configfs is not available: {result.stderr.strip() or 'mount failed'}",
+                hint="this kernel needs CONFIG_CONFIGFS_FS; run as root",
+            )
+    nvmet = CONFIGFS / "nvmet"
+    for module in ("nvmet", f"nvmet_{transport}"):
+        result = _run("modprobe", module)
+        if result.returncode != 0:
+            raise KernelError(
+                f"cannot load kernel module {module}: {result.stderr.strip() or 'modprobe failed'}",
+                hint="this kernel needs CONFIG_NVME_TARGET and CONFIG_NVME_TARGET_TCP",
+            )
+    if not nvmet.is_dir():
+        raise KernelError(f"{nvmet} does not exist after loading nvmet", hint="check dmesg")
+    return nvmet

@@ -1,0 +1,110 @@
+"""What the daemon is asked to do, from the command line and the kernel command line.
+
+Each kernel command line option is declared once (name, converter, help) in
+KERNEL_OPTIONS; `storagetm --help-kernel-cmdline` and the README table come from it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from storagetm.exports import IO_TRSVCID
+from storagetm.identity import check_nqn_prefix
+
+PREFIX = "storagetm."
+
+
+@dataclass(frozen=True)
+class Settings:
+    all_disks: bool = False  # --all: every eligible disk, now and hotplugged later
+    lift_guards: bool = False  # --all twice: root disk and boot medium too
+    devices: tuple[str, ...] = ()  # explicit DEVICE/FILE arguments or storagetm.disks=
+    nqn_base: str | None = None
+    port: int = IO_TRSVCID
+
+
+class OptionError(ValueError):
+    pass
+
+
+def _disks(value: str, settings: Settings) -> Settings:
+    specs = tuple(s for s in value.split(",") if s)
+    if not specs:
+        raise OptionError("expects 'all', 'none' or a comma-separated list of disks "
+                          "(/dev/sdX, by-id name or serial)")  # fmt: skip
+    if specs == ("all",):
+        return replace(settings, all_disks=True, devices=())
+    if specs == ("none",):
+        return replace(settings, all_disks=False, devices=())
+    if "all" in specs or "none" in specs:
+        raise OptionError("'all' and 'none' cannot be combined with disk names")
+    return replace(settings, all_disks=False, devices=specs)
+
+
+def _nqn(value: str, settings: Settings) -> Settings:
+    try:
+        return replace(settings, nqn_base=check_nqn_prefix(value))
+    except Exception as exc:
+        raise OptionError("expects an NQN prefix like nqn.2024-01.com.example:lab") from exc
+
+
+def parse_port(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise OptionError(f"expects a TCP port number 1-65535, not {value!r}")
+    return int(value)
+
+
+def _port(value: str, settings: Settings) -> Settings:
+    return replace(settings, port=parse_port(value))
+
+
+@dataclass(frozen=True)
+class KernelOption:
+    name: str
+    apply: Callable[[str, Settings], Settings]
+    help: str
+
+
+KERNEL_OPTIONS = (
+    KernelOption("disks", _disks, "all (default), none, or disks to export: sda,nvme0n1,SERIAL,by-id name"),
+    KernelOption("nqn", _nqn, "NQN prefix; each disk's NQN is PREFIX.<disk identity>"),
+    KernelOption("port", _port, "TCP port for I/O (default 4420); discovery stays on 8009"),
+)
+
+
+def apply_kernel_cmdline(settings: Settings, cmdline: str) -> tuple[Settings, list[str]]:
+    """Apply storagetm.* options; return the new settings and one message per bad option.
+    A bad option is ignored; the others still apply."""
+    options = {opt.name: opt for opt in KERNEL_OPTIONS}
+    problems: list[str] = []
+    try:
+        words = shlex.split(cmdline)
+    except ValueError:
+        words = cmdline.split()
+    for word in words:
+        if not word.startswith(PREFIX):
+            continue
+        key, sep, value = word[len(PREFIX) :].partition("=")
+        option = options.get(key)
+        if option is None:
+            known = ", ".join(PREFIX + name for name in options)
+            problems.append(f"unknown kernel option {PREFIX}{key}, ignoring it (known: {known})")
+            continue
+        if not sep:
+            problems.append(f"{PREFIX}{key} needs a value: {PREFIX}{key}=… ({option.help})")
+            continue
+        try:
+            settings = option.apply(value, settings)
+        except OptionError as exc:
+            problems.append(f"invalid {PREFIX}{key}={value!r}, ignoring it: {exc}")
+    return settings, problems
+
+
+def read_kernel_cmdline(path: Path = Path("/proc/cmdline")) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

@@ -1,0 +1,103 @@
+"""The run-state file: what this storagetm instance made in configfs (so a restart can
+adopt it and never touches anything else), and what `storagetm status` reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from storagetm.disks import Disk
+from storagetm.exports import Export, Listener
+from storagetm.identity import Identity
+from storagetm.network import Address
+
+STATE_FILE = Path("/run/storagetm/state.json")
+FORMAT = 1
+
+
+@dataclass
+class RunState:
+    pid: int = 0
+    nqn_base: str = ""
+    ports: dict[int, Listener] = field(default_factory=dict)
+    exports: dict[str, Export] = field(default_factory=dict)
+    addresses: list[Address] = field(default_factory=list)
+    not_exported: list[dict[str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "pid": self.pid,
+            "nqn_base": self.nqn_base,
+            "ports": [{"id": port_id, **asdict(lst)} for port_id, lst in sorted(self.ports.items())],
+            "exports": [
+                {"nqn": nqn, "disk": asdict(exp.disk), "identity": asdict(exp.identity)}
+                for nqn, exp in sorted(self.exports.items())
+            ],
+            "addresses": [asdict(a) | {"connect": a.for_command} for a in self.addresses],
+            "not_exported": self.not_exported,
+            "problems": self.problems,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunState:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"unknown state format {data.get('format')!r}")
+        disk_fields = {f.name for f in fields(Disk)}
+
+        def disk(raw: dict[str, Any]) -> Disk:
+            values = {k: v for k, v in raw.items() if k in disk_fields}
+            values["by_id"] = tuple(values.get("by_id", ()))
+            return Disk(**values)
+
+        def address(raw: dict[str, Any]) -> Address:
+            return Address(raw["family"], raw["address"], raw["interface"], raw["link_local"])
+
+        return cls(
+            pid=int(data.get("pid", 0)),
+            nqn_base=str(data.get("nqn_base", "")),
+            ports={int(p["id"]): Listener(p["adrfam"], p["traddr"], int(p["trsvcid"])) for p in data.get("ports", [])},
+            exports={e["nqn"]: Export(disk(e["disk"]), Identity(**e["identity"])) for e in data.get("exports", [])},
+            addresses=[address(a) for a in data.get("addresses", [])],
+            not_exported=list(data.get("not_exported", [])),
+            problems=list(data.get("problems", [])),
+        )
+
+
+def save(state: RunState, path: Path = STATE_FILE) -> None:
+    """Write atomically: temp file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(state.to_json(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path = STATE_FILE) -> RunState | None:
+    try:
+        return RunState.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,43 @@
+"""Block devices from udev: a monitor started before enumeration, so nothing is missed."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from storagetm.disks import Disk, disk_from_udev
+
+
+@dataclass(frozen=True)
+class DiskEvent:
+    action: str  # "add", "change", "remove", …
+    disk: Disk
+
+
+class BlockDevices:
+    """Wraps pyudev: `fileno()` for a selector, `events()` to drain it."""
+
+    def __init__(self, context: Any = None, monitor: Any = None) -> None:
+        if context is None:
+            import pyudev
+
+            context = pyudev.Context()
+            monitor = pyudev.Monitor.from_netlink(context)
+            monitor.filter_by("block")
+        self.context = context
+        self.monitor = monitor
+
+    def start(self) -> None:
+        self.monitor.start()
+
+    def fileno(self) -> int:
+        return int(self.monitor.fileno())
+
+    def enumerate(self) -> list[Disk]:
+        return [disk_from_udev(device) for device in self.context.list_devices(subsystem="block")]
+
+    def events(self) -> Iterator[DiskEvent]:
+        for device in iter(functools.partial(self.monitor.poll, timeout=0), None):
+            yield DiskEvent(device.action or "change", disk_from_udev(device))
