@@ -67,12 +67,8 @@ def serve_parser() -> argparse.ArgumentParser:
                         "disk and the boot medium")  # fmt: skip
     parser.add_argument("--nqn", type=_nqn, metavar="PREFIX", help="NQN prefix (default: derived from this host)")
     parser.add_argument("--port", type=_port, default=None, help="TCP port for I/O (default 4420)")
-    parser.add_argument(
-        "--list-devices", action="store_true", help="list block devices and whether they are exported"
-    )
-    parser.add_argument(
-        "--kernel-cmdline", action="store_true", help="read storagetm.* options from /proc/cmdline"
-    )
+    parser.add_argument("--list-devices", action="store_true", help="list block devices and whether they are exported")
+    parser.add_argument("--kernel-cmdline", action="store_true", help="read storagetm.* options from /proc/cmdline")
     parser.add_argument("--console", action="store_true", help="draw the screen on the kernel's consoles, not stdout")
     parser.add_argument("--json", action="store_true", help="JSON output (with --list-devices)")
     parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")

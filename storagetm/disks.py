@@ -104,7 +104,9 @@ def disk_from_udev(device: UdevDevice) -> Disk:
         model=_sysfs_text(sys_path / "device" / "model") or props.get("ID_MODEL", "").replace("_", " ").strip(),
         serial=props.get("ID_SERIAL_SHORT", "")
         or props.get("ID_SCSI_SERIAL", "")
-        or _sysfs_text(sys_path / "device" / "serial"),
+        or _sysfs_text(sys_path / "device" / "serial")
+        or _sysfs_text(sys_path / "serial")
+        or props.get("ID_SERIAL", ""),
         wwn=props.get("ID_WWN_WITH_EXTENSION", "") or props.get("ID_WWN", ""),
         bus=props.get("ID_BUS", "") or ("nvme" if name.startswith("nvme") else ""),
         by_id=tuple(sorted(link for link in links if link.startswith("/dev/disk/by-id/"))),

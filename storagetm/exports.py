@@ -215,8 +215,9 @@ class Exporter:
 
 
 def _lock(disk: Disk) -> int | None:
-    """Hold a BSD lock on the device while it is exported, so udev and other tools keep
-    away (the convention systemd-udevd honours). Files are not locked."""
+    """Hold a shared BSD lock on the device while it is exported: partitioning tools that
+    take the exclusive lock fail, while udev (which takes a shared one) still probes and
+    reports size changes. Files are not locked."""
     if disk.is_file:
         return None
     try:
@@ -224,7 +225,7 @@ def _lock(disk: Disk) -> int | None:
     except OSError as exc:
         raise ExportError(f"cannot open {disk.devnode}: {exc.strerror}", hint="is the device still there?") from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             os.close(fd)

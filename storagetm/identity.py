@@ -73,10 +73,13 @@ def disk_slug(disk: Disk) -> str:
     """The disk's own identity as an NQN-safe word."""
     if disk.is_file:
         return "file-" + _slug(disk.name)[:40] + "-" + hashlib.sha256(disk.devnode.encode()).hexdigest()[:8]
+    if disk.serial:
+        slug = (_slug(disk.model)[:40] + "-" + _slug(disk.serial)[:40]).strip("-")
+        nsid = re.fullmatch(r"nvme\d+n(\d+)", disk.name)
+        # One NVMe controller (one serial) can carry several namespaces.
+        return f"{slug}-n{nsid.group(1)}" if nsid else slug
     if disk.wwn:
         return _slug(disk.wwn)[:64]
-    if disk.serial:
-        return (_slug(disk.model)[:40] + "-" + _slug(disk.serial)[:40]).strip("-")
     if disk.by_path:
         return "path-" + _slug(disk.by_path.removeprefix("/dev/disk/by-path/"))[:80]
     return "name-" + _slug(disk.name)

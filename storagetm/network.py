@@ -25,7 +25,9 @@ class Address:
     def for_command(self) -> str:
         """The address as an nvme-cli `-a` argument; link-local IPv6 needs its zone."""
         if self.family == "ipv6" and self.link_local:
-            return f"{self.address}%{self.interface}"
+            # The discovery log's entries carry no zone, so nvme-cli also needs -f
+            # (host_iface) to connect their I/O queues to a link-local address.
+            return f"{self.address}%{self.interface} -f {self.interface}"
         return self.address
 
 

@@ -39,7 +39,7 @@ def render(state: RunState, io_port: int = IO_TRSVCID) -> str:
         for address in state.addresses:
             lines.append(f"  nvme connect-all -t tcp -a {address.for_command}{_port_args(io_port)}")
         if any(a.link_local and a.family == "ipv6" for a in state.addresses):
-            lines.append("  (after % put the other machine's interface on this link if its name differs)")
+            lines.append("  (for fe80:: use the other machine's interface after % and -f if its name differs)")
     lines.append("")
     if state.exports:
         lines.append(f"Exported disks ({len(state.exports)}):")

@@ -1,0 +1,85 @@
+"""A temp-dir configfs that behaves like the kernel's nvmet tree where storagetm cares:
+mkdir creates the attribute files and default groups, rmdir of a group with children
+fails (ENOTEMPTY) while attribute files go with it, and an enabled port (one with a
+linked subsystem) refuses attribute writes (EACCES)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+SUBSYSTEM_ATTRS = ["attr_allow_any_host", "attr_model", "attr_serial", "attr_firmware", "attr_version"]
+SUBSYSTEM_GROUPS = ["namespaces", "allowed_hosts"]
+NAMESPACE_ATTRS = ["device_path", "device_uuid", "device_nguid", "enable", "buffered_io", "revalidate_size"]
+PORT_ATTRS = ["addr_trtype", "addr_adrfam", "addr_traddr", "addr_trsvcid", "addr_treq", "addr_tsas"]
+PORT_GROUPS = ["subsystems", "referrals", "ana_groups"]
+
+
+class FakeConfigfs:
+    def __init__(self, base: Path) -> None:
+        self.root = base / "nvmet"
+        for group in ("subsystems", "ports", "hosts"):
+            (self.root / group).mkdir(parents=True)
+        self.writes: list[tuple[str, str]] = []
+        self.fail_on: dict[str, int] = {}  # attribute name -> errno to raise on write
+
+    def _kind(self, path: Path) -> str:
+        rel = path.relative_to(self.root).parts
+        if len(rel) == 2 and rel[0] == "subsystems":
+            return "subsystem"
+        if len(rel) == 4 and rel[0] == "subsystems" and rel[2] == "namespaces":
+            return "namespace"
+        if len(rel) == 2 and rel[0] == "ports":
+            return "port"
+        if len(rel) == 2 and rel[0] == "hosts":
+            return "host"
+        raise OSError(errno.EPERM, "Operation not permitted", str(path))
+
+    def mkdir(self, path: Path) -> None:
+        kind = self._kind(path)
+        path.mkdir()
+        attrs, groups = {
+            "subsystem": (SUBSYSTEM_ATTRS, SUBSYSTEM_GROUPS),
+            "namespace": (NAMESPACE_ATTRS, []),
+            "port": (PORT_ATTRS, PORT_GROUPS),
+            "host": (["dhchap_key"], []),
+        }[kind]
+        for attr in attrs:
+            (path / attr).write_text("0\n" if attr in ("enable", "attr_allow_any_host") else "\n")
+        for group in groups:
+            (path / group).mkdir()
+
+    def rmdir(self, path: Path) -> None:
+        if not path.exists():
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        self._kind(path)
+        for child in path.iterdir():
+            if (child.is_dir() and any(child.iterdir())) or child.is_symlink():
+                raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
+        shutil.rmtree(path)
+
+    def read(self, path: Path) -> str:
+        return path.read_text()
+
+    def write(self, path: Path, value: str) -> None:
+        if path.name in self.fail_on:
+            raise OSError(self.fail_on[path.name], os.strerror(self.fail_on[path.name]), str(path))
+        if path.name.startswith("addr_") and any((path.parent / "subsystems").iterdir()):
+            raise OSError(errno.EACCES, "Permission denied", str(path))
+        if not path.is_file():
+            raise OSError(errno.ENOENT, "No such file or directory", str(path))
+        self.writes.append((str(path.relative_to(self.root)), value))
+        if path.name != "revalidate_size":
+            path.write_text(value + "\n")
+
+    def symlink(self, target: Path, link: Path) -> None:
+        if not target.is_dir():
+            raise OSError(errno.ENOENT, "No such file or directory", str(target))
+        link.symlink_to(target)
+
+    def unlink(self, path: Path) -> None:
+        if not path.is_symlink():
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        path.unlink()

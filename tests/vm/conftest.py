@@ -1,0 +1,90 @@
+"""Fixtures for the VM suite: the built image, and a target + initiator pair booted once
+per module and shared by its tests (each boot costs ~40 s under TCG)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.vm.machine import VM, Disk, make_disk
+
+REPO = Path(__file__).resolve().parents[2]
+OUTPUT = REPO / "mkosi.output"
+LOGS = Path(os.environ.get("STORAGETM_VM_LOGS", REPO / "tests" / "vm" / "logs"))
+DISK_SIZE = 32 << 20
+COMMON = "console=ttyS0,115200 audit=0 loglevel=4 systemd.show_status=error systemd.debug_shell=ttyS1"
+TARGET_APPEND = f"{COMMON} systemd.unit=storage-target-mode.target"
+INITIATOR_APPEND = f"{COMMON} systemd.unit=multi-user.target"
+BOOT_TIMEOUT = 240
+
+
+def image(name: str) -> Path:
+    path = OUTPUT / name
+    if not path.exists():
+        pytest.fail(f"{path} is missing: build it first with ci/build-image.sh")
+    return path
+
+
+@dataclass
+class Pair:
+    target: VM
+    initiator: VM
+    disks: dict[str, Disk]  # serial -> disk
+    sums: dict[str, str]  # serial -> sha256 of the disk file at creation
+
+
+def make_disks(workdir: Path, kinds: dict[str, str]) -> tuple[dict[str, Disk], dict[str, str]]:
+    disks, sums = {}, {}
+    for serial, kind in kinds.items():
+        path = workdir / f"{serial}.img"
+        sums[serial] = make_disk(path, DISK_SIZE, serial.encode())
+        disks[serial] = Disk(path, kind, serial)
+    return disks, sums
+
+
+def boot_pair(workdir: Path, kinds: dict[str, str], target_append: str = TARGET_APPEND) -> Pair:
+    workdir.mkdir(parents=True, exist_ok=True)
+    disks, sums = make_disks(workdir, kinds)
+    link = workdir / "link.sock"
+    link.unlink(missing_ok=True)
+    efi = image("storagetm.efi")
+    target = VM("target", workdir, kernel=efi, append=target_append, disks=list(disks.values()),
+                link_socket=link, link_server=True, mac="52:54:00:00:00:01")  # fmt: skip
+    initiator = VM("initiator", workdir, kernel=efi, append=INITIATOR_APPEND, link_socket=link,
+                   link_server=False, mac="52:54:00:00:00:02", uuid="0c8e3a55-5f6b-4d8e-8d2a-6e1f4b7a2c10")  # fmt: skip
+    target.start()
+    try:
+        initiator.start()
+    except BaseException:
+        target.stop()
+        raise
+    return Pair(target, initiator, disks, sums)
+
+
+def report(pair: Pair, request: pytest.FixtureRequest) -> None:
+    for vm in (pair.target, pair.initiator):
+        print(f"\n===== {vm.name}: last console lines ({vm.console_log}) =====\n{vm.tail(30)}")
+
+
+@pytest.fixture(scope="module")
+def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
+    workdir = LOGS / request.module.__name__.rsplit(".", 1)[-1]
+    kinds = getattr(request.module, "DISKS", {"VIRT0001": "virtio", "NVME0001": "nvme", "SATA0001": "sata",
+                                              "USB00001": "usb"})  # fmt: skip
+    append = getattr(request.module, "TARGET_APPEND", TARGET_APPEND)
+    p = boot_pair(workdir, kinds, append)
+    try:
+        p.target.wait_shell(BOOT_TIMEOUT)
+        p.initiator.wait_shell(BOOT_TIMEOUT)
+        p.initiator.sh("modprobe nvme_tcp")
+        yield p
+    finally:
+        failed = request.session.testsfailed
+        p.initiator.stop()
+        p.target.stop()
+        if failed:
+            report(p, request)

@@ -1,0 +1,40 @@
+"""What the initiator VM does with nvme-cli, and how the test reads the target's screen."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tests.vm.machine import VM
+
+
+@dataclass(frozen=True)
+class Remote:
+    nqn: str
+    model: str
+    serial: str
+    block: str  # nvmeXnY on the initiator
+
+
+def screen_addresses(target: VM) -> list[str]:
+    """The addresses the target's screen tells the operator to use, as printed."""
+    found = re.findall(r"nvme connect-all -t tcp -a (\S+(?: -f \S+)?)", target.console())
+    return list(dict.fromkeys(found))
+
+
+def connected(initiator: VM) -> list[Remote]:
+    script = (
+        'for s in /sys/class/nvme-subsystem/nvme-subsys*; do [ -e "$s" ] || continue; '
+        'for n in $s/nvme*n*; do [ -e "$n" ] || continue; '
+        'echo "$(cat $s/subsysnqn)|$(cat $s/model)|$(cat $s/serial)|$(basename $n)"; done; done'
+    )
+    remotes = []
+    for line in initiator.sh(script).splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) == 4 and parts[0].startswith("nqn."):
+            remotes.append(Remote(*parts))
+    return remotes
+
+
+def disconnect_all(initiator: VM) -> None:
+    initiator.sh("nvme disconnect-all")

@@ -1,0 +1,264 @@
+"""One QEMU VM under TCG: serial console captured to a file, a root shell on a second
+serial port (systemd.debug_shell=ttyS1, asked for on the kernel command line), QMP for
+hot-plug. Always cleaned up; never leaves a QEMU process behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class VMError(AssertionError):
+    pass
+
+
+@dataclass
+class Disk:
+    """A disk file on the host and how QEMU attaches it."""
+
+    path: Path
+    kind: str  # virtio, nvme, sata, usb
+    serial: str
+    node_id: str = ""
+
+    def qemu_args(self) -> list[str]:
+        node = self.node_id or f"d{self.serial}"
+        drive = ["-blockdev", f"driver=file,filename={self.path},node-name={node}-file,cache.direct=off",
+                 "-blockdev", f"driver=raw,file={node}-file,node-name={node}"]  # fmt: skip
+        return [*drive, "-device", self.device_spec(node)]
+
+    def device_spec(self, node: str) -> str:
+        return {
+            "virtio": f"virtio-blk-pci,drive={node},serial={self.serial},id=dev{node}",
+            "nvme": f"nvme,drive={node},serial={self.serial},id=dev{node}",
+            "sata": f"ide-hd,drive={node},bus=ide.1,serial={self.serial},model=STM SATA DISK,id=dev{node}",
+            "usb": f"usb-storage,drive={node},bus=xhci.0,serial={self.serial},id=dev{node}",
+        }[self.kind]
+
+
+@dataclass
+class VM:
+    name: str
+    workdir: Path
+    kernel: Path | None = None
+    append: str = ""
+    disks: list[Disk] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    link_socket: Path | None = None
+    link_server: bool = True
+    mac: str = "52:54:00:12:34:56"
+    memory: int = 1024
+    uuid: str = "6a1f7c2e-0b7d-4f4e-9a51-3d2c1b0a9f88"
+    proc: subprocess.Popen[bytes] | None = None
+    qmp: Any = None
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / f"{self.name}-console.log"
+
+    @property
+    def shell_socket(self) -> Path:
+        return self.workdir / f"{self.name}-shell.sock"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.workdir / f"{self.name}-qmp.sock"
+
+    def command(self) -> list[str]:
+        vars_copy = self.workdir / f"{self.name}-vars.fd"
+        if not vars_copy.exists():
+            shutil.copy(OVMF_VARS, vars_copy)
+        cmd = [
+            "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "1",
+            "-m", str(self.memory), "-nographic", "-no-reboot", "-uuid", self.uuid,
+            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,file={vars_copy}",
+            "-chardev", f"file,id=con,path={self.console_log}", "-serial", "chardev:con",
+            "-chardev", f"socket,id=sh,path={self.shell_socket},server=on,wait=off", "-serial", "chardev:sh",
+            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            "-device", "qemu-xhci,id=xhci", "-monitor", "none",
+            # q35's root bus cannot hot-plug; tests plug disks into this port.
+            "-device", "pcie-root-port,id=hp0,chassis=1,slot=1,addr=0x10",
+        ]  # fmt: skip
+        if self.kernel:
+            cmd += ["-kernel", str(self.kernel)]
+            if self.append:
+                cmd += ["-append", self.append]
+        if self.link_socket:
+            server = "on" if self.link_server else "off"
+            cmd += ["-netdev", f"stream,id=link,server={server},addr.type=unix,addr.path={self.link_socket}",
+                    "-device", f"virtio-net-pci,netdev=link,mac={self.mac},addr=0x3"]  # fmt: skip
+        else:
+            cmd += ["-nic", "none"]
+        for disk in self.disks:
+            cmd += disk.qemu_args()
+        return cmd + self.extra
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for path in (self.console_log, self.shell_socket, self.qmp_socket):
+            path.unlink(missing_ok=True)
+        if self.link_socket and not self.link_server:
+            _wait_path(self.link_socket, 30)
+        with open(self.workdir / f"{self.name}-qemu.err", "wb") as err:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=err, start_new_session=True)  # fmt: skip
+        try:
+            _wait_path(self.qmp_socket, 30)
+            time.sleep(0.2)
+            if self.proc.poll() is not None:
+                raise VMError("exited")
+        except VMError:
+            log = (self.workdir / f"{self.name}-qemu.err").read_text(errors="replace")
+            self.stop()
+            raise VMError(f"{self.name}: QEMU did not start: {log.strip()[-500:]}") from None
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        self.qmp = QEMUMonitorProtocol(str(self.qmp_socket))
+        self.qmp.connect()
+
+    def console(self) -> str:
+        try:
+            return ANSI.sub("", self.console_log.read_text(errors="replace")).replace("\r", "")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, pattern: str, timeout: float, since: int = 0) -> re.Match[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = regex.search(self.console(), since)
+            if match:
+                return match
+            if self.proc and self.proc.poll() is not None:
+                raise VMError(f"{self.name}: QEMU exited ({self.proc.returncode}) waiting for {pattern!r}")
+            time.sleep(0.5)
+        raise VMError(f"{self.name}: no {pattern!r} on the console within {timeout:.0f} s")
+
+    def sh(self, command: str, timeout: float = 120, check: bool = True) -> str:
+        out, rc = self.run(command, timeout)
+        if check and rc != 0:
+            raise VMError(f"{self.name}: `{command}` exited {rc}:\n{out[-2000:]}")
+        return out
+
+    def run(self, command: str, timeout: float = 120) -> tuple[str, int]:
+        """Run a command in the guest's debug shell; return its output and exit status."""
+        token = secrets.token_hex(4)
+        regex = re.compile(rf"__RC_(\d+)_{token}__")
+        deadline = time.monotonic() + timeout
+        with socket.socket(socket.AF_UNIX) as sock:
+            while True:
+                try:
+                    sock.connect(str(self.shell_socket))
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            sock.settimeout(1)
+            line = f"stty -echo 2>/dev/null; {{ {command.rstrip(';')} ; }} 2>&1; echo __RC_$?_{token}__\n"
+            sock.sendall(line.encode())
+            buf = b""
+            while time.monotonic() < deadline:
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                buf += chunk
+                text = ANSI.sub("", buf.decode(errors="replace")).replace("\r", "")
+                match = regex.search(text)
+                if match:
+                    out = text[: match.start()]
+                    out = out.split(f"__{token}__", 1)[-1]
+                    return _strip_prompt(out, command), int(match.group(1))
+        raise VMError(f"{self.name}: `{command}` did not finish within {timeout:.0f} s")
+
+    def wait_shell(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.run("true", timeout=10)
+                return
+            except (VMError, OSError):
+                if time.monotonic() > deadline:
+                    raise VMError(f"{self.name}: no debug shell within {timeout:.0f} s") from None
+                time.sleep(2)
+
+    def stop(self) -> None:
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                self.qmp.cmd("quit")
+            with contextlib.suppress(Exception):
+                self.qmp.close()
+            self.qmp = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+            self.proc = None
+
+    def __enter__(self) -> VM:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.console().splitlines()[-lines:])
+
+
+def _strip_prompt(out: str, command: str) -> str:
+    lines = [ln for ln in out.splitlines() if not ln.startswith("root@") and command[:30] not in ln]
+    return "\n".join(lines).strip("\n")
+
+
+def _wait_path(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise VMError(f"{path} did not appear within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def make_disk(path: Path, size: int, seed: bytes) -> str:
+    """A disk file of `size` bytes of reproducible pseudo-random content; returns sha256."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        counter = 0
+        while f.tell() < size:
+            block = hashlib.shake_256(seed + counter.to_bytes(8, "little")).digest(1 << 20)
+            f.write(block)
+            digest.update(block)
+            counter += 1
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

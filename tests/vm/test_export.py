@@ -1,0 +1,120 @@
+"""End to end: discovery with nvme-cli defaults, every disk once with its model and serial,
+every byte read back, writes reaching the disk file, and a clean teardown."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from tests.vm.conftest import BOOT_TIMEOUT, Pair
+from tests.vm.initiator import connected, disconnect_all, screen_addresses
+from tests.vm.machine import make_disk, sha256_file
+
+pytestmark = pytest.mark.vm
+
+
+def target_ready(pair: Pair, count: int) -> None:
+    pair.target.wait_for(rf"Exported disks \({count}\)", BOOT_TIMEOUT)
+
+
+def test_screen_shows_usable_addresses(pair: Pair) -> None:
+    target_ready(pair, 4)
+    # IPv6 link-local comes first; IPv4 link-local (169.254/16) follows after ARP probing.
+    pair.target.wait_for(r"nvme connect-all -t tcp -a 169\.254\.", 90)
+    addresses = screen_addresses(pair.target)
+    assert any(a.startswith("fe80::") and "%enp0s3 -f enp0s3" in a for a in addresses), addresses
+    assert any(a.startswith("169.254.") for a in addresses), addresses
+
+
+@pytest.mark.parametrize("family", ["ipv6-link-local", "ipv4-link-local"])
+def test_connect_all_with_defaults_reads_every_byte(pair: Pair, family: str) -> None:
+    target_ready(pair, 4)
+    prefix = "fe80::" if family.startswith("ipv6") else "169.254."
+    address = next(a for a in screen_addresses(pair.target) if a.startswith(prefix))
+    disconnect_all(pair.initiator)
+    discover = pair.initiator.sh(f"nvme discover -t tcp -a {address}")
+    nqns = set(re.findall(r"subnqn:\s+(\S+)", discover)) - {"nqn.2014-08.org.nvmexpress.discovery"}
+    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    remotes = connected(pair.initiator)
+    try:
+        # Every disk exactly once, with the disk's own model and serial.
+        assert sorted(r.serial for r in remotes) == sorted(pair.disks), remotes
+        assert {r.nqn for r in remotes} == nqns
+        sata = next(r for r in remotes if r.serial == "SATA0001")
+        assert sata.model == "STM SATA DISK"
+        for remote in remotes:
+            out = pair.initiator.sh(f"sha256sum /dev/{remote.block}", timeout=300)
+            assert out.split()[0] == pair.sums[remote.serial], remote
+    finally:
+        disconnect_all(pair.initiator)
+
+
+def test_status_json_and_configfs_agree(pair: Pair) -> None:
+    target_ready(pair, 4)
+    status = json.loads(pair.target.sh("storagetm status --json"))
+    serials = sorted(e["disk"]["serial"] for e in status["exports"])
+    assert serials == sorted(pair.disks)
+    configfs = pair.target.sh("ls /sys/kernel/config/nvmet/subsystems").split()
+    assert sorted(configfs) == sorted(e["nqn"] for e in status["exports"])
+    ports = {p["trsvcid"] for p in status["ports"]}
+    assert ports == {4420, 8009}
+    listening = pair.target.sh("ss -Htln")
+    assert ":4420" in listening and ":8009" in listening
+
+
+HOTPLUG_BOUND = 30  # seconds from QMP device_add until the disk is in the discovery log
+
+
+def test_hotplug_add_and_remove(pair: Pair) -> None:
+    target_ready(pair, 4)
+    address = next(a for a in screen_addresses(pair.target) if a.startswith("169.254."))
+    path = pair.disks["VIRT0001"].path.parent / "HOT00001.img"
+    make_disk(path, 16 << 20, b"HOT00001")
+    qmp = pair.target.qmp
+    qmp.cmd("blockdev-add", driver="file", filename=str(path), **{"node-name": "hotfile"})
+    qmp.cmd("blockdev-add", driver="raw", file="hotfile", **{"node-name": "hot"})
+    started = time.monotonic()
+    qmp.cmd("device_add", driver="virtio-blk-pci", bus="hp0", drive="hot", serial="HOT00001", id="hotdisk")
+    while "hot00001" not in pair.initiator.sh(f"nvme discover -t tcp -a {address}"):
+        assert time.monotonic() - started < HOTPLUG_BOUND, "hot-plugged disk not discoverable in time"
+        time.sleep(1)
+    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    try:
+        serials = sorted(r.serial for r in connected(pair.initiator))
+        assert serials == sorted([*pair.disks, "HOT00001"])
+        # Pull it while connected: it disappears, the others keep working.
+        qmp.cmd("device_del", id="hotdisk")
+        pair.target.wait_for(r"Exported disks \(4\)", 60)
+        deadline = time.monotonic() + 60
+        while "hot00001" in pair.initiator.sh(f"nvme discover -t tcp -a {address}"):
+            assert time.monotonic() < deadline, "removed disk still in the discovery log"
+            time.sleep(1)
+        remote = next(r for r in connected(pair.initiator) if r.serial == "NVME0001")
+        out = pair.initiator.sh(f"sha256sum /dev/{remote.block}", timeout=300)
+        assert out.split()[0] == pair.sums["NVME0001"]
+    finally:
+        disconnect_all(pair.initiator)
+
+
+def test_write_reaches_disk_and_shutdown_leaves_nothing(pair: Pair) -> None:
+    """Runs last in this module: it stops storagetm and powers the target off."""
+    target_ready(pair, 4)
+    address = next(a for a in screen_addresses(pair.target) if a.startswith("fe80::"))
+    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    remote = next(r for r in connected(pair.initiator) if r.serial == "VIRT0001")
+    pattern = "storagetm-write-through-" * 1000
+    dd = f"dd if=/tmp/pattern of=/dev/{remote.block} bs=4096 seek=100 oflag=direct conv=fsync"
+    pair.initiator.sh(f"printf '%s' '{pattern[:4096]}' > /tmp/pattern; {dd}")
+    disconnect_all(pair.initiator)
+    pair.target.sh("storagetm stop")
+    assert pair.target.sh("ls -A /sys/kernel/config/nvmet/subsystems /sys/kernel/config/nvmet/ports").split() == [
+        "/sys/kernel/config/nvmet/ports:",
+        "/sys/kernel/config/nvmet/subsystems:",
+    ]
+    pair.target.stop()
+    data = pair.disks["VIRT0001"].path.read_bytes()
+    assert data[100 * 4096 : 101 * 4096] == pattern[:4096].encode()
+    assert sha256_file(pair.disks["NVME0001"].path) == pair.sums["NVME0001"]

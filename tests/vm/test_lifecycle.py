@@ -1,0 +1,55 @@
+"""Bad kernel options, and a crash of the daemon: the restarted daemon adopts the exports
+and the initiator's reads go on."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, Pair
+from tests.vm.initiator import connected, disconnect_all, screen_addresses
+
+pytestmark = pytest.mark.vm
+
+DISKS = {"VIRT0002": "virtio", "NVME0002": "nvme"}
+TARGET_APPEND = f"{TARGET_APPEND} storagetm.disks=VIRT0002,nosuchdisk storagetm.port=abc storagetm.frobnicate=1"
+
+
+def test_bad_kernel_options_are_named_and_only_asked_for_disks_exported(pair: Pair) -> None:
+    pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
+    console = pair.target.console()
+    assert "invalid storagetm.port='abc', ignoring it: expects a TCP port number 1-65535" in console
+    assert "unknown kernel option storagetm.frobnicate, ignoring it" in console
+    assert "no disk matches 'nosuchdisk'" in console
+    status = json.loads(pair.target.sh("storagetm status --json"))
+    assert [e["disk"]["serial"] for e in status["exports"]] == ["VIRT0002"]
+    assert {p["trsvcid"] for p in status["ports"]} == {4420, 8009}  # the bad port fell back to the default
+    assert pair.target.sh("ls /sys/kernel/config/nvmet/subsystems").split() == [status["exports"][0]["nqn"]]
+
+
+def test_sigkill_restart_adopts_exports_and_reads_go_on(pair: Pair) -> None:
+    pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
+    address = next(a for a in screen_addresses(pair.target) if a.startswith("fe80::"))
+    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    try:
+        remote = next(r for r in connected(pair.initiator) if r.serial == "VIRT0002")
+        before = json.loads(pair.target.sh("storagetm status --json"))
+        pair.target.sh("systemctl kill -s KILL storagetm.service")
+        deadline = time.monotonic() + 60
+        while True:
+            out, rc = pair.target.run("storagetm status --json")
+            if rc == 0 and json.loads(out)["pid"] != before["pid"]:
+                after = json.loads(out)
+                break
+            assert time.monotonic() < deadline, "storagetm was not restarted"
+            time.sleep(1)
+        assert [e["nqn"] for e in after["exports"]] == [e["nqn"] for e in before["exports"]]
+        assert pair.target.sh("ls /sys/kernel/config/nvmet/subsystems").split() == [before["exports"][0]["nqn"]]
+        assert "adopted" in pair.target.sh("journalctl -b -u storagetm --no-pager")
+        # The initiator's connection survived: read the whole disk over it now.
+        out = pair.initiator.sh(f"sha256sum /dev/{remote.block}", timeout=300)
+        assert out.split()[0] == pair.sums["VIRT0002"]
+    finally:
+        disconnect_all(pair.initiator)
