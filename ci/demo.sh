@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Build the image, then show it working: target + initiator VMs, a verified copy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash ci/setup-host.sh
+bash ci/build-image.sh
+python3 ci/demo.py
