@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.vm.conftest import boot_pair
-from tests.vm.initiator import connected, screen_addresses
+from tests.vm.conftest import boot_pair, prepare_initiator
+from tests.vm.initiator import connected, wait_address
 
 
 def main() -> int:
@@ -21,13 +21,12 @@ def main() -> int:
     try:
         pair.target.wait_shell(300)
         pair.initiator.wait_shell(300)
-        pair.initiator.sh("modprobe nvme_tcp")
+        prepare_initiator(pair.initiator)
         pair.target.wait_for(r"Exported disks \(3\)", 300)
-        pair.target.wait_for(r"-a 169\.254\.", 120)
         print("demo: the target's screen says:\n")
         screen = pair.target.console()
         print(screen[screen.rfind("storagetm: target disk mode") :])
-        address = next(a for a in screen_addresses(pair.target) if a.startswith("169.254."))
+        address = wait_address(pair.target, "169.254.")
         print(f"demo: on the initiator: nvme connect-all -t tcp -a {address}", flush=True)
         pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
         ok = True

@@ -23,12 +23,16 @@ find "$tmp/root" "$tmp/iso" -exec touch -h -d "@$epoch" {} +
 export MTOOLS_SKIP_CHECK=1
 mcopy -i "$tmp/esp.img" -s -m "$tmp/root/EFI" ::
 
-# ISO: the ESP appended as GPT partition 2 and used as the El Torito EFI boot image.
+# ISO: the ESP is a file in the ISO 9660 tree and the El Torito EFI boot image; a GPT
+# partition points at the same blocks, so the ISO also boots from a USB stick. (An ESP
+# appended after the ISO 9660 volume is not found by OVMF as a CD: its boot entry has no
+# load size for images over 32 MiB, and the volume then ends before the image starts.)
+cp "$tmp/esp.img" "$tmp/iso/esp.img"
+touch -d "@$epoch" "$tmp/iso/esp.img" "$tmp/iso"
 SOURCE_DATE_EPOCH=$epoch xorriso -as mkisofs -quiet \
     -V STORAGETM -iso-level 3 -J -r \
     --modification-date="$(date -u -d "@$epoch" +%Y%m%d%H%M%S00)" \
-    -appended_part_as_gpt -append_partition 2 "$ESP_TYPE" "$tmp/esp.img" \
-    -e --interval:appended_partition_2:all:: -no-emul-boot \
+    -e esp.img -no-emul-boot -efi-boot-part --efi-boot-image \
     -o "$tmp/storagetm.iso" "$tmp/iso" 2>/dev/null
 
 # Raw USB image: 1 MiB GPT header area, the ESP, 1 MiB for the backup GPT.

@@ -7,6 +7,12 @@ start=$(date +%s)
 bash ci/setup-host.sh
 python3 -m pytest tests/unit -p no:cacheprovider
 bash ci/build-image.sh
+# Reproducibility: the same inputs must give bit-identical outputs.
+sums=$(mktemp)
+(cd mkosi.output && sha256sum storagetm.efi storagetm.iso storagetm.raw) > "$sums"
+bash ci/build-image.sh
+(cd mkosi.output && sha256sum --check "$sums") || { echo "ci/test.sh: a rebuild gave different outputs" >&2; exit 1; }
+rm -f "$sums"
 export STORAGETM_VM_LOGS=${STORAGETM_VM_LOGS:-$PWD/tests/vm/logs}
 rm -rf "$STORAGETM_VM_LOGS"
 if ! timeout 2700 python3 -m pytest -m vm tests/vm -p no:cacheprovider -v; then

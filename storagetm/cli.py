@@ -22,7 +22,9 @@ from storagetm.settings import (
     OptionError,
     Settings,
     apply_kernel_cmdline,
+    parse_modes,
     parse_port,
+    parse_snapshot_size,
     read_kernel_cmdline,
 )
 from storagetm.udev import BlockDevices
@@ -53,6 +55,13 @@ def _nqn(value: str) -> str:
         raise argparse.ArgumentTypeError(exc.one_line()) from exc
 
 
+def _snapshot_size(value: str) -> int:
+    try:
+        return parse_snapshot_size(value)
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="storagetm",
@@ -67,6 +76,14 @@ def serve_parser() -> argparse.ArgumentParser:
                         "disk and the boot medium")  # fmt: skip
     parser.add_argument("--nqn", type=_nqn, metavar="PREFIX", help="NQN prefix (default: derived from this host)")
     parser.add_argument("--port", type=_port, default=None, help="TCP port for I/O (default 4420)")
+    parser.add_argument("--read-only", dest="modes", action="append_const", const="ro",
+                        help="export read-only: every write fails on the initiator")  # fmt: skip
+    parser.add_argument("--snapshot", dest="modes", action="append_const", const="snapshot",
+                        help="writes go to a RAM copy-on-write store; the disks are never written")  # fmt: skip
+    parser.add_argument("--mode", dest="modes", action="append", metavar="[DISK=]MODE",
+                        help="rw, ro or snapshot, for all disks or one disk (path, by-id name or serial)")  # fmt: skip
+    parser.add_argument("--snapshot-size", type=_snapshot_size, default=None, metavar="SIZE",
+                        help="copy-on-write RAM per disk in snapshot mode (default 1G)")  # fmt: skip
     parser.add_argument("--list-devices", action="store_true", help="list block devices and whether they are exported")
     parser.add_argument("--kernel-cmdline", action="store_true", help="read storagetm.* options from /proc/cmdline")
     parser.add_argument("--console", action="store_true", help="draw the screen on the kernel's consoles, not stdout")
@@ -83,7 +100,12 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         devices=tuple(args.devices),
         nqn_base=args.nqn,
         port=args.port or Settings.port,
+        snapshot_size=args.snapshot_size or Settings.snapshot_size,
     )
+    try:
+        settings = parse_modes(",".join(args.modes or []), settings)
+    except OptionError as exc:
+        raise UsageError(f"invalid --mode: {exc}") from None
     problems: list[str] = []
     if args.kernel_cmdline:
         settings, problems = apply_kernel_cmdline(settings, read_kernel_cmdline())

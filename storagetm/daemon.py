@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storagetm import kernel, network, state
+from storagetm import kernel, modes, network, state
 from storagetm.configfs import Root
 from storagetm.disks import Disk, disk_from_file, sort_disks
 from storagetm.errors import ExitCode, StorageTMError
@@ -27,6 +27,7 @@ from storagetm.udev import BlockDevices
 log = logging.getLogger(__name__)
 
 REDRAW_DEBOUNCE = 0.75  # seconds, as upstream: addresses come and go in bursts
+USAGE_REFRESH = 2.0  # seconds between redraws while snapshot stores fill
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def plan(disks: list[Disk], settings: Settings, facts: SystemFacts, nqn_base: st
             problems.append(f"not exporting {disk.devnode}: same identity as "
                             f"{exports[identity.nqn].disk.devnode}")  # fmt: skip
             continue
-        exports[identity.nqn] = Export(disk, identity)
+        exports[identity.nqn] = Export(disk, identity, settings.mode_for(disk), settings.snapshot_size)
     for spec in settings.devices:
         if not any(disk.matches(spec) for disk in disks):
             problems.append(f"no disk matches {spec!r} (yet); it is exported if it appears")
@@ -103,6 +104,7 @@ class Daemon:
             if problem not in self.state.problems:
                 log.warning("%s", problem)
         self.state.exports = self.exporter.exports
+        self.state.backings = self.exporter.backings
         self.state.ports = dict(self.exporter.owned_ports)
         self.state.not_exported = [{"name": d.name, "device": d.devnode, "reason": r.value}
                                    for d, r in result.not_exported]  # fmt: skip
@@ -110,6 +112,11 @@ class Daemon:
         self.publish()
 
     def publish(self) -> None:
+        self.state.snapshot_usage = {
+            nqn: usage
+            for nqn, backing in self.state.backings.items()
+            if backing.zram >= 0 and (usage := modes.snapshot_usage(backing.dm_name)) is not None
+        }
         state.save(self.state)
         self.screen.show(render(self.state, self.settings.port))
         n = len(self.state.exports)
@@ -153,7 +160,7 @@ class Daemon:
         wanted = listeners(self.settings.port, network.ipv6_available())
         self.exporter.open_ports(wanted, adopt=previous.ports if previous else None)
         if previous is not None:
-            self.exporter.adopt(previous.exports)
+            self.exporter.adopt(previous.exports, previous.backings)
         for disk in devices.enumerate() + explicit_files(self.settings):
             self.disks[disk.devnode] = disk
         self.state.addresses = network.local_addresses()
@@ -166,6 +173,8 @@ class Daemon:
         selector.register(wake_r, selectors.EVENT_READ, "signal")
         redraw_at: float | None = None
         while not self.stop_requested:
+            if redraw_at is None and self.state.backings:
+                redraw_at = time.monotonic() + USAGE_REFRESH  # show how full the snapshots are
             timeout = None if redraw_at is None else max(0.0, redraw_at - time.monotonic())
             for key, _ in selector.select(timeout):
                 if key.data == "udev":

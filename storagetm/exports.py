@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from storagetm import modes
 from storagetm.configfs import Port, Root, Subsystem
 from storagetm.disks import Disk
 from storagetm.errors import ConfigfsError, StorageTMError
@@ -33,6 +34,8 @@ class Export:
 
     disk: Disk
     identity: Identity
+    mode: modes.Mode = modes.Mode.READ_WRITE
+    snapshot_size: int = 1 << 30  # copy-on-write store limit in snapshot mode
 
     @property
     def nqn(self) -> str:
@@ -66,6 +69,7 @@ class ExportError(StorageTMError):
 class _Held:
     export: Export
     fd: int | None = None
+    backing: modes.Backing | None = None
 
 
 @dataclass
@@ -124,13 +128,18 @@ class Exporter:
     def exports(self) -> dict[str, Export]:
         return {nqn: held.export for nqn, held in self.owned_subsystems.items()}
 
-    def adopt(self, previous: Mapping[str, Export]) -> None:
+    @property
+    def backings(self) -> dict[str, modes.Backing]:
+        return {nqn: held.backing for nqn, held in self.owned_subsystems.items() if held.backing is not None}
+
+    def adopt(self, previous: Mapping[str, Export], backings: Mapping[str, modes.Backing] | None = None) -> None:
         """Take over exports a previous storagetm instance left in configfs."""
         for nqn, export in previous.items():
             subsystem = self.root.subsystem(nqn)
             if not subsystem.exists():
                 continue
-            self.owned_subsystems[nqn] = _Held(export, _lock(export.disk))
+            backing = (backings or {}).get(nqn, modes.Backing(export.disk.devnode))
+            self.owned_subsystems[nqn] = _Held(export, _lock(export.disk), backing)
             log.info("adopted %s (%s)", nqn, export.disk.devnode)
 
     def apply(self, desired: Mapping[str, Export]) -> list[ExportError]:
@@ -143,7 +152,7 @@ class Exporter:
             try:
                 if held is None:
                     self._export(export)
-                elif held.export.disk.devnode != export.disk.devnode:
+                elif held.export.disk.devnode != export.disk.devnode or held.export.mode != export.mode:
                     self.withdraw(nqn)
                     self._export(export)
                 else:
@@ -157,7 +166,10 @@ class Exporter:
         identity = export.identity
         fd = _lock(export.disk)
         subsystem: Subsystem | None = None
+        backing: modes.Backing | None = None
         try:
+            backing = modes.prepare(export.disk.devnode, export.disk.size, export.mode, identity.nqn,
+                                    export.snapshot_size)  # fmt: skip
             subsystem = self.root.create_subsystem(identity.nqn)
             subsystem.set("attr", "allow_any_host", "1")
             for name, value in (("model", identity.model), ("serial", identity.serial),
@@ -165,7 +177,7 @@ class Exporter:
                 if value:
                     subsystem.set("attr", name, value)
             namespace = subsystem.create_namespace(NSID)
-            namespace.set("device", "path", export.disk.devnode)
+            namespace.set("device", "path", backing.path)
             namespace.set("device", "uuid", identity.uuid)
             namespace.set("device", "nguid", identity.nguid)
             namespace.enable()
@@ -176,14 +188,18 @@ class Exporter:
                 self.root.port(port_id).unlink(identity.nqn)
             if subsystem is not None:
                 subsystem.delete()
+            if backing is not None:
+                modes.release(backing)
             _unlock(fd)
             raise
-        self.owned_subsystems[identity.nqn] = _Held(export, fd)
-        log.info("exported %s as %s", export.disk.devnode, identity.nqn)
+        self.owned_subsystems[identity.nqn] = _Held(export, fd, backing)
+        log.info("exported %s (%s) as %s", export.disk.devnode, export.mode.label, identity.nqn)
 
     def _refresh(self, held: _Held, export: Export) -> None:
         """Propagate a size change of an exported disk to the initiators."""
-        if held.export.disk.size != export.disk.size:
+        if held.export.disk.size != export.disk.size and export.mode is not modes.Mode.READ_WRITE:
+            log.warning("%s changed size; its %s export keeps the old size", export.disk.devnode, export.mode.label)
+        elif held.export.disk.size != export.disk.size:
             namespace = self.root.subsystem(export.nqn).namespace(NSID)
             namespace.ops.write(namespace.path / "revalidate_size", "1")
             log.info("%s changed size: %d -> %d bytes", export.disk.devnode, held.export.disk.size,
@@ -205,6 +221,11 @@ class Exporter:
             except ConfigfsError as exc:
                 log.warning("%s, ignoring", exc.one_line())
         if held is not None:
+            if held.backing is not None:
+                try:
+                    modes.release(held.backing)
+                except modes.BackingError as exc:
+                    log.warning("%s, ignoring", exc.one_line())
             _unlock(held.fd)
             log.info("withdrew %s (%s)", nqn, held.export.disk.devnode)
 

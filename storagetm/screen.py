@@ -7,14 +7,32 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from storagetm.exports import DISCOVERY_TRSVCID, IO_TRSVCID
+from storagetm.exports import DISCOVERY_TRSVCID, IO_TRSVCID, Export
+from storagetm.modes import Mode
 from storagetm.state import RunState
 
 log = logging.getLogger(__name__)
 
 CLEAR = "\033[H\033[2J"
 WIDTH = 80
-WARNING = "Anyone who can reach this machine over the network can READ AND WRITE these disks."
+WARNINGS = {
+    Mode.READ_WRITE: "Anyone who can reach this machine over the network can READ AND WRITE {what}.",
+    Mode.READ_ONLY: "Anyone who can reach this machine over the network can READ {what}; writes are refused.",
+    Mode.SNAPSHOT: "Anyone who can reach this machine over the network can READ {what} and write to a RAM "
+    "copy; the disks themselves are not changed.",
+}
+
+
+def warnings(state: RunState) -> list[str]:
+    """One plain sentence per mode in use: who can read and write which disks."""
+    by_mode: dict[Mode, list[str]] = {}
+    for export in state.exports.values():
+        by_mode.setdefault(export.mode, []).append(export.disk.name)
+    if len(by_mode) <= 1:
+        mode = next(iter(by_mode), Mode.READ_WRITE)
+        return [WARNINGS[mode].format(what="these disks")]
+    return [WARNINGS[mode].format(what=", ".join(sorted(names))) for mode, names in sorted(
+        by_mode.items(), key=lambda item: item[0].value)]  # fmt: skip
 
 
 def human_size(size: int) -> str:
@@ -26,12 +44,23 @@ def human_size(size: int) -> str:
     raise AssertionError("unreachable")
 
 
+def mode_text(state: RunState, export: Export) -> str:
+    if export.mode is not Mode.SNAPSHOT:
+        return export.mode.label
+    usage = state.snapshot_usage.get(export.nqn)
+    if usage is None:
+        return f"snapshot, {human_size(export.snapshot_size)} RAM"
+    if usage.invalid:
+        return "snapshot FULL: I/O now fails"
+    return f"snapshot {usage.percent:.0f}% of {human_size(usage.total)} used"
+
+
 def _port_args(io_port: int) -> str:
     return "" if io_port in (IO_TRSVCID, DISCOVERY_TRSVCID) else f" -s {io_port}"
 
 
 def render(state: RunState, io_port: int = IO_TRSVCID) -> str:
-    lines = ["storagetm: target disk mode — disks exported over NVMe/TCP", WARNING, ""]
+    lines = ["storagetm: target disk mode — disks exported over NVMe/TCP", *warnings(state), ""]
     if not state.addresses:
         lines.append("No network address yet: plug in a cable (DHCP, or link-local on a direct cable).")
     else:
@@ -45,8 +74,8 @@ def render(state: RunState, io_port: int = IO_TRSVCID) -> str:
         lines.append(f"Exported disks ({len(state.exports)}):")
         for export in sorted(state.exports.values(), key=lambda e: e.disk.name):
             disk = export.disk
-            lines.append(f"  {disk.name:<10} {human_size(disk.size):>10}  {export.identity.model[:40]}"
-                         f"  {export.identity.serial}".rstrip())  # fmt: skip
+            lines.append(f"  {disk.name:<10} {human_size(disk.size):>10}  {export.identity.model[:30]}"
+                         f"  {export.identity.serial}  [{mode_text(state, export)}]")  # fmt: skip
             lines.append(f"    {export.nqn}")
     else:
         lines.append("No disks exported yet.")

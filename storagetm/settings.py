@@ -11,10 +11,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from storagetm.disks import Disk
 from storagetm.exports import IO_TRSVCID
 from storagetm.identity import check_nqn_prefix
+from storagetm.modes import Mode, parse_size
 
 PREFIX = "storagetm."
+
+
+class OptionError(ValueError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -24,10 +30,31 @@ class Settings:
     devices: tuple[str, ...] = ()  # explicit DEVICE/FILE arguments or storagetm.disks=
     nqn_base: str | None = None
     port: int = IO_TRSVCID
+    mode: Mode = Mode.READ_WRITE  # for every disk without a per-disk mode
+    disk_modes: tuple[tuple[str, Mode], ...] = ()  # (disk spec, mode)
+    snapshot_size: int = 1 << 30  # copy-on-write store per disk in snapshot mode (RAM, compressed)
+
+    def mode_for(self, disk: Disk) -> Mode:
+        for spec, mode in self.disk_modes:
+            if disk.matches(spec):
+                return mode
+        return self.mode
 
 
-class OptionError(ValueError):
-    pass
+def parse_modes(value: str, settings: Settings) -> Settings:
+    """`ro`, or `ro,sdb=rw,SERIAL=snapshot`: a default mode and/or per-disk modes."""
+    mode, per_disk = settings.mode, list(settings.disk_modes)
+    for item in filter(None, value.split(",")):
+        spec, sep, name = item.rpartition("=")
+        try:
+            parsed = Mode.parse(name)
+        except ValueError as exc:
+            raise OptionError(f"{exc}; per disk: DISK=MODE") from None
+        if sep:
+            per_disk.append((spec, parsed))
+        else:
+            mode = parsed
+    return replace(settings, mode=mode, disk_modes=tuple(per_disk))
 
 
 def _disks(value: str, settings: Settings) -> Settings:
@@ -61,6 +88,20 @@ def _port(value: str, settings: Settings) -> Settings:
     return replace(settings, port=parse_port(value))
 
 
+def parse_snapshot_size(value: str) -> int:
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
+    if size < 1 << 20:
+        raise OptionError(f"snapshot size {value!r} is below 1M")
+    return size
+
+
+def _snapshot_size(value: str, settings: Settings) -> Settings:
+    return replace(settings, snapshot_size=parse_snapshot_size(value))
+
+
 @dataclass(frozen=True)
 class KernelOption:
     name: str
@@ -72,6 +113,8 @@ KERNEL_OPTIONS = (
     KernelOption("disks", _disks, "all (default), none, or disks to export: sda,nvme0n1,SERIAL,by-id name"),
     KernelOption("nqn", _nqn, "NQN prefix; each disk's NQN is PREFIX.<disk identity>"),
     KernelOption("port", _port, "TCP port for I/O (default 4420); discovery stays on 8009"),
+    KernelOption("mode", parse_modes, "rw (default), ro or snapshot; per disk: ro,sdb=rw,SERIAL=snapshot"),
+    KernelOption("snapshot_size", _snapshot_size, "copy-on-write RAM per disk in snapshot mode (default 1G)"),
 )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from storagetm.disks import Disk
 from storagetm.exports import Export, Listener
 from storagetm.identity import Identity
+from storagetm.modes import Backing, Mode, SnapshotUsage
 from storagetm.network import Address
 
 STATE_FILE = Path("/run/storagetm/state.json")
@@ -25,6 +26,8 @@ class RunState:
     nqn_base: str = ""
     ports: dict[int, Listener] = field(default_factory=dict)
     exports: dict[str, Export] = field(default_factory=dict)
+    backings: dict[str, Backing] = field(default_factory=dict)
+    snapshot_usage: dict[str, SnapshotUsage] = field(default_factory=dict)
     addresses: list[Address] = field(default_factory=list)
     not_exported: list[dict[str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -35,14 +38,25 @@ class RunState:
             "pid": self.pid,
             "nqn_base": self.nqn_base,
             "ports": [{"id": port_id, **asdict(lst)} for port_id, lst in sorted(self.ports.items())],
-            "exports": [
-                {"nqn": nqn, "disk": asdict(exp.disk), "identity": asdict(exp.identity)}
-                for nqn, exp in sorted(self.exports.items())
-            ],
+            "exports": [self._export_json(nqn, exp) for nqn, exp in sorted(self.exports.items())],
             "addresses": [asdict(a) | {"connect": a.for_command} for a in self.addresses],
             "not_exported": self.not_exported,
             "problems": self.problems,
         }
+
+    def _export_json(self, nqn: str, export: Export) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "nqn": nqn,
+            "mode": export.mode.value,
+            "snapshot_size": export.snapshot_size,
+            "disk": asdict(export.disk),
+            "identity": asdict(export.identity),
+        }
+        if nqn in self.backings:
+            data["backing"] = asdict(self.backings[nqn])
+        if nqn in self.snapshot_usage:
+            data["snapshot_usage"] = asdict(self.snapshot_usage[nqn])
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunState:
@@ -62,7 +76,19 @@ class RunState:
             pid=int(data.get("pid", 0)),
             nqn_base=str(data.get("nqn_base", "")),
             ports={int(p["id"]): Listener(p["adrfam"], p["traddr"], int(p["trsvcid"])) for p in data.get("ports", [])},
-            exports={e["nqn"]: Export(disk(e["disk"]), Identity(**e["identity"])) for e in data.get("exports", [])},
+            exports={
+                e["nqn"]: Export(
+                    disk(e["disk"]),
+                    Identity(**e["identity"]),
+                    Mode(e.get("mode", "rw")),
+                    int(e.get("snapshot_size", 1 << 30)),
+                )  # fmt: skip
+                for e in data.get("exports", [])
+            },
+            backings={e["nqn"]: Backing(**e["backing"]) for e in data.get("exports", []) if "backing" in e},
+            snapshot_usage={
+                e["nqn"]: SnapshotUsage(**e["snapshot_usage"]) for e in data.get("exports", []) if "snapshot_usage" in e
+            },
             addresses=[address(a) for a in data.get("addresses", [])],
             not_exported=list(data.get("not_exported", [])),
             problems=list(data.get("problems", [])),

@@ -4,20 +4,21 @@ per module and shared by its tests (each boot costs ~40 s under TCG)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.vm.machine import VM, Disk, make_disk
+from tests.vm.machine import VM, Disk, make_disk, sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUT = REPO / "mkosi.output"
 LOGS = Path(os.environ.get("STORAGETM_VM_LOGS", REPO / "tests" / "vm" / "logs"))
 DISK_SIZE = 32 << 20
 COMMON = "console=ttyS0,115200 audit=0 loglevel=4 systemd.show_status=error systemd.debug_shell=ttyS1"
-TARGET_APPEND = f"{COMMON} systemd.unit=storage-target-mode.target"
+TARGET_APPEND = COMMON  # no unit given: the image's default target is target mode
 INITIATOR_APPEND = f"{COMMON} systemd.unit=multi-user.target"
 BOOT_TIMEOUT = 240
 
@@ -46,23 +47,48 @@ def make_disks(workdir: Path, kinds: dict[str, str]) -> tuple[dict[str, Disk], d
     return disks, sums
 
 
-def boot_pair(workdir: Path, kinds: dict[str, str], target_append: str = TARGET_APPEND) -> Pair:
+def boot_pair(
+    workdir: Path,
+    kinds: dict[str, str],
+    target_append: str = TARGET_APPEND,
+    prepare: Callable[[dict[str, Disk]], None] | None = None,
+) -> Pair:
+    """Create the disks (then let `prepare` rewrite them), start the target, then the initiator."""
     workdir.mkdir(parents=True, exist_ok=True)
     disks, sums = make_disks(workdir, kinds)
+    if prepare is not None:
+        prepare(disks)
+        sums = {serial: sha256_file(disk.path) for serial, disk in disks.items()}
     link = workdir / "link.sock"
     link.unlink(missing_ok=True)
     efi = image("storagetm.efi")
+    # The initiator listens on the link socket: QEMU's stream client does not reconnect, but
+    # a server accepts a new client, so the target can be power-cycled and join again.
     target = VM("target", workdir, kernel=efi, append=target_append, disks=list(disks.values()),
-                link_socket=link, link_server=True, mac="52:54:00:00:00:01")  # fmt: skip
+                link_socket=link, link_server=False, mac="52:54:00:00:00:01")  # fmt: skip
     initiator = VM("initiator", workdir, kernel=efi, append=INITIATOR_APPEND, link_socket=link,
-                   link_server=False, mac="52:54:00:00:00:02", uuid="0c8e3a55-5f6b-4d8e-8d2a-6e1f4b7a2c10")  # fmt: skip
-    target.start()
+                   link_server=True, mac="52:54:00:00:00:02", uuid="0c8e3a55-5f6b-4d8e-8d2a-6e1f4b7a2c10")  # fmt: skip
+    initiator.start()
     try:
-        initiator.start()
+        target.start()
     except BaseException:
-        target.stop()
+        initiator.stop()
         raise
     return Pair(target, initiator, disks, sums)
+
+
+def prepare_initiator(initiator: VM, timeout: float = 120) -> None:
+    """nvme-tcp loaded, and the initiator's own link-local addresses usable (DAD and IPv4LL
+    probing done): connecting from a tentative address fails with EADDRNOTAVAIL."""
+    initiator.sh("modprobe nvme_tcp")
+    deadline = time.monotonic() + timeout
+    while True:
+        addrs = initiator.sh("ip -o addr show dev enp0s3")
+        if "169.254." in addrs and "fe80::" in addrs and "tentative" not in addrs:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the initiator's link-local addresses are not ready: {addrs}")
+        time.sleep(1)
 
 
 def report(pair: Pair, request: pytest.FixtureRequest) -> None:
@@ -80,7 +106,7 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     try:
         p.target.wait_shell(BOOT_TIMEOUT)
         p.initiator.wait_shell(BOOT_TIMEOUT)
-        p.initiator.sh("modprobe nvme_tcp")
+        prepare_initiator(p.initiator)
         yield p
     finally:
         failed = request.session.testsfailed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 from tests.vm.machine import VM
@@ -20,6 +21,18 @@ def screen_addresses(target: VM) -> list[str]:
     """The addresses the target's screen tells the operator to use, as printed."""
     found = re.findall(r"nvme connect-all -t tcp -a (\S+(?: -f \S+)?)", target.console())
     return list(dict.fromkeys(found))
+
+
+def wait_address(target: VM, prefix: str, timeout: float = 120) -> str:
+    """The first address starting with `prefix` that the target's screen shows, as printed.
+    Addresses appear some seconds after the disks (IPv4 link-local probes for ARP conflicts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for address in screen_addresses(target):
+            if address.startswith(prefix):
+                return address
+        time.sleep(1)
+    raise AssertionError(f"the target's screen showed no {prefix}… address within {timeout:.0f} s")
 
 
 def connected(initiator: VM) -> list[Remote]:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.vm.conftest import BOOT_TIMEOUT, Pair
-from tests.vm.initiator import connected, disconnect_all, screen_addresses
+from tests.vm.initiator import connected, disconnect_all, screen_addresses, wait_address
 from tests.vm.machine import make_disk, sha256_file
 
 pytestmark = pytest.mark.vm
@@ -23,7 +23,8 @@ def target_ready(pair: Pair, count: int) -> None:
 def test_screen_shows_usable_addresses(pair: Pair) -> None:
     target_ready(pair, 4)
     # IPv6 link-local comes first; IPv4 link-local (169.254/16) follows after ARP probing.
-    pair.target.wait_for(r"nvme connect-all -t tcp -a 169\.254\.", 90)
+    wait_address(pair.target, "169.254.")
+    wait_address(pair.target, "fe80::")
     addresses = screen_addresses(pair.target)
     assert any(a.startswith("fe80::") and "%enp0s3 -f enp0s3" in a for a in addresses), addresses
     assert any(a.startswith("169.254.") for a in addresses), addresses
@@ -33,7 +34,7 @@ def test_screen_shows_usable_addresses(pair: Pair) -> None:
 def test_connect_all_with_defaults_reads_every_byte(pair: Pair, family: str) -> None:
     target_ready(pair, 4)
     prefix = "fe80::" if family.startswith("ipv6") else "169.254."
-    address = next(a for a in screen_addresses(pair.target) if a.startswith(prefix))
+    address = wait_address(pair.target, prefix)
     disconnect_all(pair.initiator)
     discover = pair.initiator.sh(f"nvme discover -t tcp -a {address}")
     nqns = set(re.findall(r"subnqn:\s+(\S+)", discover)) - {"nqn.2014-08.org.nvmexpress.discovery"}
@@ -65,12 +66,39 @@ def test_status_json_and_configfs_agree(pair: Pair) -> None:
     assert ":4420" in listening and ":8009" in listening
 
 
+def test_size_change_reaches_the_initiator(pair: Pair) -> None:
+    target_ready(pair, 4)
+    address = wait_address(pair.target, "169.254.")
+    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    try:
+        remote = next(r for r in connected(pair.initiator) if r.serial == "VIRT0001")
+        assert int(pair.initiator.sh(f"blockdev --getsize64 /dev/{remote.block}")) == 32 << 20
+        pair.target.qmp.cmd("block_resize", **{"node-name": "dVIRT0001", "size": 48 << 20})
+        deadline = time.monotonic() + 60
+        while int(pair.initiator.sh(f"blockdev --getsize64 /dev/{remote.block}")) != 48 << 20:
+            assert time.monotonic() < deadline, "the initiator did not see the new size"
+            time.sleep(1)
+        assert "changed size" in pair.target.sh("journalctl -b -u storagetm --no-pager")
+    finally:
+        disconnect_all(pair.initiator)
+
+
+def test_image_carries_the_promised_drivers(pair: Pair) -> None:
+    modules = ("nvmet nvmet_tcp nvme_tcp virtio_net e1000e igb igc r8169 tg3 atlantic ixgbe i40e "
+               "cdc_ether cdc_ncm r8152 ax88179_178a thunderbolt_net nvme ahci ata_piix virtio_blk "
+               "virtio_scsi sd_mod usb_storage uas sdhci_pci sdhci_acpi mmc_block megaraid_sas mpt3sas "
+               "smartpqi dm_snapshot zram")  # fmt: skip
+    out, rc = pair.target.run(f"for m in {modules}; do modinfo -n $m >/dev/null 2>&1 || echo MISSING $m; done")
+    assert rc == 0 and "MISSING" not in out, out
+    assert pair.target.sh("ls /usr/lib/firmware/rtl_nic/ | head -1").startswith("rtl")
+
+
 HOTPLUG_BOUND = 30  # seconds from QMP device_add until the disk is in the discovery log
 
 
 def test_hotplug_add_and_remove(pair: Pair) -> None:
     target_ready(pair, 4)
-    address = next(a for a in screen_addresses(pair.target) if a.startswith("169.254."))
+    address = wait_address(pair.target, "169.254.")
     path = pair.disks["VIRT0001"].path.parent / "HOT00001.img"
     make_disk(path, 16 << 20, b"HOT00001")
     qmp = pair.target.qmp
@@ -102,7 +130,7 @@ def test_hotplug_add_and_remove(pair: Pair) -> None:
 def test_write_reaches_disk_and_shutdown_leaves_nothing(pair: Pair) -> None:
     """Runs last in this module: it stops storagetm and powers the target off."""
     target_ready(pair, 4)
-    address = next(a for a in screen_addresses(pair.target) if a.startswith("fe80::"))
+    address = wait_address(pair.target, "fe80::")
     pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
     remote = next(r for r in connected(pair.initiator) if r.serial == "VIRT0001")
     pattern = "storagetm-write-through-" * 1000

@@ -9,12 +9,16 @@ import time
 import pytest
 
 from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, Pair
-from tests.vm.initiator import connected, disconnect_all, screen_addresses
+from tests.vm.initiator import connected, disconnect_all, wait_address
 
 pytestmark = pytest.mark.vm
 
 DISKS = {"VIRT0002": "virtio", "NVME0002": "nvme"}
-TARGET_APPEND = f"{TARGET_APPEND} storagetm.disks=VIRT0002,nosuchdisk storagetm.port=abc storagetm.frobnicate=1"
+# systemd's documented line, typed by hand, plus bad options.
+TARGET_APPEND = (
+    f"{TARGET_APPEND} rd.systemd.unit=storage-target-mode.target ip=dhcp "
+    "storagetm.disks=VIRT0002,nosuchdisk storagetm.port=abc storagetm.frobnicate=1"
+)
 
 
 def test_bad_kernel_options_are_named_and_only_asked_for_disks_exported(pair: Pair) -> None:
@@ -31,7 +35,7 @@ def test_bad_kernel_options_are_named_and_only_asked_for_disks_exported(pair: Pa
 
 def test_sigkill_restart_adopts_exports_and_reads_go_on(pair: Pair) -> None:
     pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
-    address = next(a for a in screen_addresses(pair.target) if a.startswith("fe80::"))
+    address = wait_address(pair.target, "fe80::")
     pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
     try:
         remote = next(r for r in connected(pair.initiator) if r.serial == "VIRT0002")
@@ -49,6 +53,33 @@ def test_sigkill_restart_adopts_exports_and_reads_go_on(pair: Pair) -> None:
         assert pair.target.sh("ls /sys/kernel/config/nvmet/subsystems").split() == [before["exports"][0]["nqn"]]
         assert "adopted" in pair.target.sh("journalctl -b -u storagetm --no-pager")
         # The initiator's connection survived: read the whole disk over it now.
+        out = pair.initiator.sh(f"sha256sum /dev/{remote.block}", timeout=300)
+        assert out.split()[0] == pair.sums["VIRT0002"]
+    finally:
+        disconnect_all(pair.initiator)
+
+
+def test_target_reboot_keeps_nqns_and_initiator_reconnects(pair: Pair) -> None:
+    """Runs last: power-cycles the target VM with the same disks and machine UUID."""
+    pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
+    address = wait_address(pair.target, "fe80::")
+    before = json.loads(pair.target.sh("storagetm status --json"))
+    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    try:
+        remote = next(r for r in connected(pair.initiator) if r.serial == "VIRT0002")
+        pair.target.stop()
+        pair.target.start()
+        pair.target.wait_shell(BOOT_TIMEOUT)
+        pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
+        after = json.loads(pair.target.sh("storagetm status --json"))
+        assert [e["nqn"] for e in after["exports"]] == [e["nqn"] for e in before["exports"]]
+        # nvme-tcp reconnects on its own (reconnect_delay 10 s) to the same NQN.
+        device = f"/sys/block/{remote.block}/device"
+        states = f"cat {device}/nvme*/state {device}/state 2>/dev/null; true"
+        deadline = time.monotonic() + 120
+        while "live" not in pair.initiator.sh(states):
+            assert time.monotonic() < deadline, "the initiator did not reconnect within 120 s"
+            time.sleep(2)
         out = pair.initiator.sh(f"sha256sum /dev/{remote.block}", timeout=300)
         assert out.split()[0] == pair.sums["VIRT0002"]
     finally:

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from storagetm import kernel
+from storagetm.cli import main
+from storagetm.errors import ExitCode, KernelError
+
+
+def test_missing_nvmet_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(kernel, "CONFIGFS", tmp_path)
+    monkeypatch.setattr(kernel, "_is_mounted", lambda path: True)
+
+    def modprobe(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(argv, 1, "", f"modprobe: FATAL: Module {argv[-1]} not found")
+
+    monkeypatch.setattr(kernel, "_run", modprobe)
+    with pytest.raises(KernelError) as info:
+        kernel.ensure_nvmet()
+    assert info.value.exit_code == ExitCode.KERNEL
+    assert "cannot load kernel module nvmet" in info.value.one_line()
+    assert "CONFIG_NVME_TARGET" in info.value.one_line()
+
+
+def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:  # argparse: usage, then one error line, exit 2
+        main(["--nqn", "bogus", "--all"])
+    assert info.value.code == ExitCode.USAGE
+    assert "argument --nqn: invalid NQN prefix 'bogus'" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main([]) == ExitCode.USAGE
+    assert capsys.readouterr().err.strip() == (
+        "storagetm: no disks selected (give --all, or name the disks (DEVICE|FILE …))"
+    )
+
+
+def test_status_when_not_running(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                 tmp_path: Path) -> None:  # fmt: skip
+    from storagetm import state
+
+    monkeypatch.setattr(state, "STATE_FILE", tmp_path / "state.json")
+    assert main(["status"]) == ExitCode.NOT_RUNNING
+    assert "storagetm is not running" in capsys.readouterr().err

@@ -1,0 +1,63 @@
+"""The image boots from each medium into target mode, exports the other disks, and never
+exports the medium it booted from. Each boot uses the image's own kernel command line
+(no -kernel/-append), so the operator's screen on the serial console is what we read."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vm.conftest import BOOT_TIMEOUT, LOGS, image
+from tests.vm.machine import VM, Disk, make_disk
+
+pytestmark = pytest.mark.vm
+
+MEDIA = {
+    # name: (image file, how QEMU attaches it, kernel name it gets in the guest)
+    "raw-usb": ("storagetm.raw", "usb-storage,bus=xhci.0,drive=boot,bootindex=0,serial=BOOTSTICK", "sda"),
+    "iso-usb": ("storagetm.iso", "usb-storage,bus=xhci.0,drive=boot,bootindex=0,serial=BOOTSTICK", "sda"),
+    "iso-cd": ("storagetm.iso", "ide-cd,bus=ide.2,drive=boot,bootindex=0", "sr0"),
+}
+
+
+@pytest.fixture(params=sorted(MEDIA))
+def booted(request: pytest.FixtureRequest) -> Iterator[tuple[VM, str]]:
+    filename, device, guest_name = MEDIA[request.param]
+    workdir = LOGS / f"boot-{request.param}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    medium = workdir / filename
+    shutil.copy(image(filename), medium)  # the guest must not be able to change our build output
+    data = workdir / "DATA0001.img"
+    make_disk(data, 16 << 20, b"DATA0001")
+    vm = VM("target", workdir, disks=[Disk(data, "virtio", "DATA0001")],
+            extra=["-drive", f"if=none,id=boot,format=raw,file={medium}", "-device", device])  # fmt: skip
+    vm.start()
+    try:
+        yield vm, guest_name
+    finally:
+        failed = request.session.testsfailed
+        vm.stop()
+        if failed:
+            print(f"\n===== {vm.console_log} =====\n{vm.tail(40)}")
+
+
+def test_boots_to_target_mode_without_exporting_boot_medium(booted: tuple[VM, str]) -> None:
+    vm, guest_name = booted
+    vm.wait_for(r"Exported disks \(1\):", BOOT_TIMEOUT)
+    # USB and CD drives are probed some seconds after the virtio disk under TCG.
+    vm.wait_for(rf"Not exported: .*{guest_name} \(", 120)
+    screen = vm.console()
+    screen = screen[screen.rfind("storagetm: target disk mode") :]
+    assert "data0001" in screen.lower() and "vda" in screen
+    assert f"Not exported: {guest_name} (" in screen
+    reason = "optical drive" if guest_name.startswith("sr") else "the medium this system booted from"
+    assert f"{guest_name} ({reason})" in screen
+    assert "BOOTSTICK" not in screen.split("Not exported:")[0]
+
+
+def test_media_sizes_within_budget() -> None:
+    assert Path(image("storagetm.efi")).stat().st_size <= 64 << 20
+    assert Path(image("storagetm.iso")).stat().st_size <= 72 << 20

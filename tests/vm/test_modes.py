@@ -1,0 +1,126 @@
+"""Read-only and snapshot modes: the initiator cannot change a byte of the source disk.
+
+Both file-system disks carry an ext4 file system whose journal needs replay (the
+`needs_recovery` flag is set), so mounting it must write."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vm.conftest import BOOT_TIMEOUT, LOGS, TARGET_APPEND, Pair, boot_pair, prepare_initiator
+from tests.vm.initiator import Remote, connected, disconnect_all, wait_address
+from tests.vm.machine import Disk, sha256_file
+
+pytestmark = pytest.mark.vm
+
+MODES_APPEND = f"{TARGET_APPEND} storagetm.mode=ro,SNAP0001=snapshot,RWDISK01=rw storagetm.snapshot_size=8M"
+MARKER = "storagetm forensic marker"
+
+
+def ext4_image(path: Path, label: str) -> None:
+    content = path.parent / f"{label}-content"
+    content.mkdir(exist_ok=True)
+    (content / "evidence.txt").write_text(f"{MARKER} {label}\n")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, "-d", str(content), str(path), "32M"], check=True)
+    subprocess.run(["debugfs", "-w", "-R", "feature needs_recovery", str(path)], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def modes_pair() -> Iterator[tuple[Pair, dict[str, str]]]:
+    workdir = LOGS / "test_modes"
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    def with_file_systems(disks: dict[str, Disk]) -> None:
+        for serial in ("RO000001", "SNAP0001"):
+            ext4_image(disks[serial].path, serial)
+
+    kinds = {"RO000001": "virtio", "SNAP0001": "virtio", "RWDISK01": "nvme"}
+    pair = boot_pair(workdir, kinds, MODES_APPEND, prepare=with_file_systems)
+    sums = pair.sums
+    try:
+        pair.target.wait_shell(BOOT_TIMEOUT)
+        pair.initiator.wait_shell(BOOT_TIMEOUT)
+        prepare_initiator(pair.initiator)
+        pair.initiator.sh("mkdir -p /mnt/x")
+        pair.target.wait_for(r"Exported disks \(3\)", BOOT_TIMEOUT)
+        address = wait_address(pair.target, "169.254.")
+        pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+        yield pair, sums
+    finally:
+        pair.initiator.stop()
+        pair.target.stop()
+
+
+def remote(pair: Pair, serial: str) -> Remote:
+    return next(r for r in connected(pair.initiator) if r.serial == serial)
+
+
+def test_each_disk_shows_its_mode(modes_pair: tuple[Pair, dict[str, str]]) -> None:
+    pair, _ = modes_pair
+    status = json.loads(pair.target.sh("storagetm status --json"))
+    assert {e["disk"]["serial"]: e["mode"] for e in status["exports"]} == {
+        "RO000001": "ro", "SNAP0001": "snapshot", "RWDISK01": "rw"}  # fmt: skip
+    screen = pair.target.console()
+    assert "[read-only]" in screen and "[read-write]" in screen and "[snapshot" in screen
+    assert "can READ vda; writes are refused" in screen or "can READ vda, " not in screen
+
+
+def test_read_only_refuses_every_write(modes_pair: tuple[Pair, dict[str, str]]) -> None:
+    pair, sums = modes_pair
+    dev = "/dev/" + remote(pair, "RO000001").block
+    assert pair.initiator.sh(f"sha256sum {dev}").split()[0] == sums["RO000001"]
+    out, rc = pair.initiator.run(f"dd if=/dev/zero of={dev} bs=4096 count=16 oflag=direct conv=fsync")
+    assert rc != 0 and "Input/output error" in out, out
+    out, rc = pair.initiator.run(f"mkfs.ext4 -F -q {dev}")
+    assert rc != 0, out
+    out, rc = pair.initiator.run(f"mount {dev} /mnt/x")
+    if rc == 0:  # the kernel may fall back to a read-only mount: then no write reached the disk either
+        pair.initiator.sh("umount /mnt/x")
+    pair.initiator.sh("sync; echo 3 > /proc/sys/vm/drop_caches")
+    assert sha256_file(pair.disks["RO000001"].path) == sums["RO000001"]
+
+
+def test_snapshot_takes_writes_in_ram_and_source_stays(modes_pair: tuple[Pair, dict[str, str]]) -> None:
+    pair, sums = modes_pair
+    dev = "/dev/" + remote(pair, "SNAP0001").block
+    pair.initiator.sh(f"mount {dev} /mnt/x")  # replays the journal: writes
+    assert MARKER in pair.initiator.sh("cat /mnt/x/evidence.txt")
+    pair.initiator.sh("echo written-by-initiator > /mnt/x/new.txt; umount /mnt/x; echo 3 > /proc/sys/vm/drop_caches")
+    pair.initiator.sh(f"e2fsck -f -n {dev}")
+    pair.initiator.sh(f"mount {dev} /mnt/x")
+    assert pair.initiator.sh("cat /mnt/x/new.txt") == "written-by-initiator"
+    pair.initiator.sh("umount /mnt/x")
+    assert sha256_file(pair.disks["SNAP0001"].path) == sums["SNAP0001"]
+    status = json.loads(pair.target.sh("storagetm status --json"))
+    usage = next(e["snapshot_usage"] for e in status["exports"] if e["mode"] == "snapshot")
+    assert usage["used"] > 0 and usage["total"] == 8 << 20 and not usage["invalid"]
+
+
+def test_full_snapshot_fails_cleanly(modes_pair: tuple[Pair, dict[str, str]]) -> None:
+    pair, sums = modes_pair
+    dev = "/dev/" + remote(pair, "SNAP0001").block
+    out, rc = pair.initiator.run(f"dd if=/dev/urandom of={dev} bs=1M count=24 oflag=direct conv=fsync", timeout=300)
+    assert rc != 0, out
+    pair.target.wait_for(r"snapshot FULL", 30)
+    # Nothing crashed: the daemon answers and the other disks still read back.
+    assert json.loads(pair.target.sh("storagetm status --json"))["pid"] > 0
+    rw = "/dev/" + remote(pair, "RWDISK01").block
+    assert pair.initiator.sh(f"sha256sum {rw}").split()[0] == sums["RWDISK01"]
+    assert sha256_file(pair.disks["SNAP0001"].path) == sums["SNAP0001"]
+
+
+def test_sources_unchanged_after_shutdown(modes_pair: tuple[Pair, dict[str, str]]) -> None:
+    pair, sums = modes_pair
+    disconnect_all(pair.initiator)
+    pair.target.sh("storagetm stop")
+    assert pair.target.sh("dmsetup ls").strip() in ("", "No devices found")
+    pair.target.stop()
+    time.sleep(0.5)
+    for serial in ("RO000001", "SNAP0001"):
+        assert sha256_file(pair.disks[serial].path) == sums[serial]
