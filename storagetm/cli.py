@@ -12,9 +12,10 @@ import time
 from collections.abc import Sequence
 
 from storagetm import __version__, state
+from storagetm.auth import check_secret
 from storagetm.daemon import Daemon, explicit_files, plan
 from storagetm.errors import ExitCode, NotRunningError, StorageTMError, UsageError
-from storagetm.identity import check_nqn_prefix, default_nqn_base, host_identity
+from storagetm.identity import check_nqn_prefix, default_nqn_base, host_identity, valid_nqn
 from storagetm.policy import system_facts
 from storagetm.screen import Screen, active_consoles, human_size, render
 from storagetm.settings import (
@@ -55,6 +56,23 @@ def _nqn(value: str) -> str:
         raise argparse.ArgumentTypeError(exc.one_line()) from exc
 
 
+def _secret(value: str) -> str:
+    try:
+        return check_secret(value)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(exc.one_line()) from exc
+
+
+def _secret_or_generate(value: str) -> str:
+    return value if value == "generate" else _secret(value)
+
+
+def _host_nqn(value: str) -> str:
+    if not valid_nqn(value):
+        raise argparse.ArgumentTypeError(f"not a host NQN: {value!r}")
+    return value
+
+
 def _snapshot_size(value: str) -> int:
     try:
         return parse_snapshot_size(value)
@@ -84,6 +102,17 @@ def serve_parser() -> argparse.ArgumentParser:
                         help="rw, ro or snapshot, for all disks or one disk (path, by-id name or serial)")  # fmt: skip
     parser.add_argument("--snapshot-size", type=_snapshot_size, default=None, metavar="SIZE",
                         help="copy-on-write RAM per disk in snapshot mode (default 1G)")  # fmt: skip
+    parser.add_argument("--auth", action="store_true",
+                        help="require NVMe in-band authentication (DH-HMAC-CHAP); a secret is generated")  # fmt: skip
+    parser.add_argument(
+        "--dhchap-secret", type=_secret, metavar="DHHC-1:…", help="use this host secret (implies --auth)"
+    )
+    parser.add_argument(
+        "--dhchap-ctrl-secret", nargs="?", const="generate", type=_secret_or_generate, metavar="DHHC-1:…",
+        help="bidirectional: the target proves itself too (generated if no value)",
+    )  # fmt: skip
+    parser.add_argument("--allow-host", action="append", type=_host_nqn, metavar="HOSTNQN",
+                        help="host NQN allowed to connect (repeatable; implies --auth)")  # fmt: skip
     parser.add_argument("--list-devices", action="store_true", help="list block devices and whether they are exported")
     parser.add_argument("--kernel-cmdline", action="store_true", help="read storagetm.* options from /proc/cmdline")
     parser.add_argument("--console", action="store_true", help="draw the screen on the kernel's consoles, not stdout")
@@ -101,6 +130,10 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         nqn_base=args.nqn,
         port=args.port or Settings.port,
         snapshot_size=args.snapshot_size or Settings.snapshot_size,
+        auth=bool(args.auth or args.dhchap_secret or args.allow_host),
+        dhchap_secret=args.dhchap_secret or "",
+        dhchap_ctrl_secret=args.dhchap_ctrl_secret or "",
+        allow_hosts=tuple(args.allow_host or ()),
     )
     try:
         settings = parse_modes(",".join(args.modes or []), settings)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storagetm import kernel, modes, network, state
+from storagetm import auth, kernel, modes, network, state
 from storagetm.configfs import Root
 from storagetm.disks import Disk, disk_from_file, sort_disks
 from storagetm.errors import ExitCode, StorageTMError
@@ -44,12 +44,14 @@ def plan(disks: list[Disk], settings: Settings, facts: SystemFacts, nqn_base: st
     skipped: list[tuple[Disk, Reason]] = []
     problems: list[str] = []
     for disk in sort_disks(disks):
-        selected = settings.all_disks or any(disk.matches(spec) for spec in settings.devices)
+        named = any(disk.matches(spec) for spec in settings.devices)
+        selected = settings.all_disks or named
         reason = exclusion(disk, facts, lift_guards=settings.lift_guards)
         if reason is None and not selected:
             reason = Reason.NOT_SELECTED
         if reason is not None:
-            if reason is not Reason.PARTITION and not (reason is Reason.VIRTUAL and not selected):
+            # Partitions and virtual devices (our own dm/zram among them) would only clutter the screen.
+            if reason not in (Reason.PARTITION, Reason.VIRTUAL) or named:
                 skipped.append((disk, reason))
             if selected and not settings.all_disks:
                 problems.append(f"not exporting {disk.devnode}: {reason.value}")
@@ -159,6 +161,10 @@ class Daemon:
         self.state.nqn_base = self.settings.nqn_base or default_nqn_base(host_identity())
         wanted = listeners(self.settings.port, network.ipv6_available())
         self.exporter.open_ports(wanted, adopt=previous.ports if previous else None)
+        settings = self.settings
+        self.state.auth = auth.resolve(settings.auth, settings.dhchap_secret, settings.dhchap_ctrl_secret,
+                                       settings.allow_hosts, previous.auth if previous else None)  # fmt: skip
+        self.exporter.setup_hosts(self.state.auth, adopt=set(previous.auth.hosts) if previous else None)
         if previous is not None:
             self.exporter.adopt(previous.exports, previous.backings)
         for disk in devices.enumerate() + explicit_files(self.settings):

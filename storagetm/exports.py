@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from storagetm import modes
+from storagetm.auth import AuthConfig
 from storagetm.configfs import Port, Root, Subsystem
 from storagetm.disks import Disk
 from storagetm.errors import ConfigfsError, StorageTMError
@@ -79,6 +80,33 @@ class Exporter:
     root: Root
     owned_subsystems: dict[str, _Held] = field(default_factory=dict)
     owned_ports: dict[int, Listener] = field(default_factory=dict)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    owned_hosts: set[str] = field(default_factory=set)
+
+    # ---- hosts (authentication) ----------------------------------------------
+
+    def setup_hosts(self, auth: AuthConfig, adopt: set[str] | None = None) -> None:
+        """Create a configfs host with the DH-HMAC-CHAP secrets for each allowed host NQN."""
+        self.auth = auth
+        for hostnqn in auth.hosts:
+            host = self.root.host(hostnqn)
+            if host.exists() and hostnqn not in (adopt or set()) and hostnqn not in self.owned_hosts:
+                raise ExportError(f"host {hostnqn} is already configured in nvmet by another program",
+                                  hint="remove it, or allow a different host NQN")  # fmt: skip
+            if not host.exists():
+                self.root.create_host(hostnqn)
+            self.owned_hosts.add(hostnqn)
+            host.set("dhchap", "key", auth.secret)
+            if auth.ctrl_secret:
+                host.set("dhchap", "ctrl_key", auth.ctrl_secret)
+
+    def remove_hosts(self) -> None:
+        for hostnqn in sorted(self.owned_hosts):
+            try:
+                self.root.host(hostnqn).delete()
+            except ConfigfsError as exc:
+                log.warning("%s, ignoring", exc.one_line())
+        self.owned_hosts.clear()
 
     # ---- ports ---------------------------------------------------------------
 
@@ -171,7 +199,9 @@ class Exporter:
             backing = modes.prepare(export.disk.devnode, export.disk.size, export.mode, identity.nqn,
                                     export.snapshot_size)  # fmt: skip
             subsystem = self.root.create_subsystem(identity.nqn)
-            subsystem.set("attr", "allow_any_host", "1")
+            subsystem.set("attr", "allow_any_host", "0" if self.auth.enabled else "1")
+            for hostnqn in self.auth.hosts:
+                subsystem.allow_host(self.root.host(hostnqn))
             for name, value in (("model", identity.model), ("serial", identity.serial),
                                 ("firmware", identity.firmware)):  # fmt: skip
                 if value:
@@ -233,6 +263,7 @@ class Exporter:
         for nqn in sorted(self.owned_subsystems):
             self.withdraw(nqn)
         self.close_ports()
+        self.remove_hosts()
 
 
 def _lock(disk: Disk) -> int | None:

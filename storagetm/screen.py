@@ -15,12 +15,14 @@ log = logging.getLogger(__name__)
 
 CLEAR = "\033[H\033[2J"
 WIDTH = 80
+ANYONE = "Anyone who can reach this machine over the network"
+WITH_SECRET = "Only an initiator with the host NQN and secret below"
 WARNINGS = {
-    Mode.READ_WRITE: "Anyone who can reach this machine over the network can READ AND WRITE {what}.",
-    Mode.READ_ONLY: "Anyone who can reach this machine over the network can READ {what}; writes are refused.",
-    Mode.SNAPSHOT: "Anyone who can reach this machine over the network can READ {what} and write to a RAM "
-    "copy; the disks themselves are not changed.",
+    Mode.READ_WRITE: "{who} can READ AND WRITE {what}.",
+    Mode.READ_ONLY: "{who} can READ {what}; writes are refused.",
+    Mode.SNAPSHOT: "{who} can READ {what} and write to a RAM copy; the disks themselves are not changed.",
 }
+NOT_ENCRYPTED = "The traffic is not encrypted: others on the network can read the data in transit."
 
 
 def warnings(state: RunState) -> list[str]:
@@ -28,11 +30,13 @@ def warnings(state: RunState) -> list[str]:
     by_mode: dict[Mode, list[str]] = {}
     for export in state.exports.values():
         by_mode.setdefault(export.mode, []).append(export.disk.name)
+    who = WITH_SECRET if state.auth.enabled else ANYONE
+    extra = [NOT_ENCRYPTED] if state.auth.enabled else []
     if len(by_mode) <= 1:
         mode = next(iter(by_mode), Mode.READ_WRITE)
-        return [WARNINGS[mode].format(what="these disks")]
-    return [WARNINGS[mode].format(what=", ".join(sorted(names))) for mode, names in sorted(
-        by_mode.items(), key=lambda item: item[0].value)]  # fmt: skip
+        return [WARNINGS[mode].format(who=who, what="these disks"), *extra]
+    return [WARNINGS[mode].format(who=who, what=", ".join(sorted(names))) for mode, names in sorted(
+        by_mode.items(), key=lambda item: item[0].value)] + extra  # fmt: skip
 
 
 def human_size(size: int) -> str:
@@ -55,8 +59,13 @@ def mode_text(state: RunState, export: Export) -> str:
     return f"snapshot {usage.percent:.0f}% of {human_size(usage.total)} used"
 
 
-def _port_args(io_port: int) -> str:
-    return "" if io_port in (IO_TRSVCID, DISCOVERY_TRSVCID) else f" -s {io_port}"
+def _connect_args(state: RunState, io_port: int) -> str:
+    args = "" if io_port in (IO_TRSVCID, DISCOVERY_TRSVCID) else f" -s {io_port}"
+    if state.auth.enabled:
+        args += f" --hostnqn={state.auth.hosts[0]} --dhchap-secret={state.auth.secret}"
+        if state.auth.ctrl_secret:
+            args += f" --dhchap-ctrl-secret={state.auth.ctrl_secret}"
+    return args
 
 
 def render(state: RunState, io_port: int = IO_TRSVCID) -> str:
@@ -66,9 +75,11 @@ def render(state: RunState, io_port: int = IO_TRSVCID) -> str:
     else:
         lines.append("On the other machine, as root, type one of:")
         for address in state.addresses:
-            lines.append(f"  nvme connect-all -t tcp -a {address.for_command}{_port_args(io_port)}")
+            lines.append(f"  nvme connect-all -t tcp -a {address.for_command}{_connect_args(state, io_port)}")
         if any(a.link_local and a.family == "ipv6" for a in state.addresses):
             lines.append("  (for fe80:: use the other machine's interface after % and -f if its name differs)")
+        if len(state.auth.hosts) > 1:
+            lines.append(f"  (allowed host NQNs: {', '.join(state.auth.hosts)})")
     lines.append("")
     if state.exports:
         lines.append(f"Exported disks ({len(state.exports)}):")

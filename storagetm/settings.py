@@ -11,9 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from storagetm.auth import check_secret
 from storagetm.disks import Disk
+from storagetm.errors import UsageError
 from storagetm.exports import IO_TRSVCID
-from storagetm.identity import check_nqn_prefix
+from storagetm.identity import check_nqn_prefix, valid_nqn
 from storagetm.modes import Mode, parse_size
 
 PREFIX = "storagetm."
@@ -33,6 +35,10 @@ class Settings:
     mode: Mode = Mode.READ_WRITE  # for every disk without a per-disk mode
     disk_modes: tuple[tuple[str, Mode], ...] = ()  # (disk spec, mode)
     snapshot_size: int = 1 << 30  # copy-on-write store per disk in snapshot mode (RAM, compressed)
+    auth: bool = False  # DH-HMAC-CHAP: only hosts with the secret get in
+    dhchap_secret: str = ""  # "" with auth: generate one
+    dhchap_ctrl_secret: str = ""  # "generate", a secret, or "" for one-way authentication
+    allow_hosts: tuple[str, ...] = ()  # host NQNs let in; none given with auth: make one up
 
     def mode_for(self, disk: Disk) -> Mode:
         for spec, mode in self.disk_modes:
@@ -109,12 +115,48 @@ class KernelOption:
     help: str
 
 
+def _yes(value: str) -> bool | None:
+    return {"1": True, "yes": True, "on": True, "true": True, "0": False, "no": False, "off": False,
+            "false": False}.get(value.lower())  # fmt: skip
+
+
+def _auth(value: str, settings: Settings) -> Settings:
+    flag = _yes(value)
+    if flag is not None:
+        return replace(settings, auth=flag)
+    try:
+        return replace(settings, auth=True, dhchap_secret=check_secret(value))
+    except UsageError:
+        raise OptionError("expects 1, 0 or a DHHC-1:00:…: secret (nvme gen-dhchap-key)") from None
+
+
+def _auth_ctrl(value: str, settings: Settings) -> Settings:
+    flag = _yes(value)
+    if flag is not None:
+        return replace(settings, dhchap_ctrl_secret="generate" if flag else "")
+    try:
+        return replace(settings, dhchap_ctrl_secret=check_secret(value, "controller secret"))
+    except UsageError:
+        raise OptionError("expects 1, 0 or a DHHC-1:00:…: secret") from None
+
+
+def _allow_hosts(value: str, settings: Settings) -> Settings:
+    hosts = tuple(h for h in value.split(",") if h)
+    bad = [h for h in hosts if not valid_nqn(h)]
+    if bad or not hosts:
+        raise OptionError(f"expects host NQNs separated by commas; not an NQN: {', '.join(bad) or '(empty)'}")
+    return replace(settings, auth=True, allow_hosts=hosts)
+
+
 KERNEL_OPTIONS = (
     KernelOption("disks", _disks, "all (default), none, or disks to export: sda,nvme0n1,SERIAL,by-id name"),
     KernelOption("nqn", _nqn, "NQN prefix; each disk's NQN is PREFIX.<disk identity>"),
     KernelOption("port", _port, "TCP port for I/O (default 4420); discovery stays on 8009"),
     KernelOption("mode", parse_modes, "rw (default), ro or snapshot; per disk: ro,sdb=rw,SERIAL=snapshot"),
     KernelOption("snapshot_size", _snapshot_size, "copy-on-write RAM per disk in snapshot mode (default 1G)"),
+    KernelOption("auth", _auth, "1 to require DH-HMAC-CHAP with a generated secret, or the secret itself"),
+    KernelOption("auth_ctrl", _auth_ctrl, "1 or a secret: bidirectional authentication (the target proves itself)"),
+    KernelOption("allow_hosts", _allow_hosts, "host NQNs allowed to connect (comma-separated); implies auth"),
 )
 
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from storagetm.auth import AuthConfig
 from storagetm.disks import Disk
 from storagetm.exports import Export, Listener
 from storagetm.identity import Identity
@@ -31,6 +32,7 @@ class RunState:
     addresses: list[Address] = field(default_factory=list)
     not_exported: list[dict[str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -42,6 +44,7 @@ class RunState:
             "addresses": [asdict(a) | {"connect": a.for_command} for a in self.addresses],
             "not_exported": self.not_exported,
             "problems": self.problems,
+            "auth": asdict(self.auth) | {"enabled": self.auth.enabled},
         }
 
     def _export_json(self, nqn: str, export: Export) -> dict[str, Any]:
@@ -92,6 +95,11 @@ class RunState:
             addresses=[address(a) for a in data.get("addresses", [])],
             not_exported=list(data.get("not_exported", [])),
             problems=list(data.get("problems", [])),
+            auth=AuthConfig(
+                secret=str(data.get("auth", {}).get("secret", "")),
+                ctrl_secret=str(data.get("auth", {}).get("ctrl_secret", "")),
+                hosts=tuple(data.get("auth", {}).get("hosts", ())),
+            ),
         )
 
 

@@ -44,7 +44,7 @@ class FakeConfigfs:
             "subsystem": (SUBSYSTEM_ATTRS, SUBSYSTEM_GROUPS),
             "namespace": (NAMESPACE_ATTRS, []),
             "port": (PORT_ATTRS, PORT_GROUPS),
-            "host": (["dhchap_key"], []),
+            "host": (["dhchap_key", "dhchap_ctrl_key", "dhchap_hash", "dhchap_dhgroup"], []),
         }[kind]
         for attr in attrs:
             (path / attr).write_text("0\n" if attr in ("enable", "attr_allow_any_host") else "\n")

@@ -133,7 +133,8 @@ class VM:
 
     def console(self) -> str:
         try:
-            return ANSI.sub("", self.console_log.read_text(errors="replace")).replace("\r", "")
+            # Bytes, not text mode: universal newlines would turn the tty's "\r\r\n" into two lines.
+            return ANSI.sub("", self.console_log.read_bytes().decode(errors="replace")).replace("\r", "")
         except FileNotFoundError:
             return ""
 

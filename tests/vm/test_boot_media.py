@@ -56,6 +56,22 @@ def test_boots_to_target_mode_without_exporting_boot_medium(booted: tuple[VM, st
     reason = "optical drive" if guest_name.startswith("sr") else "the medium this system booted from"
     assert f"{guest_name} ({reason})" in screen
     assert "BOOTSTICK" not in screen.split("Not exported:")[0]
+    assert "[read-write]" in screen  # the UKI's default profile
+
+
+@pytest.mark.parametrize(("profile", "shown"), [("@1", "[read-only]"), ("@2", "[snapshot, 1.0 GiB RAM]")])
+def test_uki_profiles_select_the_mode(profile: str, shown: str) -> None:
+    """systemd-stub picks profile N when the command line starts with @N (the boot menu
+    entries of the multi-profile UKI)."""
+    workdir = LOGS / f"profile-{profile[1:]}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = workdir / "DATA0001.img"
+    make_disk(data, 16 << 20, b"DATA0001")
+    with VM("target", workdir, kernel=image("storagetm.efi"), append=profile,
+            disks=[Disk(data, "virtio", "DATA0001")]) as vm:  # fmt: skip
+        vm.wait_for(r"Exported disks \(1\):\n.*\[", BOOT_TIMEOUT)
+        screen = vm.console()
+        assert shown in screen[screen.rfind("storagetm: target disk mode") :]
 
 
 def test_media_sizes_within_budget() -> None:

@@ -1,0 +1,86 @@
+"""Sequential read throughput in read-only and snapshot modes as a ratio to read-write,
+measured side by side in one run: one target VM exports three disks of the same size,
+one per mode, and the initiator reads each in turn, several rounds, interleaved, so the
+noise of this shared machine hits all three alike.
+
+    python3 -m bench.modes [--size-mib 128] [--rounds 3]
+
+Prints a table and writes bench/results/modes.json. Not part of CI (slow, noisy)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.vm.conftest import TARGET_APPEND, boot_pair, prepare_initiator
+from tests.vm.initiator import connected, wait_address
+from tests.vm.machine import VM
+
+SERIALS = {"rw": "BENCHRW1", "ro": "BENCHRO1", "snapshot": "BENCHSN1"}
+
+
+def read_mib_s(initiator: VM, block: str, size_mib: int) -> float:
+    out = initiator.sh(
+        f"dd if=/dev/{block} of=/dev/null bs=1M count={size_mib} iflag=direct 2>&1 | tail -n 1", timeout=900
+    )
+    match = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", out)
+    if not match:
+        raise RuntimeError(f"unexpected dd output: {out}")
+    return int(match.group(1)) / float(match.group(2)) / (1 << 20)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="storagetm-bench-"))
+    kinds = {serial: "virtio" for serial in SERIALS.values()}
+    append = f"{TARGET_APPEND} storagetm.mode=rw,{SERIALS['ro']}=ro,{SERIALS['snapshot']}=snapshot"
+    import tests.vm.conftest as conftest
+
+    conftest.DISK_SIZE = args.size_mib << 20
+    pair = boot_pair(workdir, kinds, append)
+    try:
+        pair.target.wait_shell(300)
+        pair.initiator.wait_shell(300)
+        prepare_initiator(pair.initiator)
+        pair.target.wait_for(r"Exported disks \(3\)", 300)
+        address = wait_address(pair.target, "169.254.")
+        pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+        blocks = {r.serial: r.block for r in connected(pair.initiator)}
+        samples: dict[str, list[float]] = {mode: [] for mode in SERIALS}
+        for _ in range(args.rounds):
+            for mode, serial in SERIALS.items():
+                samples[mode].append(read_mib_s(pair.initiator, blocks[serial], args.size_mib))
+        median = {mode: statistics.median(values) for mode, values in samples.items()}
+        result = {
+            "date": time.strftime("%Y-%m-%d"),
+            "size_mib": args.size_mib,
+            "rounds": args.rounds,
+            "mib_s": samples,
+            "median_mib_s": median,
+            "ratio_to_rw": {mode: median[mode] / median["rw"] for mode in SERIALS},
+        }
+        out_dir = Path(__file__).parent / "results"
+        out_dir.mkdir(exist_ok=True)
+        (out_dir / "modes.json").write_text(json.dumps(result, indent=1))
+        print("| mode | median MiB/s | ratio to rw |\n|---|---|---|")
+        for mode in SERIALS:
+            print(f"| {mode} | {median[mode]:.1f} | {result['ratio_to_rw'][mode]:.2f} |")
+        return 0
+    finally:
+        pair.initiator.stop()
+        pair.target.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Authentication (DH-HMAC-CHAP): without the secret, with a wrong one, or from a host NQN
+that is not allowed, an initiator sees no namespace; with the line from the screen, reads
+and writes work."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from storagetm.auth import generate_secret
+from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, Pair
+from tests.vm.initiator import connected, disconnect_all, wait_address
+
+pytestmark = pytest.mark.vm
+
+DISKS = {"AUTH0001": "virtio"}
+TARGET_APPEND = f"{TARGET_APPEND} storagetm.auth=1 storagetm.auth_ctrl=1"
+
+
+def screen_auth(pair: Pair) -> tuple[str, str, str, str]:
+    pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
+    wait_address(pair.target, "169.254.")
+    line = re.findall(r"nvme connect-all -t tcp -a (169\.254\.\S+) --hostnqn=(\S+) --dhchap-secret=(\S+)"
+                      r" --dhchap-ctrl-secret=(\S+)", pair.target.console())[-1]  # fmt: skip
+    return line[0], line[1], line[2], line[3]
+
+
+def test_screen_says_who_can_connect(pair: Pair) -> None:
+    screen_auth(pair)
+    assert "Only an initiator with the host NQN and secret below can READ AND WRITE" in pair.target.console()
+
+
+@pytest.mark.parametrize("case", ["no-secret", "wrong-secret", "wrong-ctrl-secret", "other-host"])
+def test_refused_without_the_right_secret(pair: Pair, case: str) -> None:
+    address, hostnqn, secret, ctrl = screen_auth(pair)
+    args = {
+        "no-secret": f"--hostnqn={hostnqn}",
+        "wrong-secret": f"--hostnqn={hostnqn} --dhchap-secret={generate_secret()}",
+        "wrong-ctrl-secret": f"--hostnqn={hostnqn} --dhchap-secret={secret} --dhchap-ctrl-secret={generate_secret()}",
+        "other-host": f"--dhchap-secret={secret} --dhchap-ctrl-secret={ctrl}",
+    }[case]
+    try:
+        pair.initiator.run(f"nvme connect-all -t tcp -a {address} {args}", timeout=120)
+        assert connected(pair.initiator) == []
+        assert pair.initiator.sh("ls /dev/ | grep -c '^nvme[0-9]*n[0-9]' || true").strip() == "0"
+    finally:
+        disconnect_all(pair.initiator)
+
+
+def test_with_the_secret_reads_and_writes_work(pair: Pair) -> None:
+    address, hostnqn, secret, ctrl = screen_auth(pair)
+    pair.initiator.sh(f"nvme connect-all -t tcp -a {address} --hostnqn={hostnqn} --dhchap-secret={secret} "
+                      f"--dhchap-ctrl-secret={ctrl}")  # fmt: skip
+    try:
+        remote = next(r for r in connected(pair.initiator) if r.serial == "AUTH0001")
+        assert pair.initiator.sh(f"sha256sum /dev/{remote.block}").split()[0] == pair.sums["AUTH0001"]
+        dev = f"/dev/{remote.block}"
+        pair.initiator.sh(f"printf authenticated-write | dd of={dev} bs=512 seek=8 conv=sync,fsync oflag=direct")
+        readback = pair.initiator.sh(f"dd if={dev} bs=512 skip=8 count=1 iflag=direct 2>/dev/null | head -c 19")
+        assert readback == "authenticated-write"
+    finally:
+        disconnect_all(pair.initiator)
+
+
+def test_only_storagetm_listens(pair: Pair) -> None:
+    ports = set(re.findall(r":(\d+)\s", pair.target.sh("ss -Htln")))
+    assert ports == {"4420", "8009"}, ports
+    assert pair.target.sh("ss -Hulnp | grep -v -e systemd-network -e '127.0.0' || true").strip() == ""
