@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storagetm import auth, kernel, modes, network, state
+from storagetm import auth, kernel, modes, network, state, stats
 from storagetm.configfs import Root
 from storagetm.disks import Disk, disk_from_file, sort_disks
 from storagetm.errors import ExitCode, StorageTMError
@@ -20,14 +20,15 @@ from storagetm.exports import Export, Exporter, listeners
 from storagetm.identity import default_nqn_base, host_identity, identity_for
 from storagetm.notify import sd_notify
 from storagetm.policy import Reason, SystemFacts, exclusion, system_facts
-from storagetm.screen import Screen, render
+from storagetm.screen import Screen
 from storagetm.settings import Settings
+from storagetm.stats import DiskActivity
 from storagetm.udev import BlockDevices
 
 log = logging.getLogger(__name__)
 
 REDRAW_DEBOUNCE = 0.75  # seconds, as upstream: addresses come and go in bursts
-USAGE_REFRESH = 2.0  # seconds between redraws while snapshot stores fill
+DASHBOARD_REFRESH = 1.0  # seconds between samples of I/O counters, connections and snapshot fill
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ class Daemon:
         self.state = state.RunState(pid=os.getpid())
         self.exporter: Exporter | None = None
         self.stop_requested = False
+        self.counters_first: dict[str, stats.Counters] = {}
+        self.counters_last: dict[str, stats.Counters] = {}
 
     # ---- one reconcile pass ------------------------------------------------
 
@@ -113,6 +116,22 @@ class Daemon:
         self.state.problems = problems
         self.publish()
 
+    def sample_activity(self) -> None:
+        """Per-disk bytes read/written since export, current rates, and connected initiators."""
+        current: dict[str, DiskActivity] = {}
+        for nqn, export in self.state.exports.items():
+            backing = self.state.backings.get(nqn)
+            name = stats.block_name(backing.path if backing else export.disk.devnode)
+            now = stats.read_counters(name) if name else None
+            if now is None:
+                continue
+            first = self.counters_first.setdefault(nqn, now)
+            previous = self.counters_last.get(nqn, now)
+            self.counters_last[nqn] = now
+            current[nqn] = stats.activity(first, previous, now, export.disk.size)
+        self.state.activity = current
+        self.state.initiators = stats.initiators({listener.trsvcid for listener in self.state.ports.values()})
+
     def publish(self) -> None:
         self.state.snapshot_usage = {
             nqn: usage
@@ -120,7 +139,7 @@ class Daemon:
             if backing.zram >= 0 and (usage := modes.snapshot_usage(backing.dm_name)) is not None
         }
         state.save(self.state)
-        self.screen.show(render(self.state, self.settings.port))
+        self.screen.show(self.state, self.settings.port)
         n = len(self.state.exports)
         sd_notify(STATUS=f"Exporting {n} disk{'s' if n != 1 else ''}")
 
@@ -179,8 +198,8 @@ class Daemon:
         selector.register(wake_r, selectors.EVENT_READ, "signal")
         redraw_at: float | None = None
         while not self.stop_requested:
-            if redraw_at is None and self.state.backings:
-                redraw_at = time.monotonic() + USAGE_REFRESH  # show how full the snapshots are
+            if redraw_at is None and self.state.exports:
+                redraw_at = time.monotonic() + DASHBOARD_REFRESH
             timeout = None if redraw_at is None else max(0.0, redraw_at - time.monotonic())
             for key, _ in selector.select(timeout):
                 if key.data == "udev":
@@ -194,6 +213,7 @@ class Daemon:
             if redraw_at is not None and time.monotonic() >= redraw_at:
                 redraw_at = None
                 self.state.addresses = network.local_addresses()
+                self.sample_activity()
                 self.publish()
         selector.close()
 

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 from storagetm.exports import DISCOVERY_TRSVCID, IO_TRSVCID, Export
 from storagetm.modes import Mode
 from storagetm.state import RunState
+from storagetm.stats import DiskActivity
 
 log = logging.getLogger(__name__)
 
 CLEAR = "\033[H\033[2J"
 WIDTH = 80
-ANYONE = "Anyone who can reach this machine over the network"
+ANYONE = "Anyone on the network"
 WITH_SECRET = "Only an initiator with the host NQN and secret below"
 WARNINGS = {
     Mode.READ_WRITE: "{who} can READ AND WRITE {what}.",
@@ -63,38 +65,65 @@ def _connect_args(state: RunState, io_port: int) -> str:
     args = "" if io_port in (IO_TRSVCID, DISCOVERY_TRSVCID) else f" -s {io_port}"
     if state.auth.enabled:
         args += f" --hostnqn={state.auth.hosts[0]} --dhchap-secret={state.auth.secret}"
-        if state.auth.ctrl_secret:
-            args += f" --dhchap-ctrl-secret={state.auth.ctrl_secret}"
     return args
 
 
-def render(state: RunState, io_port: int = IO_TRSVCID) -> str:
-    lines = ["storagetm: target disk mode — disks exported over NVMe/TCP", *warnings(state), ""]
+def progress_bar(fraction: float, width: int = 24) -> str:
+    filled = round(fraction * width)
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def activity_line(activity: DiskActivity) -> str:
+    return (f"    {progress_bar(activity.read_fraction)} {activity.read_fraction * 100:3.0f}% read"
+            f"  {human_size(int(activity.read_rate))}/s   written {human_size(activity.written_bytes)}")  # fmt: skip
+
+
+def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = False, rows: int = 25) -> str:
+    """The operator's screen. With `dashboard`, also live I/O per disk and the initiators
+    connected, trimmed to `rows` lines (80x25 by default)."""
+    lines = ["storagetm: target disk mode — disks exported over NVMe/TCP"]
+    lines += [wrapped for warning in warnings(state) for wrapped in textwrap.wrap(warning, WIDTH)]
+    lines.append("")
     if not state.addresses:
-        lines.append("No network address yet: plug in a cable (DHCP, or link-local on a direct cable).")
+        lines.append("No network address yet: plug in a cable (DHCP, or link-local on a cable).")
     else:
         lines.append("On the other machine, as root, type one of:")
         for address in state.addresses:
             lines.append(f"  nvme connect-all -t tcp -a {address.for_command}{_connect_args(state, io_port)}")
         if any(a.link_local and a.family == "ipv6" for a in state.addresses):
             lines.append("  (for fe80:: use the other machine's interface after % and -f if its name differs)")
+        if state.auth.ctrl_secret:
+            # nvme-cli's discovery commands take no controller secret: the target proves
+            # itself only on `nvme connect`, one disk at a time.
+            lines.append("  To have the target prove itself too, connect each disk (NQN below) with:")
+            lines.append(f"  nvme connect -t tcp -a {state.addresses[0].for_command}{_connect_args(state, io_port)}"
+                         f" --dhchap-ctrl-secret={state.auth.ctrl_secret} -n NQN")  # fmt: skip
         if len(state.auth.hosts) > 1:
             lines.append(f"  (allowed host NQNs: {', '.join(state.auth.hosts)})")
     lines.append("")
+    if dashboard:
+        lines.append(f"Initiators connected: {', '.join(state.initiators) or 'none'}")
     if state.exports:
         lines.append(f"Exported disks ({len(state.exports)}):")
-        for export in sorted(state.exports.values(), key=lambda e: e.disk.name):
+        exports = sorted(state.exports.values(), key=lambda e: e.disk.name)
+        per_disk = 3 if dashboard else 2
+        room = max(1, (rows - len(lines) - 4 - len(state.problems)) // per_disk)
+        for export in exports[:room] if dashboard else exports:
             disk = export.disk
             lines.append(f"  {disk.name:<10} {human_size(disk.size):>10}  {export.identity.model[:30]}"
                          f"  {export.identity.serial}  [{mode_text(state, export)}]")  # fmt: skip
+            if dashboard and export.nqn in state.activity:
+                lines.append(activity_line(state.activity[export.nqn]))
             lines.append(f"    {export.nqn}")
+        if dashboard and len(exports) > room:
+            lines.append(f"  … and {len(exports) - room} more: storagetm status")
     else:
         lines.append("No disks exported yet.")
     if state.not_exported:
         skipped = ", ".join(f"{item['name']} ({item['reason']})" for item in state.not_exported)
         lines.append(f"Not exported: {skipped}")
     for problem in state.problems:
-        lines.append(f"! {problem}")
+        lines += textwrap.wrap(f"! {problem}", WIDTH, subsequent_indent="  ")
     lines.append("")
     lines.append("Stop with Ctrl+C here or `storagetm stop`; the machine then reboots.")
     return "\n".join(lines) + "\n"
@@ -110,20 +139,28 @@ def active_consoles(active: Path = Path("/sys/class/tty/console/active")) -> lis
 
 
 class Screen:
-    """Writes the rendered screen to stdout or to a set of console devices."""
+    """Draws the dashboard on console devices (terminals: redrawn in place, about once a
+    second), or prints the plain screen to stdout, again only when it changes."""
 
-    def __init__(self, consoles: Sequence[str] = ()) -> None:
+    def __init__(self, consoles: Sequence[str] = (), *, terminal: bool | None = None) -> None:
         self.consoles = list(consoles)
+        self.terminal = bool(self.consoles) if terminal is None else terminal
         self.last = ""
+        self.cleared = False
 
-    def show(self, text: str, *, force: bool = False) -> None:
-        if text == self.last and not force:
+    def show(self, state: RunState, io_port: int = IO_TRSVCID) -> None:
+        text = render(state, io_port, dashboard=self.terminal)
+        if text == self.last:
             return
         self.last = text
         if not self.consoles:
             print(text, flush=True)
             return
-        payload = (CLEAR + text.replace("\n", "\r\n")).encode()
+        # Home, overwrite each line and clear its rest, clear below: no flicker. The first
+        # draw clears the whole screen of boot messages.
+        body = "".join(f"{line}\033[K\r\n" for line in text.splitlines())
+        payload = (("" if self.cleared else CLEAR) + "\033[H" + body + "\033[J").encode()
+        self.cleared = True
         for console in self.consoles:
             try:
                 fd = os.open(console, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)

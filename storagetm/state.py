@@ -16,6 +16,7 @@ from storagetm.exports import Export, Listener
 from storagetm.identity import Identity
 from storagetm.modes import Backing, Mode, SnapshotUsage
 from storagetm.network import Address
+from storagetm.stats import DiskActivity
 
 STATE_FILE = Path("/run/storagetm/state.json")
 FORMAT = 1
@@ -33,6 +34,8 @@ class RunState:
     not_exported: list[dict[str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    activity: dict[str, DiskActivity] = field(default_factory=dict)
+    initiators: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +48,7 @@ class RunState:
             "not_exported": self.not_exported,
             "problems": self.problems,
             "auth": asdict(self.auth) | {"enabled": self.auth.enabled},
+            "initiators": self.initiators,
         }
 
     def _export_json(self, nqn: str, export: Export) -> dict[str, Any]:
@@ -57,6 +61,8 @@ class RunState:
         }
         if nqn in self.backings:
             data["backing"] = asdict(self.backings[nqn])
+        if nqn in self.activity:
+            data["activity"] = asdict(self.activity[nqn])
         if nqn in self.snapshot_usage:
             data["snapshot_usage"] = asdict(self.snapshot_usage[nqn])
         return data
@@ -95,6 +101,8 @@ class RunState:
             addresses=[address(a) for a in data.get("addresses", [])],
             not_exported=list(data.get("not_exported", [])),
             problems=list(data.get("problems", [])),
+            initiators=list(data.get("initiators", [])),
+            activity={e["nqn"]: DiskActivity(**e["activity"]) for e in data.get("exports", []) if "activity" in e},
             auth=AuthConfig(
                 secret=str(data.get("auth", {}).get("secret", "")),
                 ctrl_secret=str(data.get("auth", {}).get("ctrl_secret", "")),

@@ -83,7 +83,7 @@ def prepare_initiator(initiator: VM, timeout: float = 120) -> None:
     initiator.sh("modprobe nvme_tcp")
     deadline = time.monotonic() + timeout
     while True:
-        addrs = initiator.sh("ip -o addr show dev enp0s3")
+        addrs, _ = initiator.run("ip -o addr show dev enp0s3")  # not there until udev renamed it
         if "169.254." in addrs and "fe80::" in addrs and "tentative" not in addrs:
             return
         if time.monotonic() > deadline:

@@ -4,6 +4,7 @@ and writes work."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -21,9 +22,25 @@ TARGET_APPEND = f"{TARGET_APPEND} storagetm.auth=1 storagetm.auth_ctrl=1"
 def screen_auth(pair: Pair) -> tuple[str, str, str, str]:
     pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
     wait_address(pair.target, "169.254.")
-    line = re.findall(r"nvme connect-all -t tcp -a (169\.254\.\S+) --hostnqn=(\S+) --dhchap-secret=(\S+)"
-                      r" --dhchap-ctrl-secret=(\S+)", pair.target.console())[-1]  # fmt: skip
-    return line[0], line[1], line[2], line[3]
+    console = pair.target.console()
+    address, hostnqn, secret = re.findall(
+        r"nvme connect-all -t tcp -a (169\.254\.\S+) --hostnqn=(\S+) --dhchap-secret=(\S+)", console
+    )[-1]
+    ctrl = re.findall(r"nvme connect -t tcp .* --dhchap-ctrl-secret=(\S+) -n NQN", console)[-1]
+    return address, hostnqn, secret, ctrl
+
+
+def pair_nqn(pair: Pair) -> str:
+    return str(json.loads(pair.target.sh("storagetm status --json"))["exports"][0]["nqn"])
+
+
+def test_connect_all_with_the_line_from_the_screen(pair: Pair) -> None:
+    address, hostnqn, secret, _ = screen_auth(pair)
+    pair.initiator.sh(f"nvme connect-all -t tcp -a {address} --hostnqn={hostnqn} --dhchap-secret={secret}")
+    try:
+        assert [r.serial for r in connected(pair.initiator)] == ["AUTH0001"]
+    finally:
+        disconnect_all(pair.initiator)
 
 
 def test_screen_says_who_can_connect(pair: Pair) -> None:
@@ -38,10 +55,16 @@ def test_refused_without_the_right_secret(pair: Pair, case: str) -> None:
         "no-secret": f"--hostnqn={hostnqn}",
         "wrong-secret": f"--hostnqn={hostnqn} --dhchap-secret={generate_secret()}",
         "wrong-ctrl-secret": f"--hostnqn={hostnqn} --dhchap-secret={secret} --dhchap-ctrl-secret={generate_secret()}",
-        "other-host": f"--dhchap-secret={secret} --dhchap-ctrl-secret={ctrl}",
+        "other-host": f"--dhchap-secret={secret}",
     }[case]
+    # Bidirectional authentication is per subsystem (`nvme connect`); the rest via connect-all.
+    command = (
+        f"connect -t tcp -a {address} -n {pair_nqn(pair)}" if "ctrl" in case else f"connect-all -t tcp -a {address}"
+    )
     try:
-        pair.initiator.run(f"nvme connect-all -t tcp -a {address} {args}", timeout=120)
+        out, rc = pair.initiator.run(f"nvme {command} {args}", timeout=120)
+        if "ctrl" in case:
+            assert rc != 0, out
         assert connected(pair.initiator) == []
         assert pair.initiator.sh("ls /dev/ | grep -c '^nvme[0-9]*n[0-9]' || true").strip() == "0"
     finally:
@@ -50,8 +73,8 @@ def test_refused_without_the_right_secret(pair: Pair, case: str) -> None:
 
 def test_with_the_secret_reads_and_writes_work(pair: Pair) -> None:
     address, hostnqn, secret, ctrl = screen_auth(pair)
-    pair.initiator.sh(f"nvme connect-all -t tcp -a {address} --hostnqn={hostnqn} --dhchap-secret={secret} "
-                      f"--dhchap-ctrl-secret={ctrl}")  # fmt: skip
+    pair.initiator.sh(f"nvme connect -t tcp -a {address} -n {pair_nqn(pair)} --hostnqn={hostnqn} "
+                      f"--dhchap-secret={secret} --dhchap-ctrl-secret={ctrl}")  # fmt: skip
     try:
         remote = next(r for r in connected(pair.initiator) if r.serial == "AUTH0001")
         assert pair.initiator.sh(f"sha256sum /dev/{remote.block}").split()[0] == pair.sums["AUTH0001"]

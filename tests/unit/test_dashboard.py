@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from storagetm.disks import Disk
+from storagetm.exports import Export
+from storagetm.identity import identity_for
+from storagetm.screen import Screen, render
+from storagetm.state import RunState
+from storagetm.stats import Counters, activity, parse_ss, read_counters
+
+BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
+
+
+def state_with(n: int) -> RunState:
+    exports = {}
+    for i in range(n):
+        d = Disk(name=f"sd{chr(97 + i)}", devnode=f"/dev/sd{chr(97 + i)}", devnum=i + 1, devtype="disk",
+                 size=100 << 20, model="Disk", serial=f"S{i}")  # fmt: skip
+        e = Export(d, identity_for(BASE, d))
+        exports[e.nqn] = e
+    return RunState(exports=exports)
+
+
+def test_counters_and_activity(tmp_path: Path) -> None:
+    (tmp_path / "sda").mkdir()
+    (tmp_path / "sda" / "stat").write_text("  10 0 2048 5 3 0 1024 7 0 12 12 0 0 0 0 0 0\n")
+    now = read_counters("sda", tmp_path)
+    assert now is not None and now.read_bytes == 2048 * 512 and now.written_bytes == 1024 * 512
+    first = Counters(0, 0, now.at - 2.0)
+    act = activity(first, first, now, 4 << 20)
+    assert act.read_fraction == pytest.approx(0.25) and act.read_rate == pytest.approx(2048 * 512 / 2.0)
+
+
+def test_parse_ss_peers() -> None:
+    out = (
+        "0 0 [::ffff:169.254.1.1]:4420 [::ffff:169.254.9.9]:53422\n"
+        "0 0 [fe80::1%enp0s3]:8009 [fe80::2%enp0s3]:40000\n"
+        "0 0 10.0.0.1:22 10.0.0.2:5555\n"
+    )
+    assert parse_ss(out, {4420, 8009}) == ["169.254.9.9", "fe80::2%enp0s3"]
+
+
+def test_dashboard_fits_80x25_and_shows_progress() -> None:
+    state = state_with(12)
+    first = next(iter(state.exports))
+    state.activity = {first: activity(Counters(0, 0, 0.0), Counters(0, 0, 0.0), Counters(50 << 20, 0, 1.0), 100 << 20)}
+    state.initiators = ["169.254.9.9"]
+    text = render(state, dashboard=True)
+    lines = text.splitlines()
+    prose = [line for line in lines if not line.startswith(("  nvme ", "    nqn."))]
+    assert len(lines) <= 25 and max(len(line) for line in prose) <= 80, text
+    assert "[############------------]  50% read" in text
+    assert "Initiators connected: 169.254.9.9" in text and "more: storagetm status" in text
+
+
+def test_plain_output_when_not_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    screen = Screen(terminal=False)
+    state = state_with(1)
+    screen.show(state)
+    screen.show(state)  # unchanged: printed once
+    out = capsys.readouterr().out
+    assert out.count("Exported disks (1)") == 1 and "\033[" not in out and "% read" not in out
