@@ -9,7 +9,7 @@ CACHE=${STORAGETM_CACHE:-/var/cache/storagetm}
 MKOSI_VERSION=25.3-7
 MKOSI_SHA256=ef56c81324fd47d65490e944ec4697bb3f6fb21326d0d071bfc2fb5ba5383252
 HOST_PACKAGES=(qemu-system-x86 qemu-utils ovmf xorriso mtools dosfstools fdisk zstd
-               binutils python3-venv ca-certificates imagemagick)
+               binutils python3-venv ca-certificates imagemagick e2fsprogs)
 PIP_PACKAGES=(pytest==8.3.4 ruff==0.8.6 mypy==1.14.1 qemu.qmp==0.0.6 pyudev==0.24.3)
 
 log() { printf 'setup-host: %s\n' "$*"; }
@@ -35,11 +35,18 @@ install_host_packages() {
     fi
 }
 
+# A virtual environment of our own: works whether or not the host's python3 lets pip
+# install into it (PEP 668), and pins the tools.
 install_python_tools() {
-    local py=${PYTHON:-python3}
-    if ! "$py" -c 'import pytest, qemu.qmp, pyudev' 2>/dev/null || ! command -v ruff >/dev/null || ! command -v mypy >/dev/null; then
-        log "installing Python tools"
-        "$py" -m pip install -q --disable-pip-version-check "${PIP_PACKAGES[@]}"
+    local venv=$CACHE/venv
+    if [ ! -x "$venv/bin/python" ]; then
+        log "creating $venv"
+        python3 -m venv "$venv"
+    fi
+    if [ "$(cat "$venv/.storagetm-packages" 2>/dev/null)" != "${PIP_PACKAGES[*]}" ]; then
+        log "installing Python tools into $venv"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check "${PIP_PACKAGES[@]}"
+        echo "${PIP_PACKAGES[*]}" > "$venv/.storagetm-packages"
     fi
 }
 

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 bash ci/setup-host.sh
-python3 -m pytest tests/unit -p no:cacheprovider
+PY=${STORAGETM_CACHE:-/var/cache/storagetm}/venv/bin/python
+"$PY" -m pytest tests/unit -p no:cacheprovider
 bash ci/build-image.sh
 # Reproducibility: the same inputs must give bit-identical outputs.
 sums=$(mktemp)
@@ -15,7 +16,7 @@ bash ci/build-image.sh
 rm -f "$sums"
 export STORAGETM_VM_LOGS=${STORAGETM_VM_LOGS:-$PWD/tests/vm/logs}
 rm -rf "$STORAGETM_VM_LOGS"
-if ! timeout 2700 python3 -m pytest -m vm tests/vm -p no:cacheprovider -v; then
+if ! timeout 2700 "$PY" -m pytest -m vm tests/vm -p no:cacheprovider -v; then
     echo "VM suite failed; consoles and QEMU errors are in $STORAGETM_VM_LOGS" >&2
     for log in "$STORAGETM_VM_LOGS"/*/*-console.log; do
         [ -f "$log" ] && { echo "===== tail of $log"; tail -n 25 "$log" | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g'; }

@@ -136,7 +136,7 @@ class Daemon:
         self.state.snapshot_usage = {
             nqn: usage
             for nqn, backing in self.state.backings.items()
-            if backing.zram >= 0 and (usage := modes.snapshot_usage(backing.dm_name)) is not None
+            if backing.cow and (usage := modes.snapshot_usage(backing.dm_name)) is not None
         }
         state.save(self.state)
         self.screen.show(self.state, self.settings.port)
@@ -172,6 +172,7 @@ class Daemon:
             addr_sock.close()
             os.close(wake_r)
             os.close(wake_w)
+            self.screen.close()
             log.info("stopped; nothing left exported")
         return ExitCode.OK
 

@@ -7,14 +7,15 @@
   read-only block device does not stop bio writes (it only warns), so writes must be
   refused by a layer that errors them.
 - snapshot:   a device-mapper `snapshot` of the disk with a non-persistent copy-on-write
-  store on a zram device (compressed RAM) of a set size: the initiator reads back its own
-  writes, the disk itself is only ever read. When the store is full, device-mapper
-  invalidates the snapshot: further I/O fails with EIO, the disk stays untouched.
+  store in RAM: a sparse file of the set size on tmpfs behind a loop device (512-byte
+  sectors; zram would force 4 KiB logical blocks on the snapshot, and the initiator would
+  see a different disk geometry). The initiator reads back its own writes, the disk itself
+  is only ever read. When the store is full, device-mapper invalidates the snapshot:
+  further I/O fails with EIO, the disk stays untouched.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import re
 import subprocess
@@ -26,7 +27,7 @@ from storagetm.errors import StorageTMError
 
 SECTOR = 512
 DM_PREFIX = "storagetm-"
-ZRAM_CONTROL = Path("/sys/class/zram-control")
+COW_DIR = Path("/run/storagetm/cow")  # tmpfs: RAM
 
 
 class Mode(enum.Enum):
@@ -66,7 +67,7 @@ class Backing:
 
     path: str
     dm_name: str = ""
-    zram: int = -1  # zram device number used as copy-on-write store
+    cow: str = ""  # loop device of the copy-on-write store (snapshot mode)
     loop: str = ""  # loop device put under a regular file for device-mapper
 
 
@@ -74,7 +75,7 @@ def _run(*argv: str) -> str:
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise BackingError(f"{' '.join(argv[:3])} failed: {result.stderr.strip() or result.returncode}",
-                           hint="is the dm-flakey/dm-snapshot/zram module available?")  # fmt: skip
+                           hint="is the dm-flakey/dm-snapshot/loop module available?")  # fmt: skip
     return result.stdout
 
 
@@ -95,7 +96,7 @@ def prepare(source: str, size: int, mode: Mode, nqn: str, snapshot_size: int) ->
         if loop:
             _run("losetup", "--detach", loop)
         raise
-    return Backing(backing.path, backing.dm_name, backing.zram, loop)
+    return Backing(backing.path, backing.dm_name, backing.cow, loop)
 
 
 def _prepare_dm(source: str, size: int, mode: Mode, nqn: str, snapshot_size: int) -> Backing:
@@ -107,20 +108,20 @@ def _prepare_dm(source: str, size: int, mode: Mode, nqn: str, snapshot_size: int
     if mode is Mode.READ_ONLY:
         _run("dmsetup", "create", name, "--table", f"0 {sectors} flakey {source} 0 0 1 1 error_writes")
         return Backing(f"/dev/mapper/{name}", dm_name=name)
-    zram = _zram_create(snapshot_size)
+    cow = _cow_create(name, snapshot_size)
     try:
-        _run("dmsetup", "create", name, "--table", f"0 {sectors} snapshot {source} /dev/zram{zram} N 8")
+        _run("dmsetup", "create", name, "--table", f"0 {sectors} snapshot {source} {cow} N 8")
     except BackingError:
-        _zram_remove(zram)
+        _cow_remove(cow)
         raise
-    return Backing(f"/dev/mapper/{name}", dm_name=name, zram=zram)
+    return Backing(f"/dev/mapper/{name}", dm_name=name, cow=cow)
 
 
 def release(backing: Backing) -> None:
     if backing.dm_name:
         _remove_dm(backing.dm_name)
-    if backing.zram >= 0:
-        _zram_remove(backing.zram)
+    if backing.cow:
+        _cow_remove(backing.cow)
     if backing.loop:
         subprocess.run(["losetup", "--detach", backing.loop], capture_output=True, check=False)
 
@@ -135,20 +136,20 @@ def _remove_dm(name: str) -> None:
     raise BackingError(f"cannot remove {name}: {result.stderr.strip()}")
 
 
-def _zram_create(size: int) -> int:
-    subprocess.run(["modprobe", "zram", "num_devices=0"], capture_output=True, check=False)
+def _cow_create(name: str, size: int) -> str:
+    """A RAM-backed block device of `size` bytes for a snapshot's exceptions."""
+    COW_DIR.mkdir(parents=True, exist_ok=True)
+    path = COW_DIR / f"{name}.cow"
+    with open(path, "wb") as f:
+        f.truncate(size)  # sparse: tmpfs pages are only used as the initiator writes
     try:
-        number = int((ZRAM_CONTROL / "hot_add").read_text())
-        Path(f"/sys/block/zram{number}/disksize").write_text(str(size))
-    except (OSError, ValueError) as exc:
-        raise BackingError(f"cannot create a zram copy-on-write store: {exc}",
-                           hint="the kernel needs CONFIG_ZRAM for snapshot mode") from exc  # fmt: skip
-    return number
+        return _run("losetup", "--find", "--show", str(path)).strip()
+    finally:
+        path.unlink()  # the loop device keeps it; gone from RAM when the loop device is detached
 
 
-def _zram_remove(number: int) -> None:
-    with contextlib.suppress(OSError):
-        (ZRAM_CONTROL / "hot_remove").write_text(str(number))
+def _cow_remove(loop: str) -> None:
+    subprocess.run(["losetup", "--detach", loop], capture_output=True, check=False)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +19,7 @@ log = logging.getLogger(__name__)
 
 CLEAR = "\033[H\033[2J"
 WIDTH = 80
+STOP = "stop: Ctrl+C or `storagetm stop`"
 ANYONE = "Anyone on the network"
 WITH_SECRET = "Only an initiator with the host NQN and secret below"
 WARNINGS = {
@@ -81,9 +84,10 @@ def activity_line(activity: DiskActivity) -> str:
 def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = False, rows: int = 25) -> str:
     """The operator's screen. With `dashboard`, also live I/O per disk and the initiators
     connected, trimmed to `rows` lines (80x25 by default)."""
+    blank = [] if dashboard else [""]  # the dashboard has no room for empty lines
     lines = ["storagetm: target disk mode — disks exported over NVMe/TCP"]
     lines += [wrapped for warning in warnings(state) for wrapped in textwrap.wrap(warning, WIDTH)]
-    lines.append("")
+    lines += blank
     if not state.addresses:
         lines.append("No network address yet: plug in a cable (DHCP, or link-local on a cable).")
     else:
@@ -100,14 +104,15 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
                          f" --dhchap-ctrl-secret={state.auth.ctrl_secret} -n NQN")  # fmt: skip
         if len(state.auth.hosts) > 1:
             lines.append(f"  (allowed host NQNs: {', '.join(state.auth.hosts)})")
-    lines.append("")
+    lines += blank
     if dashboard:
         lines.append(f"Initiators connected: {', '.join(state.initiators) or 'none'}")
     if state.exports:
-        lines.append(f"Exported disks ({len(state.exports)}):")
+        lines.append(f"Exported disks ({len(state.exports)}):" + (f"   ({STOP})" if dashboard else ""))
         exports = sorted(state.exports.values(), key=lambda e: e.disk.name)
         per_disk = 3 if dashboard else 2
-        room = max(1, (rows - len(lines) - 4 - len(state.problems)) // per_disk)
+        footer = 1 + len(state.problems) + (0 if dashboard else 2)  # "Not exported", problems, stop
+        room = max(1, (rows - len(lines) - footer) // per_disk)
         for export in exports[:room] if dashboard else exports:
             disk = export.disk
             lines.append(f"  {disk.name:<10} {human_size(disk.size):>10}  {export.identity.model[:30]}"
@@ -124,8 +129,8 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
         lines.append(f"Not exported: {skipped}")
     for problem in state.problems:
         lines += textwrap.wrap(f"! {problem}", WIDTH, subsequent_indent="  ")
-    lines.append("")
-    lines.append("Stop with Ctrl+C here or `storagetm stop`; the machine then reboots.")
+    if not dashboard:
+        lines += ["", STOP]
     return "\n".join(lines) + "\n"
 
 
@@ -146,7 +151,23 @@ class Screen:
         self.consoles = list(consoles)
         self.terminal = bool(self.consoles) if terminal is None else terminal
         self.last = ""
-        self.cleared = False
+        self.drawn: list[str] | None = None  # lines on the consoles now; None: not drawn yet
+        self.fds: dict[str, int] = {}
+
+    def _changes(self, lines: list[str]) -> str:
+        """Escape sequences that turn the drawn screen into `lines`: only changed lines are
+        rewritten in place (no flicker, little work for a slow framebuffer or serial line);
+        the first draw clears the boot messages away."""
+        if self.drawn is None:
+            out = CLEAR + "".join(f"{line}\033[K\r\n" for line in lines)
+        else:
+            out = "".join(f"\033[{row};1H{line}\033[K" for row, line in enumerate(lines, 1)
+                          if row > len(self.drawn) or self.drawn[row - 1] != line)  # fmt: skip
+            if len(lines) < len(self.drawn):
+                out += f"\033[{len(lines) + 1};1H\033[J"
+            out += f"\033[{len(lines) + 1};1H"
+        self.drawn = lines
+        return out
 
     def show(self, state: RunState, io_port: int = IO_TRSVCID) -> None:
         text = render(state, io_port, dashboard=self.terminal)
@@ -156,20 +177,44 @@ class Screen:
         if not self.consoles:
             print(text, flush=True)
             return
-        # Home, overwrite each line and clear its rest, clear below: no flicker. The first
-        # draw clears the whole screen of boot messages.
-        body = "".join(f"{line}\033[K\r\n" for line in text.splitlines())
-        payload = (("" if self.cleared else CLEAR) + "\033[H" + body + "\033[J").encode()
-        self.cleared = True
+        payload = self._changes(text.splitlines()).encode()
         for console in self.consoles:
-            try:
-                fd = os.open(console, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as exc:
-                log.debug("cannot open %s: %s", console, exc)
+            fd = self._fd(console)
+            if fd is None:
                 continue
             try:
-                os.write(fd, payload)
+                write_all(fd, payload)
             except OSError as exc:
                 log.debug("cannot write to %s: %s", console, exc)
-            finally:
-                os.close(fd)
+                os.close(self.fds.pop(console))
+
+    def _fd(self, console: str) -> int | None:
+        """Consoles stay open: closing a serial port shuts the UART down and drops what it
+        had not sent yet."""
+        if console not in self.fds:
+            try:
+                self.fds[console] = os.open(console, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                log.debug("cannot open %s: %s", console, exc)
+                return None
+        return self.fds[console]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def write_all(fd: int, payload: bytes, timeout: float = 2.0) -> None:
+    """Write everything to a non-blocking tty, waiting for room (a serial console drains
+    slowly), but never hang the daemon on a stuck console for longer than `timeout`."""
+    deadline = time.monotonic() + timeout
+    view = memoryview(payload)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("console does not drain") from None
+            select.select([], [fd], [], remaining)

@@ -11,7 +11,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_ruff() -> None:
     result = subprocess.run(
-        ["ruff", "check", "storagetm", "tests", "bench", "ci"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "ruff", "check", "storagetm", "tests", "bench", "ci"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 OUTPUT = REPO / "mkosi.output"
 LOGS = Path(os.environ.get("STORAGETM_VM_LOGS", REPO / "tests" / "vm" / "logs"))
 DISK_SIZE = 32 << 20
-COMMON = "console=ttyS0,115200 audit=0 loglevel=4 systemd.show_status=error systemd.debug_shell=ttyS1"
+COMMON = "console=tty0 console=ttyS0,115200 audit=0 loglevel=4 systemd.show_status=error systemd.debug_shell=ttyS1"
 TARGET_APPEND = COMMON  # no unit given: the image's default target is target mode
 INITIATOR_APPEND = f"{COMMON} systemd.unit=multi-user.target"
 BOOT_TIMEOUT = 240

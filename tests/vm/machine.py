@@ -19,6 +19,9 @@ from typing import Any
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# No echo, no prompt, no bracketed-paste escapes: only command output comes back.
+QUIET_SHELL = "stty -echo; PS1=''; PS2=''; unset PROMPT_COMMAND; bind 'set enable-bracketed-paste off' 2>/dev/null"
+CURSOR_MOVE = re.compile(r"\x1b\[\d+;\d+H")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -65,6 +68,7 @@ class VM:
     uuid: str = "6a1f7c2e-0b7d-4f4e-9a51-3d2c1b0a9f88"
     proc: subprocess.Popen[bytes] | None = None
     qmp: Any = None
+    shell: socket.socket | None = None
 
     @property
     def console_log(self) -> Path:
@@ -134,7 +138,9 @@ class VM:
     def console(self) -> str:
         try:
             # Bytes, not text mode: universal newlines would turn the tty's "\r\r\n" into two lines.
-            return ANSI.sub("", self.console_log.read_bytes().decode(errors="replace")).replace("\r", "")
+            # A cursor move starts a new line of the in-place dashboard.
+            text = CURSOR_MOVE.sub("\n", self.console_log.read_bytes().decode(errors="replace"))
+            return ANSI.sub("", text).replace("\r", "")
         except FileNotFoundError:
             return ""
 
@@ -156,45 +162,69 @@ class VM:
             raise VMError(f"{self.name}: `{command}` exited {rc}:\n{out[-2000:]}")
         return out
 
+    def _shell(self, deadline: float) -> socket.socket:
+        """One connection to the debug shell for the VM's life: output the guest writes
+        while no client is connected is lost, except the UART's last 16 bytes, which would
+        then show up in the next command's output."""
+        if self.shell is not None:
+            return self.shell
+        sock = socket.socket(socket.AF_UNIX)
+        while True:
+            try:
+                sock.connect(str(self.shell_socket))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    sock.close()
+                    raise
+                time.sleep(0.5)
+        sock.settimeout(0.5)
+        sock.sendall(QUIET_SHELL.encode() + b"\n")
+        self.shell = sock
+        return sock
+
     def run(self, command: str, timeout: float = 120) -> tuple[str, int]:
         """Run a command in the guest's debug shell; return its output and exit status."""
         token = secrets.token_hex(4)
-        regex = re.compile(rf"__RC_(\d+)_{token}__")
+        regex = re.compile(rf"__RC_(\d+)_{token}__\n")
         deadline = time.monotonic() + timeout
-        with socket.socket(socket.AF_UNIX) as sock:
-            while True:
-                try:
-                    sock.connect(str(self.shell_socket))
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
-            sock.settimeout(1)
-            line = f"stty -echo 2>/dev/null; {{ {command.rstrip(';')} ; }} 2>&1; echo __RC_$?_{token}__\n"
-            sock.sendall(line.encode())
-            buf = b""
-            while time.monotonic() < deadline:
-                try:
-                    chunk = sock.recv(65536)
-                except TimeoutError:
-                    continue
-                if not chunk:
-                    break
-                buf += chunk
-                text = ANSI.sub("", buf.decode(errors="replace")).replace("\r", "")
-                match = regex.search(text)
-                if match:
-                    out = text[: match.start()]
-                    out = out.split(f"__{token}__", 1)[-1]
-                    return _strip_prompt(out, command), int(match.group(1))
+        sock = self._shell(deadline)
+        sock.settimeout(0.05)
+        with contextlib.suppress(TimeoutError):  # drop what earlier commands left behind
+            while sock.recv(65536):
+                pass
+        sock.settimeout(0.5)
+        sock.sendall(f"{{ {command.rstrip().rstrip(';')} ; }} 2>&1; echo __RC_$?_{token}__\n".encode())
+        buf = b""
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                self.shell = None
+                break
+            buf += chunk
+            text = ANSI.sub("", buf.decode(errors="replace")).replace("\r", "")
+            match = regex.search(text)
+            if match:
+                # If the shell still echoes (its set-up line was lost), drop the echoed command.
+                lines = [ln for ln in text[: match.start()].split("\n") if f"_{token}__" not in ln]
+                return "\n".join(lines).strip("\n"), int(match.group(1))
+        self.close_shell()
         raise VMError(f"{self.name}: `{command}` did not finish within {timeout:.0f} s")
+
+    def close_shell(self) -> None:
+        if self.shell is not None:
+            self.shell.close()
+            self.shell = None
 
     def wait_shell(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
                 self.run("true", timeout=10)
+                self.run(QUIET_SHELL, timeout=10)
                 return
             except (VMError, OSError):
                 if time.monotonic() > deadline:
@@ -202,6 +232,7 @@ class VM:
                 time.sleep(2)
 
     def stop(self) -> None:
+        self.close_shell()
         if self.qmp is not None:
             with contextlib.suppress(Exception):
                 self.qmp.cmd("quit")
@@ -225,11 +256,6 @@ class VM:
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.console().splitlines()[-lines:])
-
-
-def _strip_prompt(out: str, command: str) -> str:
-    lines = [ln for ln in out.splitlines() if not ln.startswith("root@") and command[:30] not in ln]
-    return "\n".join(lines).strip("\n")
 
 
 def _wait_path(path: Path, timeout: float) -> None:

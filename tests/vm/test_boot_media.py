@@ -59,7 +59,7 @@ def test_boots_to_target_mode_without_exporting_boot_medium(booted: tuple[VM, st
     assert "[read-write]" in screen  # the UKI's default profile
 
 
-@pytest.mark.parametrize(("profile", "shown"), [("@1", "[read-only]"), ("@2", "[snapshot, 1.0 GiB RAM]")])
+@pytest.mark.parametrize(("profile", "shown"), [("@1", "[read-only]"), ("@2", "[snapshot ")])
 def test_uki_profiles_select_the_mode(profile: str, shown: str) -> None:
     """systemd-stub picks profile N when the command line starts with @N (the boot menu
     entries of the multi-profile UKI)."""

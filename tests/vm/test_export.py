@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 
 import pytest
@@ -91,6 +92,43 @@ def test_image_carries_the_promised_drivers(pair: Pair) -> None:
     out, rc = pair.target.run(f"for m in {modules}; do modinfo -n $m >/dev/null 2>&1 || echo MISSING $m; done")
     assert rc == 0 and "MISSING" not in out, out
     assert pair.target.sh("ls /usr/lib/firmware/rtl_nic/ | head -1").startswith("rtl")
+
+
+def test_dashboard_and_status_follow_a_copy(pair: Pair) -> None:
+    """During a copy the counters in `storagetm status --json` advance, the initiator is
+    listed, and tty1 shows the dashboard (a screenshot is kept in the logs)."""
+    target_ready(pair, 4)
+    address = wait_address(pair.target, "169.254.")
+    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    try:
+        remote = next(r for r in connected(pair.initiator) if r.serial == "NVME0001")
+        nqn = next(e["nqn"] for e in json.loads(pair.target.sh("storagetm status --json"))["exports"]
+                   if e["disk"]["serial"] == "NVME0001")  # fmt: skip
+
+        def read_so_far() -> int:
+            status = json.loads(pair.target.sh("storagetm status --json"))
+            return int(next(e for e in status["exports"] if e["nqn"] == nqn)["activity"]["read_bytes"])
+
+        before = read_so_far()
+        pair.initiator.sh(f"(dd if=/dev/{remote.block} of=/dev/null bs=64k iflag=direct; "
+                          f"dd if=/dev/{remote.block} of=/dev/null bs=64k iflag=direct) >/dev/null 2>&1 &")  # fmt: skip
+        samples = [before]
+        deadline = time.monotonic() + 60
+        while len(set(samples)) < 3 and time.monotonic() < deadline:
+            time.sleep(1.5)
+            samples.append(read_so_far())
+        assert samples == sorted(samples) and len(set(samples)) >= 3, samples
+        status = json.loads(pair.target.sh("storagetm status --json"))
+        assert any(peer.startswith("169.254.") for peer in status["initiators"]), status["initiators"]
+        ppm = pair.target.workdir / "dashboard.ppm"
+        pair.target.qmp.cmd("screendump", filename=str(ppm))
+        png = ppm.with_suffix(".png")
+        subprocess.run(["convert", str(ppm), str(png)], check=True)
+        assert png.stat().st_size > 2000
+        assert "% read" in pair.target.console()
+        pair.initiator.sh("wait; sleep 1", timeout=300)
+    finally:
+        disconnect_all(pair.initiator)
 
 
 HOTPLUG_BOUND = 30  # seconds from QMP device_add until the disk is in the discovery log

@@ -107,6 +107,14 @@ def test_full_snapshot_fails_cleanly(modes_pair: tuple[Pair, dict[str, str]]) ->
     dev = "/dev/" + remote(pair, "SNAP0001").block
     out, rc = pair.initiator.run(f"dd if=/dev/urandom of={dev} bs=1M count=24 oflag=direct conv=fsync", timeout=300)
     assert rc != 0, out
+    deadline = time.monotonic() + 30
+    while True:
+        status = json.loads(pair.target.sh("storagetm status --json"))
+        usage = next(e["snapshot_usage"] for e in status["exports"] if e["mode"] == "snapshot")
+        if usage["invalid"]:
+            break
+        assert time.monotonic() < deadline, (usage, pair.target.sh("dmsetup status"))
+        time.sleep(1)
     pair.target.wait_for(r"snapshot FULL", 30)
     # Nothing crashed: the daemon answers and the other disks still read back.
     assert json.loads(pair.target.sh("storagetm status --json"))["pid"] > 0
