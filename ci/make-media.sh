@@ -22,6 +22,7 @@ printf 'storagetm boot medium: boot it with UEFI (the EFI image is in the append
 find "$tmp/root" "$tmp/iso" -exec touch -h -d "@$epoch" {} +
 export MTOOLS_SKIP_CHECK=1
 mcopy -i "$tmp/esp.img" -s -m "$tmp/root/EFI" ::
+python3 "$(dirname "$0")/fat_timestamps.py" "$tmp/esp.img" "$epoch"
 
 # ISO: the ESP is a file in the ISO 9660 tree and the El Torito EFI boot image; a GPT
 # partition points at the same blocks, so the ISO also boots from a USB stick. (An ESP

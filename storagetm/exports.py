@@ -12,7 +12,7 @@ import fcntl
 import functools
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from storagetm import modes
@@ -101,11 +101,7 @@ class Exporter:
                 host.set("dhchap", "ctrl_key", auth.ctrl_secret)
 
     def remove_hosts(self) -> None:
-        for hostnqn in sorted(self.owned_hosts):
-            try:
-                self.root.host(hostnqn).delete()
-            except ConfigfsError as exc:
-                log.warning("%s, ignoring", exc.one_line())
+        _best_effort(self.root.host(hostnqn).delete for hostnqn in sorted(self.owned_hosts))
         self.owned_hosts.clear()
 
     # ---- ports ---------------------------------------------------------------
@@ -143,11 +139,7 @@ class Exporter:
             return False
 
     def close_ports(self) -> None:
-        for port_id in sorted(self.owned_ports):
-            try:
-                self.root.port(port_id).delete()
-            except ConfigfsError as exc:
-                log.warning("%s, ignoring", exc.one_line())
+        _best_effort(self.root.port(port_id).delete for port_id in sorted(self.owned_ports))
         self.owned_ports.clear()
 
     # ---- subsystems ----------------------------------------------------------
@@ -245,11 +237,7 @@ class Exporter:
             steps += [ns.delete for ns in subsystem.namespaces()]
         steps += [functools.partial(self.root.port(port_id).unlink, nqn) for port_id in sorted(self.owned_ports)]
         steps.append(subsystem.delete)
-        for step in steps:
-            try:
-                step()
-            except ConfigfsError as exc:
-                log.warning("%s, ignoring", exc.one_line())
+        _best_effort(steps)
         if held is not None:
             if held.backing is not None:
                 try:
@@ -264,6 +252,15 @@ class Exporter:
             self.withdraw(nqn)
         self.close_ports()
         self.remove_hosts()
+
+
+def _best_effort(steps: Iterable[Callable[[], None]]) -> None:
+    """Teardown goes on past errors, as upstream's does: each is logged as "…, ignoring"."""
+    for step in steps:
+        try:
+            step()
+        except ConfigfsError as exc:
+            log.warning("%s, ignoring", exc.one_line())
 
 
 def _lock(disk: Disk) -> int | None:
