@@ -69,7 +69,7 @@ def test_uki_profiles_select_the_mode(profile: str, shown: str) -> None:
     make_disk(data, 16 << 20, b"DATA0001")
     with VM("target", workdir, kernel=image("storagetm.efi"), append=profile,
             disks=[Disk(data, "virtio", "DATA0001")]) as vm:  # fmt: skip
-        vm.wait_for(r"Exported disks \(1\):\n.*\[", BOOT_TIMEOUT)
+        vm.wait_for(r"Exported disks \(1\):.*\n.*\[", BOOT_TIMEOUT)
         screen = vm.console()
         assert shown in screen[screen.rfind("storagetm: target disk mode") :]
 
