@@ -110,8 +110,8 @@ def test_dashboard_and_status_follow_a_copy(pair: Pair) -> None:
             return int(next(e for e in status["exports"] if e["nqn"] == nqn)["activity"]["read_bytes"])
 
         before = read_so_far()
-        pair.initiator.sh(f"(dd if=/dev/{remote.block} of=/dev/null bs=64k iflag=direct; "
-                          f"dd if=/dev/{remote.block} of=/dev/null bs=64k iflag=direct) >/dev/null 2>&1 &")  # fmt: skip
+        copy = f"dd if=/dev/{remote.block} of=/dev/null bs=64k iflag=direct"
+        pair.initiator.sh(f"({copy}; {copy}) >/dev/null 2>&1 & true")  # in the background; `wait` below
         samples = [before]
         deadline = time.monotonic() + 60
         while len(set(samples)) < 3 and time.monotonic() < deadline:
