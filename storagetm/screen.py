@@ -85,7 +85,7 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
     """The operator's screen. With `dashboard`, also live I/O per disk and the initiators
     connected, trimmed to `rows` lines (80x25 by default)."""
     blank = [] if dashboard else [""]  # the dashboard has no room for empty lines
-    lines = ["storagetm: target disk mode — disks exported over NVMe/TCP"]
+    lines = ["storagetm: target disk mode - disks exported over NVMe/TCP"]
     lines += [wrapped for warning in warnings(state) for wrapped in textwrap.wrap(warning, WIDTH)]
     lines += blank
     if not state.addresses:

@@ -72,9 +72,8 @@ def test_refused_without_the_right_secret(pair: Pair, case: str) -> None:
 
 
 def test_with_the_secret_reads_and_writes_work(pair: Pair) -> None:
-    address, hostnqn, secret, ctrl = screen_auth(pair)
-    pair.initiator.sh(f"nvme connect -t tcp -a {address} -n {pair_nqn(pair)} --hostnqn={hostnqn} "
-                      f"--dhchap-secret={secret} --dhchap-ctrl-secret={ctrl}")  # fmt: skip
+    address, hostnqn, secret, _ = screen_auth(pair)
+    pair.initiator.sh(f"nvme connect-all -t tcp -a {address} --hostnqn={hostnqn} --dhchap-secret={secret}")
     try:
         remote = next(r for r in connected(pair.initiator) if r.serial == "AUTH0001")
         assert pair.initiator.sh(f"sha256sum /dev/{remote.block}").split()[0] == pair.sums["AUTH0001"]
@@ -82,6 +81,16 @@ def test_with_the_secret_reads_and_writes_work(pair: Pair) -> None:
         pair.initiator.sh(f"printf authenticated-write | dd of={dev} bs=512 seek=8 conv=sync,fsync oflag=direct")
         readback = pair.initiator.sh(f"dd if={dev} bs=512 skip=8 count=1 iflag=direct 2>/dev/null | head -c 19")
         assert readback == "authenticated-write"
+    finally:
+        disconnect_all(pair.initiator)
+
+
+def test_bidirectional_connect_with_the_controller_secret(pair: Pair) -> None:
+    address, hostnqn, secret, ctrl = screen_auth(pair)
+    pair.initiator.sh(f"nvme connect -t tcp -a {address} -n {pair_nqn(pair)} --hostnqn={hostnqn} "
+                      f"--dhchap-secret={secret} --dhchap-ctrl-secret={ctrl}")  # fmt: skip
+    try:
+        assert [r.serial for r in connected(pair.initiator)] == ["AUTH0001"]
     finally:
         disconnect_all(pair.initiator)
 
