@@ -48,6 +48,7 @@ class Disk:
     removable: bool = False
     nvme_transport: str = ""  # pcie, tcp, rdma, fc, loop for NVMe namespaces
     fs_label: str = ""
+    part_uuids: tuple[str, ...] = ()  # GPT/MBR partition UUIDs of its partitions, lower case
 
     @property
     def is_file(self) -> bool:
@@ -90,6 +91,19 @@ def nvme_transport(sys_path: str) -> str:
     return ",".join(sorted(transports))
 
 
+def partition_uuids(sys_path: Path) -> tuple[str, ...]:
+    """PARTUUIDs of a disk's partitions, from sysfs. The kernel has scanned the partition
+    table before it announces the disk, so this needs no udev symlink (which may come later)."""
+    uuids = []
+    for uevent in sorted(sys_path.glob("*/uevent")):
+        if not (uevent.parent / "partition").exists():
+            continue
+        for line in _sysfs_text(uevent).splitlines():
+            if line.startswith("PARTUUID="):
+                uuids.append(line.removeprefix("PARTUUID=").lower())
+    return tuple(uuids)
+
+
 def disk_from_udev(device: UdevDevice) -> Disk:
     props = device.properties
     sys_path = Path(device.sys_path)
@@ -116,6 +130,7 @@ def disk_from_udev(device: UdevDevice) -> Disk:
         removable=_sysfs_int(sys_path / "removable") == 1,
         nvme_transport=nvme_transport(str(sys_path)) if name.startswith("nvme") else "",
         fs_label=props.get("ID_FS_LABEL", ""),
+        part_uuids=partition_uuids(sys_path) if device.device_type == "disk" else (),
     )
 
 

@@ -66,6 +66,8 @@ def guard_reason(disk: Disk, facts: SystemFacts) -> Reason | None:
         return Reason.ROOT
     if disk.devnum and disk.devnum in facts.boot_disks:
         return Reason.BOOT_MEDIUM
+    if facts.boot_partuuid and facts.boot_partuuid in disk.part_uuids:
+        return Reason.BOOT_MEDIUM
     if disk.fs_label in MEDIA_LABELS:
         return Reason.BOOT_MEDIUM
     return None

@@ -76,6 +76,7 @@ class RunState:
         def disk(raw: dict[str, Any]) -> Disk:
             values = {k: v for k, v in raw.items() if k in disk_fields}
             values["by_id"] = tuple(values.get("by_id", ()))
+            values["part_uuids"] = tuple(values.get("part_uuids", ()))
             return Disk(**values)
 
         def address(raw: dict[str, Any]) -> Address:

@@ -47,6 +47,25 @@ def test_boot_medium_never_exported_unless_guards_lifted() -> None:
     assert plan([stick], Settings(all_disks=True, lift_guards=True), facts, BASE).exports
 
 
+def test_boot_medium_found_by_partition_uuid_before_udev_links() -> None:
+    stick = disk("sdb", part_uuids=("aaaa-1", "5354524d-0000-4000-8000-000000000002"))
+    facts = SystemFacts(boot_partuuid="5354524d-0000-4000-8000-000000000002")
+    result = plan([stick, disk("sdc")], Settings(all_disks=True), facts, BASE)
+    assert [e.disk.name for e in result.exports.values()] == ["sdc"]
+    assert result.not_exported == [(stick, Reason.BOOT_MEDIUM)]
+
+
+def test_partition_uuids_from_sysfs(tmp_path: Path) -> None:
+    from storagetm.disks import partition_uuids
+
+    (tmp_path / "sdb1").mkdir()
+    (tmp_path / "sdb1" / "partition").write_text("1\n")
+    (tmp_path / "sdb1" / "uevent").write_text("MAJOR=8\nPARTN=1\nPARTUUID=ABCD-EF\n")
+    (tmp_path / "queue").mkdir()
+    (tmp_path / "queue" / "uevent").write_text("PARTUUID=not-a-partition\n")
+    assert partition_uuids(tmp_path) == ("abcd-ef",)
+
+
 def test_loader_partuuid(tmp_path: Path) -> None:
     value = "ABCDEF01-2345-6789-ABCD-EF0123456789"
     var = tmp_path / "LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"

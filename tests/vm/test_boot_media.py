@@ -57,6 +57,8 @@ def test_boots_to_target_mode_without_exporting_boot_medium(booted: tuple[VM, st
     assert f"{guest_name} ({reason})" in screen
     assert "BOOTSTICK" not in screen.split("Not exported:")[0]
     assert "[read-write]" in screen  # the UKI's default profile
+    # Not even for a moment (the daemon logs each export on the console).
+    assert f"exported /dev/{guest_name} (" not in vm.console()
 
 
 @pytest.mark.parametrize(("profile", "shown"), [("@1", "[read-only]"), ("@2", "[snapshot ")])
