@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +93,29 @@ def nvme_transport(sys_path: str) -> str:
     return ",".join(sorted(transports))
 
 
+def gpt_partition_uuids(devnode: str) -> tuple[str, ...]:
+    """Unique partition GUIDs read from the disk's own GPT: known as soon as the disk is,
+    before udev has made any /dev/disk/by-partuuid link."""
+    try:
+        with open(devnode, "rb") as f:
+            for sector in (512, 4096):
+                f.seek(sector)
+                header = f.read(92)
+                if header[:8] != b"EFI PART":
+                    continue
+                entries_lba, count, size = struct.unpack_from("<QII", header, 72)
+                f.seek(entries_lba * sector)
+                table = f.read(min(count, 256) * size)
+                return tuple(
+                    str(uuid.UUID(bytes_le=table[off + 16 : off + 32]))
+                    for off in range(0, len(table) - size + 1, size)
+                    if table[off : off + 16].strip(b"\0")
+                )
+    except (OSError, ValueError, struct.error):
+        pass
+    return ()
+
+
 def partition_uuids(sys_path: Path) -> tuple[str, ...]:
     """PARTUUIDs of a disk's partitions, from sysfs. The kernel has scanned the partition
     table before it announces the disk, so this needs no udev symlink (which may come later)."""
@@ -130,7 +155,9 @@ def disk_from_udev(device: UdevDevice) -> Disk:
         removable=_sysfs_int(sys_path / "removable") == 1,
         nvme_transport=nvme_transport(str(sys_path)) if name.startswith("nvme") else "",
         fs_label=props.get("ID_FS_LABEL", ""),
-        part_uuids=partition_uuids(sys_path) if device.device_type == "disk" else (),
+        part_uuids=(partition_uuids(sys_path) or gpt_partition_uuids(device.device_node or ""))
+        if device.device_type == "disk"
+        else (),
     )
 
 
