@@ -45,10 +45,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="storagetm-bench-"))
     kinds = {serial: "virtio" for serial in SERIALS.values()}
     append = f"{TARGET_APPEND} storagetm.mode=rw,{SERIALS['ro']}=ro,{SERIALS['snapshot']}=snapshot"
-    import tests.vm.conftest as conftest
-
-    conftest.DISK_SIZE = args.size_mib << 20
-    pair = boot_pair(workdir, kinds, append)
+    pair = boot_pair(workdir, kinds, append, disk_size=args.size_mib << 20)
     try:
         pair.target.wait_shell(300)
         pair.initiator.wait_shell(300)

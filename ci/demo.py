@@ -13,27 +13,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.vm.conftest import boot_pair, prepare_initiator
 from tests.vm.initiator import connected, wait_address
 
+DEMO_DISK_SIZE = 128 << 20  # a few seconds of copying each, so dd's progress shows
+
 
 def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="storagetm-demo-"))
     print(f"demo: booting target and initiator VMs under TCG (logs in {workdir})", flush=True)
-    pair = boot_pair(workdir, {"DEMO0001": "nvme", "DEMO0002": "sata", "DEMO0003": "usb"})
+    pair = boot_pair(workdir, {"DEMO0001": "nvme", "DEMO0002": "sata", "DEMO0003": "usb"}, disk_size=DEMO_DISK_SIZE)
     try:
         pair.target.wait_shell(300)
         pair.initiator.wait_shell(300)
         prepare_initiator(pair.initiator)
         pair.target.wait_for(r"Exported disks \(3\)", 300)
-        print("demo: the target's screen says:\n")
-        screen = pair.target.console()
-        print(screen[screen.rfind("storagetm: target disk mode") :])
         address = wait_address(pair.target, "169.254.")
+        # `storagetm status` renders the same screen as tty1 and the serial console show.
+        print("demo: the target's screen says:\n")
+        print(pair.target.sh("storagetm status"))
         print(f"demo: on the initiator: nvme connect-all -t tcp -a {address}", flush=True)
         pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
         ok = True
         for remote in connected(pair.initiator):
             print(f"demo: copying {remote.serial} ({remote.model}) from /dev/{remote.block} …", flush=True)
             out = pair.initiator.sh(
-                f"dd if=/dev/{remote.block} of=/tmp/copy bs=1M status=progress 2>&1 | tr '\\r' '\\n' | tail -n 3;"
+                f"dd if=/dev/{remote.block} of=/tmp/copy bs=1M status=progress 2>&1 | tr '\\r' '\\n' | grep -v '^$';"
                 " sha256sum /tmp/copy; rm -f /tmp/copy",
                 timeout=600,
             )

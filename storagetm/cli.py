@@ -16,6 +16,7 @@ from storagetm.auth import check_secret
 from storagetm.daemon import Daemon, explicit_files, plan
 from storagetm.errors import ExitCode, NotRunningError, StorageTMError, UsageError
 from storagetm.identity import check_nqn_prefix, default_nqn_base, host_identity, valid_nqn
+from storagetm.memory import check_system_complete
 from storagetm.policy import system_facts
 from storagetm.screen import Screen, active_consoles, human_size, render
 from storagetm.settings import (
@@ -28,6 +29,7 @@ from storagetm.settings import (
     parse_snapshot_size,
     read_kernel_cmdline,
 )
+from storagetm.tls import check_key
 from storagetm.udev import BlockDevices
 
 log = logging.getLogger("storagetm")
@@ -65,6 +67,13 @@ def _secret(value: str) -> str:
 
 def _secret_or_generate(value: str) -> str:
     return value if value == "generate" else _secret(value)
+
+
+def _tls_key(value: str) -> str:
+    try:
+        return check_key(value)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(exc.one_line()) from exc
 
 
 def _host_nqn(value: str) -> str:
@@ -113,6 +122,17 @@ def serve_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--allow-host", action="append", type=_host_nqn, metavar="HOSTNQN",
                         help="host NQN allowed to connect (repeatable; implies --auth)")  # fmt: skip
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="require NVMe/TCP over TLS 1.3 with a pre-shared key (generated unless --tls-key)",
+    )
+    parser.add_argument("--tls-key", type=_tls_key, metavar="KEY", help="the PSK (NVMeTLSkey-1:01:…:); implies --tls")
+    parser.add_argument(
+        "--announce",
+        action="store_true",
+        help="announce the discovery service over mDNS (_nvme-disc._tcp, via systemd-resolved)",
+    )
     parser.add_argument("--list-devices", action="store_true", help="list block devices and whether they are exported")
     parser.add_argument("--kernel-cmdline", action="store_true", help="read storagetm.* options from /proc/cmdline")
     parser.add_argument("--console", action="store_true", help="draw the screen on the kernel's consoles, not stdout")
@@ -134,6 +154,9 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         dhchap_secret=args.dhchap_secret or "",
         dhchap_ctrl_secret=args.dhchap_ctrl_secret or "",
         allow_hosts=tuple(args.allow_host or ()),
+        announce=args.announce,
+        tls=bool(args.tls or args.tls_key),
+        tls_key=args.tls_key or "",
     )
     try:
         settings = parse_modes(",".join(args.modes or []), settings)
@@ -183,7 +206,14 @@ def serve(argv: Sequence[str]) -> int:
     if os.geteuid() != 0:
         raise UsageError("storagetm must run as root", hint="it configures the kernel's NVMe target")
     screen = Screen(active_consoles() if args.console else ())
-    return Daemon(settings, screen=screen, startup_problems=problems).run()
+    try:
+        check_system_complete()
+        return Daemon(settings, screen=screen, startup_problems=problems).run()
+    except StorageTMError as exc:
+        screen.fatal(exc.one_line())
+        raise
+    finally:
+        screen.close()
 
 
 def status(argv: Sequence[str]) -> int:

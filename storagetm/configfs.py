@@ -123,6 +123,13 @@ class Namespace(Node):
             verb = "enable" if on else "disable"
             raise ConfigfsError(f"cannot {verb} namespace {self.path}: {_describe(exc)}") from exc
 
+    def revalidate(self) -> None:
+        """Have the target re-read the backing device's size and tell connected hosts."""
+        try:
+            self.ops.write(self.path / "revalidate_size", "1")
+        except OSError as exc:
+            raise ConfigfsError(f"cannot update the size of namespace {self.path}: {_describe(exc)}") from exc
+
     def delete(self) -> None:
         if not self.exists():
             return

@@ -12,12 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storagetm import auth, kernel, modes, network, state, stats
+from storagetm import auth, kernel, modes, network, state, stats, tls
+from storagetm.announce import Announcer
 from storagetm.configfs import Root
 from storagetm.disks import Disk, disk_from_file, sort_disks
 from storagetm.errors import ExitCode, StorageTMError
 from storagetm.exports import Export, Exporter, listeners
-from storagetm.identity import default_nqn_base, host_identity, identity_for
+from storagetm.identity import default_nqn_base, host_id, host_identity, identity_for
 from storagetm.notify import sd_notify
 from storagetm.policy import Reason, SystemFacts, exclusion, system_facts
 from storagetm.screen import Screen
@@ -84,6 +85,7 @@ class Daemon:
         devices: BlockDevices | None = None,
         facts: Callable[[], SystemFacts] = system_facts,
         startup_problems: list[str] | None = None,
+        announcer: Announcer | None = None,
     ) -> None:
         self.settings = settings
         self.screen = screen
@@ -91,6 +93,7 @@ class Daemon:
         self.devices = devices
         self.facts = facts
         self.startup_problems = list(startup_problems or [])
+        self.announcer = announcer or (Announcer() if settings.announce else None)
         self.disks: dict[str, Disk] = {}
         self.state = state.RunState(pid=os.getpid())
         self.exporter: Exporter | None = None
@@ -166,6 +169,8 @@ class Daemon:
             self._loop(devices, addr_sock, wake_r)
         finally:
             sd_notify(STOPPING="1", STATUS="Tearing down exports")
+            if self.announcer is not None:
+                self.announcer.withdraw()
             self.exporter.teardown()
             state.STATE_FILE.unlink(missing_ok=True)
             signal.set_wakeup_fd(old_wakeup)
@@ -178,12 +183,21 @@ class Daemon:
 
     def _start(self, devices: BlockDevices, previous: state.RunState | None) -> None:
         assert self.exporter is not None
-        self.state.nqn_base = self.settings.nqn_base or default_nqn_base(host_identity())
-        wanted = listeners(self.settings.port, network.ipv6_available())
-        self.exporter.open_ports(wanted, adopt=previous.ports if previous else None)
+        identity = host_identity()
+        self.state.nqn_base = self.settings.nqn_base or default_nqn_base(identity)
         settings = self.settings
         self.state.auth = auth.resolve(settings.auth, settings.dhchap_secret, settings.dhchap_ctrl_secret,
                                        settings.allow_hosts, previous.auth if previous else None)  # fmt: skip
+        # With both, TLS keys are made for the same host NQN the secret is for.
+        self.state.tls = tls.resolve(settings.tls, settings.tls_key, self.state.auth.hosts or settings.allow_hosts,
+                                     previous.tls if previous else None)  # fmt: skip
+        if self.state.tls.enabled:
+            tls.ensure_handshake_daemon()
+            self.exporter.setup_tls(self.state.tls)
+        wanted = listeners(self.settings.port, network.ipv6_available())
+        self.exporter.open_ports(wanted, adopt=previous.ports if previous else None)
+        if self.announcer is not None:
+            self.state.announced = self.announcer.publish(host_id(identity))
         self.exporter.setup_hosts(self.state.auth, adopt=set(previous.auth.hosts) if previous else None)
         if previous is not None:
             self.exporter.adopt(previous.exports, previous.backings)

@@ -116,19 +116,6 @@ def gpt_partition_uuids(devnode: str) -> tuple[str, ...]:
     return ()
 
 
-def partition_uuids(sys_path: Path) -> tuple[str, ...]:
-    """PARTUUIDs of a disk's partitions, from sysfs. The kernel has scanned the partition
-    table before it announces the disk, so this needs no udev symlink (which may come later)."""
-    uuids = []
-    for uevent in sorted(sys_path.glob("*/uevent")):
-        if not (uevent.parent / "partition").exists():
-            continue
-        for line in _sysfs_text(uevent).splitlines():
-            if line.startswith("PARTUUID="):
-                uuids.append(line.removeprefix("PARTUUID=").lower())
-    return tuple(uuids)
-
-
 def disk_from_udev(device: UdevDevice) -> Disk:
     props = device.properties
     sys_path = Path(device.sys_path)
@@ -155,9 +142,8 @@ def disk_from_udev(device: UdevDevice) -> Disk:
         removable=_sysfs_int(sys_path / "removable") == 1,
         nvme_transport=nvme_transport(str(sys_path)) if name.startswith("nvme") else "",
         fs_label=props.get("ID_FS_LABEL", ""),
-        part_uuids=(partition_uuids(sys_path) or gpt_partition_uuids(device.device_node or ""))
-        if device.device_type == "disk"
-        else (),
+        # Partition uevents carry no PARTUUID on 6.12, so sysfs cannot tell; the GPT can.
+        part_uuids=gpt_partition_uuids(device.device_node or "") if device.device_type == "disk" else (),
     )
 
 

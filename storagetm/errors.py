@@ -14,6 +14,7 @@ class ExitCode(enum.IntEnum):
     KERNEL = 3  # nvmet/configfs missing or unusable
     NOT_RUNNING = 4  # status/stop: no daemon is running
     NOTHING_TO_EXPORT = 5
+    INSUFFICIENT_MEMORY = 6  # the system did not fit in RAM
 
 
 class StorageTMError(Exception):

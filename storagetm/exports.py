@@ -21,11 +21,13 @@ from storagetm.configfs import Port, Root, Subsystem
 from storagetm.disks import Disk
 from storagetm.errors import ConfigfsError, StorageTMError
 from storagetm.identity import Identity
+from storagetm.tls import TLSConfig, insert_key
 
 log = logging.getLogger(__name__)
 
 NSID = 1
 DISCOVERY_TRSVCID = 8009
+DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"  # the well-known one every port serves
 IO_TRSVCID = 4420
 
 
@@ -82,6 +84,17 @@ class Exporter:
     owned_ports: dict[int, Listener] = field(default_factory=dict)
     auth: AuthConfig = field(default_factory=AuthConfig)
     owned_hosts: set[str] = field(default_factory=set)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    insert_tls_key: Callable[[str, str, str], None] = insert_key
+
+    # ---- TLS -----------------------------------------------------------------
+
+    def setup_tls(self, config: TLSConfig) -> None:
+        """Ports created from now on require TLS; each host gets the discovery key now and
+        a key for each subsystem as it is exported."""
+        self.tls = config
+        for hostnqn in config.hosts:
+            self.insert_tls_key(hostnqn, DISCOVERY_NQN, config.key)
 
     # ---- hosts (authentication) ----------------------------------------------
 
@@ -122,18 +135,20 @@ class Exporter:
                 port.set("addr", "adrfam", listener.adrfam)
                 port.set("addr", "traddr", listener.traddr)
                 port.set("addr", "trsvcid", str(listener.trsvcid))
+                if self.tls.enabled:
+                    port.set("addr", "tsas", "tls1.3")  # also makes TLS required (addr_treq)
             except StorageTMError:
                 port.delete()
                 raise
             self.owned_ports[port_id] = listener
 
-    @staticmethod
-    def _port_matches(port: Port, listener: Listener) -> bool:
+    def _port_matches(self, port: Port, listener: Listener) -> bool:
         try:
             return (
                 port.get("addr", "adrfam") == listener.adrfam
                 and port.get("addr", "traddr") == listener.traddr
                 and port.get("addr", "trsvcid") == str(listener.trsvcid)
+                and (port.get("addr", "tsas") == "tls1.3") == self.tls.enabled
             )
         except ConfigfsError:
             return False
@@ -194,6 +209,8 @@ class Exporter:
             subsystem.set("attr", "allow_any_host", "0" if self.auth.enabled else "1")
             for hostnqn in self.auth.hosts:
                 subsystem.allow_host(self.root.host(hostnqn))
+            for hostnqn in self.tls.hosts:
+                self.insert_tls_key(hostnqn, identity.nqn, self.tls.key)
             for name, value in (("model", identity.model), ("serial", identity.serial),
                                 ("firmware", identity.firmware)):  # fmt: skip
                 if value:
@@ -222,8 +239,7 @@ class Exporter:
         if held.export.disk.size != export.disk.size and export.mode is not modes.Mode.READ_WRITE:
             log.warning("%s changed size; its %s export keeps the old size", export.disk.devnode, export.mode.label)
         elif held.export.disk.size != export.disk.size:
-            namespace = self.root.subsystem(export.nqn).namespace(NSID)
-            namespace.ops.write(namespace.path / "revalidate_size", "1")
+            self.root.subsystem(export.nqn).namespace(NSID).revalidate()
             log.info("%s changed size: %d -> %d bytes", export.disk.devnode, held.export.disk.size,
                      export.disk.size)  # fmt: skip
         held.export = export

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -22,12 +23,14 @@ WIDTH = 80
 STOP = "stop: Ctrl+C or `storagetm stop`"
 ANYONE = "Anyone on the network"
 WITH_SECRET = "Only an initiator with the host NQN and secret below"
+WITH_TLS_KEY = "Only an initiator with the host NQN and TLS key below"
 WARNINGS = {
     Mode.READ_WRITE: "{who} can READ AND WRITE {what}.",
     Mode.READ_ONLY: "{who} can READ {what}; writes are refused.",
     Mode.SNAPSHOT: "{who} can READ {what} and write to a RAM copy; the disks themselves are not changed.",
 }
 NOT_ENCRYPTED = "The traffic is not encrypted: others on the network can read the data in transit."
+ENCRYPTED = "The traffic is encrypted (TLS 1.3): others on the network cannot read it."
 
 
 def warnings(state: RunState) -> list[str]:
@@ -35,8 +38,8 @@ def warnings(state: RunState) -> list[str]:
     by_mode: dict[Mode, list[str]] = {}
     for export in state.exports.values():
         by_mode.setdefault(export.mode, []).append(export.disk.name)
-    who = WITH_SECRET if state.auth.enabled else ANYONE
-    extra = [NOT_ENCRYPTED] if state.auth.enabled else []
+    who = WITH_SECRET if state.auth.enabled else WITH_TLS_KEY if state.tls.enabled else ANYONE
+    extra = [ENCRYPTED] if state.tls.enabled else [NOT_ENCRYPTED] if state.auth.enabled else []
     if len(by_mode) <= 1:
         mode = next(iter(by_mode), Mode.READ_WRITE)
         return [WARNINGS[mode].format(who=who, what="these disks"), *extra]
@@ -68,6 +71,10 @@ def _connect_args(state: RunState, io_port: int) -> str:
     args = "" if io_port in (IO_TRSVCID, DISCOVERY_TRSVCID) else f" -s {io_port}"
     if state.auth.enabled:
         args += f" --hostnqn={state.auth.hosts[0]} --dhchap-secret={state.auth.secret}"
+    elif state.tls.enabled:
+        args += f" --hostnqn={state.tls.hosts[0]}"
+    if state.tls.enabled:
+        args += " --tls"
     return args
 
 
@@ -91,7 +98,12 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
     if not state.addresses:
         lines.append("No network address yet: plug in a cable (DHCP, or link-local on a cable).")
     else:
-        lines.append("On the other machine, as root, type one of:")
+        if state.tls.enabled:
+            # nvme-cli takes no key on connect: the keys go into the kernel keyring first.
+            lines.append("On the other machine, as root, with tlshd (ktls-utils) running, first add the key")
+            lines.append("for nqn.2014-08.org.nvmexpress.discovery and for each disk's NQN below:")
+            lines.append(f"  nvme check-tls-key -i -n {state.tls.hosts[0]} -d {state.tls.key} -c NQN")
+        lines.append("Then type one of:" if state.tls.enabled else "On the other machine, as root, type one of:")
         for address in state.addresses:
             lines.append(f"  nvme connect-all -t tcp -a {address.for_command}{_connect_args(state, io_port)}")
         if any(a.link_local and a.family == "ipv6" for a in state.addresses):
@@ -104,6 +116,8 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
                          f" --dhchap-ctrl-secret={state.auth.ctrl_secret} -n NQN")  # fmt: skip
         if len(state.auth.hosts) > 1:
             lines.append(f"  (allowed host NQNs: {', '.join(state.auth.hosts)})")
+    if state.announced:
+        lines.append(f"Announced over mDNS as {state.announced} (_nvme-disc._tcp, port {DISCOVERY_TRSVCID})")
     lines += blank
     if dashboard:
         lines.append(f"Initiators connected: {', '.join(state.initiators) or 'none'}")
@@ -187,6 +201,15 @@ class Screen:
             except OSError as exc:
                 log.debug("cannot write to %s: %s", console, exc)
                 os.close(self.fds.pop(console))
+
+    def fatal(self, line: str) -> None:
+        """Why storagetm stopped, on every console (stderr reaches only the last console=)."""
+        payload = f"\r\nstoragetm: {line}\r\n".encode()
+        for console in self.consoles:
+            fd = self._fd(console)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    write_all(fd, payload)
 
     def _fd(self, console: str) -> int | None:
         """Consoles stay open: closing a serial port shuts the UART down and drops what it

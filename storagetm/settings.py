@@ -17,6 +17,7 @@ from storagetm.errors import UsageError
 from storagetm.exports import IO_TRSVCID
 from storagetm.identity import check_nqn_prefix, valid_nqn
 from storagetm.modes import Mode, parse_size
+from storagetm.tls import check_key
 
 PREFIX = "storagetm."
 
@@ -39,6 +40,9 @@ class Settings:
     dhchap_secret: str = ""  # "" with auth: generate one
     dhchap_ctrl_secret: str = ""  # "generate", a secret, or "" for one-way authentication
     allow_hosts: tuple[str, ...] = ()  # host NQNs let in; none given with auth: make one up
+    announce: bool = False  # publish _nvme-disc._tcp over mDNS (systemd-resolved)
+    tls: bool = False  # NVMe/TCP over TLS 1.3 with a pre-shared key
+    tls_key: str = ""  # "" with tls: generate one
 
     def mode_for(self, disk: Disk) -> Mode:
         for spec, mode in self.disk_modes:
@@ -148,6 +152,23 @@ def _allow_hosts(value: str, settings: Settings) -> Settings:
     return replace(settings, auth=True, allow_hosts=hosts)
 
 
+def _tls(value: str, settings: Settings) -> Settings:
+    flag = _yes(value)
+    if flag is not None:
+        return replace(settings, tls=flag)
+    try:
+        return replace(settings, tls=True, tls_key=check_key(value))
+    except UsageError:
+        raise OptionError("expects 1, 0 or a NVMeTLSkey-1:01:…: key (nvme gen-tls-key)") from None
+
+
+def _announce(value: str, settings: Settings) -> Settings:
+    flag = _yes(value)
+    if flag is None:
+        raise OptionError("expects 1 or 0")
+    return replace(settings, announce=flag)
+
+
 KERNEL_OPTIONS = (
     KernelOption("disks", _disks, "all (default), none, or disks to export: sda,nvme0n1,SERIAL,by-id name"),
     KernelOption("nqn", _nqn, "NQN prefix; each disk's NQN is PREFIX.<disk identity>"),
@@ -157,6 +178,8 @@ KERNEL_OPTIONS = (
     KernelOption("auth", _auth, "1 to require DH-HMAC-CHAP with a generated secret, or the secret itself"),
     KernelOption("auth_ctrl", _auth_ctrl, "1 or a secret: bidirectional authentication (the target proves itself)"),
     KernelOption("allow_hosts", _allow_hosts, "host NQNs allowed to connect (comma-separated); implies auth"),
+    KernelOption("tls", _tls, "1 to require TLS 1.3 with a generated pre-shared key, or the key itself"),
+    KernelOption("announce", _announce, "0: do not announce the discovery service over mDNS (the image announces)"),
 )
 
 

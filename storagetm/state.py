@@ -17,6 +17,7 @@ from storagetm.identity import Identity
 from storagetm.modes import Backing, Mode, SnapshotUsage
 from storagetm.network import Address
 from storagetm.stats import DiskActivity
+from storagetm.tls import TLSConfig
 
 STATE_FILE = Path("/run/storagetm/state.json")
 FORMAT = 1
@@ -36,6 +37,8 @@ class RunState:
     auth: AuthConfig = field(default_factory=AuthConfig)
     activity: dict[str, DiskActivity] = field(default_factory=dict)
     initiators: list[str] = field(default_factory=list)
+    announced: str = ""  # the mDNS name the discovery service is announced under
+    tls: TLSConfig = field(default_factory=TLSConfig)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,6 +52,8 @@ class RunState:
             "problems": self.problems,
             "auth": asdict(self.auth) | {"enabled": self.auth.enabled},
             "initiators": self.initiators,
+            "announced": self.announced,
+            "tls": asdict(self.tls) | {"enabled": self.tls.enabled},
         }
 
     def _export_json(self, nqn: str, export: Export) -> dict[str, Any]:
@@ -103,6 +108,10 @@ class RunState:
             not_exported=list(data.get("not_exported", [])),
             problems=list(data.get("problems", [])),
             initiators=list(data.get("initiators", [])),
+            announced=str(data.get("announced", "")),
+            tls=TLSConfig(
+                key=str(data.get("tls", {}).get("key", "")), hosts=tuple(data.get("tls", {}).get("hosts", ()))
+            ),
             activity={e["nqn"]: DiskActivity(**e["activity"]) for e in data.get("exports", []) if "activity" in e},
             auth=AuthConfig(
                 secret=str(data.get("auth", {}).get("secret", "")),

@@ -38,11 +38,11 @@ class Pair:
     sums: dict[str, str]  # serial -> sha256 of the disk file at creation
 
 
-def make_disks(workdir: Path, kinds: dict[str, str]) -> tuple[dict[str, Disk], dict[str, str]]:
+def make_disks(workdir: Path, kinds: dict[str, str], size: int = DISK_SIZE) -> tuple[dict[str, Disk], dict[str, str]]:
     disks, sums = {}, {}
     for serial, kind in kinds.items():
         path = workdir / f"{serial}.img"
-        sums[serial] = make_disk(path, DISK_SIZE, serial.encode())
+        sums[serial] = make_disk(path, size, serial.encode())
         disks[serial] = Disk(path, kind, serial)
     return disks, sums
 
@@ -52,10 +52,11 @@ def boot_pair(
     kinds: dict[str, str],
     target_append: str = TARGET_APPEND,
     prepare: Callable[[dict[str, Disk]], None] | None = None,
+    disk_size: int = DISK_SIZE,
 ) -> Pair:
     """Create the disks (then let `prepare` rewrite them), start the target, then the initiator."""
     workdir.mkdir(parents=True, exist_ok=True)
-    disks, sums = make_disks(workdir, kinds)
+    disks, sums = make_disks(workdir, kinds, disk_size)
     if prepare is not None:
         prepare(disks)
         sums = {serial: sha256_file(disk.path) for serial, disk in disks.items()}

@@ -22,7 +22,7 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 # No echo, no prompt, no bracketed-paste escapes: only command output comes back.
 QUIET_SHELL = "stty -echo; PS1=''; PS2=''; unset PROMPT_COMMAND; bind 'set enable-bracketed-paste off' 2>/dev/null"
 CURSOR_MOVE = re.compile(r"\x1b\[\d+;\d+H")
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+ANSI = re.compile(r"\x1b\[[0-9;:?]*[A-Za-z]")
 
 
 class VMError(AssertionError):
@@ -66,6 +66,7 @@ class VM:
     mac: str = "52:54:00:12:34:56"
     memory: int = 1024
     uuid: str = "6a1f7c2e-0b7d-4f4e-9a51-3d2c1b0a9f88"
+    wrapper: list[str] = field(default_factory=list)  # e.g. ip netns exec NS: QEMU's network namespace
     proc: subprocess.Popen[bytes] | None = None
     qmp: Any = None
     shell: socket.socket | None = None
@@ -110,7 +111,7 @@ class VM:
             cmd += ["-nic", "none"]
         for disk in self.disks:
             cmd += disk.qemu_args()
-        return cmd + self.extra
+        return self.wrapper + cmd + self.extra
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
