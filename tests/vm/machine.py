@@ -106,7 +106,8 @@ class VM:
         if self.link_socket:
             server = "on" if self.link_server else "off"
             cmd += ["-netdev", f"stream,id=link,server={server},addr.type=unix,addr.path={self.link_socket}",
-                    "-device", f"virtio-net-pci,netdev=link,mac={self.mac},addr=0x3"]  # fmt: skip
+                    # No iPXE ROM: it would also drive a network-boot NIC and hang the kernel it loads.
+                    "-device", f"virtio-net-pci,netdev=link,mac={self.mac},addr=0x3,romfile="]  # fmt: skip
         else:
             cmd += ["-nic", "none"]
         for disk in self.disks:

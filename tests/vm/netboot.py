@@ -21,9 +21,9 @@ BOOT_FILE = "storagetm.efi"
 
 
 def tftp_boot_nic(root: Path, mac: str) -> list[str]:
-    """A NIC that PXE-boots storagetm.efi from QEMU's built-in TFTP server. romfile= leaves
-    PXE to the firmware's own network stack: QEMU 7.2's iPXE ROM loaded the image, but
-    the kernel then hung."""
+    """A NIC that PXE-boots storagetm.efi from QEMU's built-in TFTP server. No NIC has an
+    option ROM (romfile=), so PXE is the firmware's own: QEMU 7.2's iPXE ROM loaded the
+    image, but the kernel then hung."""
     return ["-netdev", f"user,id=boot,restrict=on,tftp={root},bootfile={BOOT_FILE}",
             "-device", f"virtio-net-pci,netdev=boot,mac={mac},romfile=,bootindex=1,addr=0x9"]  # fmt: skip
 

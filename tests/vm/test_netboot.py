@@ -78,6 +78,8 @@ def test_uefi_http_boot(initiator: VM) -> None:
         with target:
             target.wait_for(r'starting Boot\d+ "UEFI HTTPv4', NETBOOT_TIMEOUT)
             reads_back(target, initiator, digest)
+            # Booted, the image takes a DHCP lease on the boot NIC too, and offers it on screen.
+            wait_address(target, "10.42.0.")
         assert f'"GET /{BOOT_FILE} HTTP/1.1" 200' in (workdir / "http.log").read_text()
         assert "HTTPClient" in (workdir / "dnsmasq.log").read_text()
 
