@@ -78,6 +78,12 @@ def _connect_args(state: RunState, io_port: int) -> str:
     return args
 
 
+def fit_rows(lines: list[str], width: int = WIDTH) -> list[str]:
+    """Split lines longer than the console is wide (commands with host NQN and keys) into
+    rows of `width`, so that the in-place redraw can address every row."""
+    return [line[i : i + width] for line in lines for i in range(0, max(len(line), 1), width)]
+
+
 def progress_bar(fraction: float, width: int = 24) -> str:
     filled = round(fraction * width)
     return "[" + "#" * filled + "-" * (width - filled) + "]"
@@ -120,6 +126,7 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
         lines.append(f"Announced over mDNS as {state.announced} (_nvme-disc._tcp, port {DISCOVERY_TRSVCID})")
     lines += blank
     if dashboard:
+        lines = fit_rows(lines)
         lines.append(f"Initiators connected: {', '.join(state.initiators) or 'none'}")
     if state.exports:
         lines.append(f"Exported disks ({len(state.exports)}):" + (f"   ({STOP})" if dashboard else ""))

@@ -63,3 +63,12 @@ def test_plain_output_when_not_a_terminal(capsys: pytest.CaptureFixture[str]) ->
     screen.show(state)  # unchanged: printed once
     out = capsys.readouterr().out
     assert out.count("Exported disks (1)") == 1 and "\033[" not in out and "% read" not in out
+
+
+def test_long_commands_are_split_into_console_rows() -> None:
+    from storagetm.screen import fit_rows
+
+    command = "  nvme check-tls-key -i -n " + "h" * 70 + " -d " + "k" * 60 + " -c NQN"
+    rows = fit_rows(["short", "", command])
+    assert rows[:2] == ["short", ""] and all(len(row) <= 80 for row in rows)
+    assert "".join(rows[2:]) == command

@@ -35,6 +35,12 @@ def wait_address(target: VM, prefix: str, timeout: float = 120) -> str:
     raise AssertionError(f"the target's screen showed no {prefix}… address within {timeout:.0f} s")
 
 
+def screen_rows_joined(target: VM) -> str:
+    """The console with its rows run together: the dashboard splits commands longer than
+    80 columns over several rows, and this puts them back in one piece."""
+    return "".join(target.console().splitlines())
+
+
 def connected(initiator: VM) -> list[Remote]:
     script = (
         'for s in /sys/class/nvme-subsystem/nvme-subsys*; do [ -e "$s" ] || continue; '

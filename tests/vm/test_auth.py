@@ -11,7 +11,7 @@ import pytest
 
 from storagetm.auth import generate_secret
 from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, Pair
-from tests.vm.initiator import connected, disconnect_all, wait_address
+from tests.vm.initiator import connected, disconnect_all, screen_rows_joined, wait_address
 
 pytestmark = pytest.mark.vm
 
@@ -22,12 +22,13 @@ TARGET_APPEND = f"{TARGET_APPEND} storagetm.auth=1 storagetm.auth_ctrl=1"
 def screen_auth(pair: Pair) -> tuple[str, str, str, str]:
     pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
     wait_address(pair.target, "169.254.")
-    console = pair.target.console()
-    address, hostnqn, secret = re.findall(
-        r"nvme connect-all -t tcp -a (169\.254\.\S+) --hostnqn=(\S+) --dhchap-secret=(\S+)", console
-    )[-1]
-    ctrl = re.findall(r"nvme connect -t tcp .* --dhchap-ctrl-secret=(\S+) -n NQN", console)[-1]
-    return address, hostnqn, secret, ctrl
+    # Parsed from `storagetm status` (the same screen, unsplit); the console must show it too.
+    screen = pair.target.sh("storagetm status")
+    line = re.search(r"nvme connect-all -t tcp -a (169\.254\.\S+) --hostnqn=(\S+) --dhchap-secret=(\S+)", screen)
+    ctrl = re.search(r"nvme connect -t tcp .* --dhchap-ctrl-secret=(\S+) -n NQN", screen)
+    assert line and ctrl, screen
+    assert line.group(0) in screen_rows_joined(pair.target)
+    return line.group(1), line.group(2), line.group(3), ctrl.group(1)
 
 
 def pair_nqn(pair: Pair) -> str:

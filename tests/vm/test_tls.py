@@ -12,7 +12,7 @@ import pytest
 from storagetm.exports import DISCOVERY_NQN
 from tests.vm.capture import capture, marker, read_remote, write_marker
 from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, Pair
-from tests.vm.initiator import connected, disconnect_all, wait_address
+from tests.vm.initiator import connected, disconnect_all, screen_rows_joined, wait_address
 
 pytestmark = pytest.mark.vm
 
@@ -23,13 +23,18 @@ TARGET_APPEND = f"{TARGET_APPEND} storagetm.tls=1"
 def screen_tls(pair: Pair) -> tuple[str, str, str]:
     """Host NQN, key and IPv4 link-local address, as the target's screen shows them."""
     pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
-    shown = pair.target.wait_for(r"nvme check-tls-key -i -n (\S+) -d (NVMeTLSkey-1:\S+:) -c NQN", 60)
-    return shown.group(1), shown.group(2), wait_address(pair.target, "169.254.")
+    address = wait_address(pair.target, "169.254.")
+    # Parsed from `storagetm status` (the same screen, unsplit); the console must show it too.
+    screen = pair.target.sh("storagetm status")
+    shown = re.search(r"nvme check-tls-key -i -n (\S+) -d (NVMeTLSkey-1:\S+:) -c NQN", screen)
+    assert shown, screen
+    assert shown.group(0) in screen_rows_joined(pair.target)
+    return shown.group(1), shown.group(2), address
 
 
 def test_screen_and_ports_say_tls(pair: Pair) -> None:
     host, key, address = screen_tls(pair)
-    console = pair.target.console()
+    console = screen_rows_joined(pair.target)
     assert "Only an initiator with the host NQN and TLS key below" in console
     assert "The traffic is encrypted (TLS 1.3)" in console
     assert re.search(rf"nvme connect-all -t tcp -a {re.escape(address)} --hostnqn={re.escape(host)} --tls", console)
