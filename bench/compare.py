@@ -13,7 +13,8 @@ and the bench measures, from the host:
 - sequential read and write over the link (dd, O_DIRECT, MiB/s);
 - the daemon's CPU time and resident memory after the copies.
 
-Writes bench/results/compare.json, compare.md (the table README quotes) and compare.png.
+Writes bench/results/compare.json, compare.md and compare.png, and puts the table into
+README's performance section.
 NBD is not measured: the image carries no NBD server (see the closing note of issue 8).
 Not part of CI: slow, and this machine is shared and noisy."""
 
@@ -48,6 +49,17 @@ IMPLEMENTATIONS = {
 }
 EXPORT_COUNTS = (1, 8, 32)
 RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).resolve().parents[1] / "README.md"
+MARKERS = ("<!-- bench.compare: begin -->", "<!-- bench.compare: end -->")
+
+
+def update_readme(table: str, readme: Path = README) -> None:
+    """Put the table of this run between the markers in README's performance section."""
+    text = readme.read_text()
+    begin, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+    if begin < 0 or end < begin:
+        return
+    readme.write_text(text[: begin + len(MARKERS[0])] + "\n" + table + text[end:])
 
 
 def discovery_ports(target: VM) -> list[str]:
@@ -121,7 +133,7 @@ def measure(
             nonlocal ports
             ports = ports or (["8009"] if name == "storagetm" else [])
             if not ports:
-                found = re.search(r"-a \S+ -s (\d+)", target.console())
+                found = re.search(r"Listening on ipv6 \(port (\d+)\)", target.console())
                 ports = [found.group(1)] if found else []
             return bool(ports) and subsystems_seen(initiator, ports[0]) >= 1
 
@@ -142,8 +154,10 @@ def measure(
 
         disconnect_all(initiator)
         initiator.sh(f"nvme connect-all -t tcp -a {TARGET_LL} -f enp0s3 -s {port}")
-        remote = next(r for r in connected(initiator) if r.serial == "BENCH001")
-        dev = f"/dev/{remote.block}"
+        # The bench disk by its size: systemd-storagetm does not pass the disk's serial on.
+        sizes = {r.block: int(initiator.sh(f"cat /sys/block/{r.block}/size")) * 512 for r in connected(initiator)}
+        remote_block = next(block for block, size in sizes.items() if size == size_mib << 20)
+        dev = f"/dev/{remote_block}"
         reads = [
             dd_mib_s(initiator, f"dd if={dev} of=/dev/null bs=1M count={size_mib} iflag=direct") for _ in range(rounds)
         ]
@@ -201,39 +215,74 @@ def markdown(results: dict[str, dict[str, object]], meta: dict[str, str]) -> str
     return "\n".join(lines) + "\n"
 
 
-def chart(results: dict[str, dict[str, object]], path: Path) -> None:
-    """Ratios storagetm ÷ systemd-storagetm as bars (an SVG drawn here, PNG by ImageMagick)."""
+def ratios(results: dict[str, dict[str, object]]) -> list[tuple[str, float]]:
+    ours, theirs = results["storagetm"], results["systemd-storagetm"]
     keys = ["ready_s", "hotplug_s", "read_mib_s", "write_mib_s", "daemon_cpu_s", "daemon_rss_mib"]
-    ratios = [(k, float(results["storagetm"][k]) / float(results["systemd-storagetm"][k])) for k in keys]  # type: ignore[arg-type]
+    pairs = [(k, float(ours[k]) / float(theirs[k])) for k in keys]  # type: ignore[arg-type]
     for n in EXPORT_COUNTS:
-        a = float(results["storagetm"]["export_s"][str(n)])  # type: ignore[index]
-        b = float(results["systemd-storagetm"]["export_s"][str(n)])  # type: ignore[index]
-        ratios.append((f"export_{n}", a / b))
-    width, bar, scale = 640, 28, 200
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{60 + bar * len(ratios)}">',
-        '<rect width="100%" height="100%" fill="white"/>',
-        '<text x="10" y="20" font-size="14" font-family="sans-serif">storagetm ÷ systemd-storagetm</text>',
-        f'<line x1="{180 + scale}" y1="30" x2="{180 + scale}" y2="{40 + bar * len(ratios)}" stroke="grey"/>',
-    ]
-    for i, (key, ratio) in enumerate(ratios):
-        y = 35 + i * bar
-        parts.append(f'<text x="10" y="{y + 16}" font-size="12" font-family="sans-serif">{key}</text>')
-        parts.append(
-            f'<rect x="180" y="{y}" width="{min(ratio, 2.2) * scale:.0f}" height="{bar - 8}" fill="steelblue"/>'
-        )
-        parts.append(f'<text x="{185 + min(ratio, 2.2) * scale:.0f}" y="{y + 16}" font-size="12">{ratio:.2f}</text>')
-    parts.append("</svg>")
-    svg = path.with_suffix(".svg")
-    svg.write_text("\n".join(parts))
-    subprocess.run(["convert", str(svg), str(path)], check=True)
+        a = float(ours["export_s"][str(n)])  # type: ignore[index]
+        b = float(theirs["export_s"][str(n)])  # type: ignore[index]
+        pairs.append((f"export_{n}_s", a / b))
+    return pairs
+
+
+def chart(results: dict[str, dict[str, object]], path: Path) -> None:
+    """Ratios storagetm / systemd-storagetm as bars, drawn by ImageMagick; the line marks 1."""
+    rows = ratios(results)
+    bar, scale, left = 30, 150, 170
+    height = 50 + bar * len(rows)
+    draw = [f"line {left + scale},35 {left + scale},{height - 10}"]
+    for i, (key, ratio) in enumerate(rows):
+        y = 40 + i * bar
+        length = min(ratio, 3.0) * scale
+        draw.append(f"text 10,{y + 15} '{key}'")
+        draw.append(f"rectangle {left},{y} {left + length:.0f},{y + bar - 10}")
+        draw.append(f"text {left + length + 6:.0f},{y + 15} '{ratio:.2f}'")
+    subprocess.run(
+        [
+            "convert",
+            "-size",
+            f"{left + 3 * scale + 80}x{height}",
+            "xc:white",
+            "-font",
+            "DejaVu-Sans",
+            "-pointsize",
+            "13",
+            "-fill",
+            "black",
+            "-draw",
+            "text 10,20 'storagetm / systemd-storagetm (bench.compare)'",
+            "-fill",
+            "steelblue",
+            "-stroke",
+            "none",
+            "-draw",
+            " ".join(draw),
+            str(path),
+        ],
+        check=True,
+    )
+
+
+def report(data: dict[str, object]) -> str:
+    """compare.md, compare.png and README's table from one run's JSON."""
+    results: dict[str, dict[str, object]] = data["results"]  # type: ignore[assignment]
+    table = markdown(results, data["meta"])  # type: ignore[arg-type]
+    (RESULTS / "compare.md").write_text(table)
+    chart(results, RESULTS / "compare.png")
+    update_readme(table)
+    return table
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--report-only", action="store_true", help="redo table, chart and README from the last JSON")
     args = parser.parse_args()
+    if args.report_only:
+        print(report(json.loads((RESULTS / "compare.json").read_text())))
+        return 0
     workdir = Path(tempfile.mkdtemp(prefix="storagetm-compare-"))
     link = workdir / "link.sock"
     initiator = VM(
@@ -262,13 +311,9 @@ def main() -> int:
         f"{subprocess.getoutput('uname -m')}, QEMU {subprocess.getoutput('qemu-system-x86_64 --version').split()[3]}",
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compare.json").write_text(
-        json.dumps({"meta": meta, "size_mib": args.size_mib, "rounds": args.rounds, "results": results}, indent=1)
-    )
-    table = markdown(results, meta)
-    (RESULTS / "compare.md").write_text(table)
-    chart(results, RESULTS / "compare.png")
-    print(table)
+    data = {"meta": meta, "size_mib": args.size_mib, "rounds": args.rounds, "results": results}
+    (RESULTS / "compare.json").write_text(json.dumps(data, indent=1))
+    print(report(data))
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -10,7 +10,7 @@ MKOSI_VERSION=25.3-7
 MKOSI_SHA256=ef56c81324fd47d65490e944ec4697bb3f6fb21326d0d071bfc2fb5ba5383252
 HOST_PACKAGES=(qemu-system-x86 qemu-utils ovmf xorriso mtools dosfstools fdisk zstd
                binutils python3-venv ca-certificates imagemagick e2fsprogs
-               dnsmasq-base iproute2)
+               dnsmasq-base iproute2 fonts-dejavu-core)
 PIP_PACKAGES=(pytest==8.3.4 ruff==0.8.6 mypy==1.14.1 qemu.qmp==0.0.6 pyudev==0.24.3)
 
 log() { printf 'setup-host: %s\n' "$*"; }
