@@ -212,6 +212,7 @@ class Daemon:
         selector.register(addr_sock, selectors.EVENT_READ, "net")  # type: ignore[arg-type]
         selector.register(wake_r, selectors.EVENT_READ, "signal")
         redraw_at: float | None = None
+        addresses_changed = False  # `ip -j address` runs only after rtnetlink said so
         while not self.stop_requested:
             if redraw_at is None and self.state.exports:
                 redraw_at = time.monotonic() + DASHBOARD_REFRESH
@@ -221,13 +222,16 @@ class Daemon:
                     self._on_disk_events(devices)
                 elif key.data == "net":
                     network.drain(addr_sock)  # type: ignore[arg-type]
+                    addresses_changed = True
                     redraw_at = redraw_at or time.monotonic() + REDRAW_DEBOUNCE
                 else:
                     with contextlib.suppress(BlockingIOError):
                         os.read(wake_r, 64)
             if redraw_at is not None and time.monotonic() >= redraw_at:
                 redraw_at = None
-                self.state.addresses = network.local_addresses()
+                if addresses_changed:
+                    addresses_changed = False
+                    self.state.addresses = network.local_addresses()
                 self.sample_activity()
                 self.publish()
         selector.close()

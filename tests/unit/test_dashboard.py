@@ -9,7 +9,7 @@ from storagetm.exports import Export
 from storagetm.identity import identity_for
 from storagetm.screen import Screen, render
 from storagetm.state import RunState
-from storagetm.stats import Counters, activity, parse_ss, read_counters
+from storagetm.stats import Counters, activity, initiators, read_counters
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
 
@@ -34,13 +34,21 @@ def test_counters_and_activity(tmp_path: Path) -> None:
     assert act.read_fraction == pytest.approx(0.25) and act.read_rate == pytest.approx(2048 * 512 / 2.0)
 
 
-def test_parse_ss_peers() -> None:
-    out = (
-        "0 0 [::ffff:169.254.1.1]:4420 [::ffff:169.254.9.9]:53422\n"
-        "0 0 [fe80::1%enp0s3]:8009 [fe80::2%enp0s3]:40000\n"
-        "0 0 10.0.0.1:22 10.0.0.2:5555\n"
+def test_initiators_from_proc_net(tmp_path: Path) -> None:
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
+    # 169.254.1.1:4420 <- 169.254.9.9:53422 over IPv6 (v4-mapped), fe80::1:8009 <- fe80::2,
+    # a listening socket, and a connection to another port.
+    mapped = "0000000000000000FFFF0000" + "0101FEA9"
+    (tmp_path / "tcp6").write_text(
+        header
+        + f"   0: {mapped}:1144 0000000000000000FFFF0000"
+        + "0909FEA9:D0AE 01 0:0 0:0 0 0\n"
+        + "   1: 000080FE000000000000000001000000:1F49 000080FE000000000000000002000000:9C40 01 0:0 0\n"
+        + "   2: 00000000000000000000000000000000:1144 00000000000000000000000000000000:0000 0A 0:0 0\n"
     )
-    assert parse_ss(out, {4420, 8009}) == ["169.254.9.9", "fe80::2%enp0s3"]
+    (tmp_path / "tcp").write_text(header + "   0: 0100000A:0016 0200000A:15B3 01 0:0 0:0 0 0\n")
+    assert initiators({4420, 8009}, tmp_path) == ["169.254.9.9", "fe80::2"]
+    assert initiators({4420}, tmp_path / "missing") == []
 
 
 def test_dashboard_fits_80x25_and_shows_progress() -> None:
