@@ -9,17 +9,13 @@ secret: the initiator then connects with `--hostnqn=… --dhchap-secret=…`.
 
 from __future__ import annotations
 
-import base64
 import os
 import re
-import secrets
-import struct
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storagetm.errors import UsageError
+from storagetm import keys
 
 SECRET_RE = re.compile(r"^DHHC-1:0[0-3]:[A-Za-z0-9+/]+={0,2}:$")
 CREDENTIAL_SECRET = "storagetm.dhchap-secret"
@@ -27,21 +23,13 @@ CREDENTIAL_CTRL_SECRET = "storagetm.dhchap-ctrl-secret"
 
 
 def generate_secret() -> str:
-    """A DHHC-1 secret as `nvme gen-dhchap-key` makes it: 32 random bytes + CRC-32, base64,
-    no key transformation (the 00 field)."""
-    key = secrets.token_bytes(32)
-    return "DHHC-1:00:" + base64.b64encode(key + struct.pack("<I", zlib.crc32(key))).decode() + ":"
+    """A DHHC-1 secret as `nvme gen-dhchap-key` makes it: 32 random bytes, no key
+    transformation (the 00 field)."""
+    return keys.generate("DHHC-1:00:")
 
 
 def check_secret(secret: str, what: str = "DH-HMAC-CHAP secret") -> str:
-    secret = secret.strip()
-    if not SECRET_RE.match(secret):
-        raise UsageError(f"invalid {what}", hint="use DHHC-1:00:<base64>: as `nvme gen-dhchap-key` makes it")
-    raw = base64.b64decode(secret.split(":")[2])
-    key, crc = raw[:-4], raw[-4:]
-    if len(key) not in (32, 48, 64) or struct.pack("<I", zlib.crc32(key)) != crc:
-        raise UsageError(f"invalid {what}: bad length or checksum", hint="copy it again, or make a new one")
-    return secret
+    return keys.check(secret, SECRET_RE, (32, 48, 64), what, "DHHC-1:00:<base64>: as `nvme gen-dhchap-key` makes it")
 
 
 def generated_host_nqn() -> str:

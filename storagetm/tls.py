@@ -10,17 +10,14 @@ same way on both sides (`nvme check-tls-key --insert`), so both sides agree.
 
 from __future__ import annotations
 
-import base64
 import re
-import secrets
-import struct
 import subprocess
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from storagetm import keys
 from storagetm.auth import generated_host_nqn, read_credential
-from storagetm.errors import StorageTMError, UsageError
+from storagetm.errors import StorageTMError
 
 KEY_RE = re.compile(r"^NVMeTLSkey-1:0[12]:[A-Za-z0-9+/]+={0,2}:$")
 CREDENTIAL_KEY = "storagetm.tls-key"
@@ -32,20 +29,12 @@ class TLSError(StorageTMError):
 
 
 def generate_key() -> str:
-    """A configured PSK in the interchange format `nvme gen-tls-key` prints: 32 random
-    bytes + CRC-32, base64, hash 01 (SHA-256)."""
-    key = secrets.token_bytes(32)
-    return "NVMeTLSkey-1:01:" + base64.b64encode(key + struct.pack("<I", zlib.crc32(key))).decode() + ":"
+    """A configured PSK as `nvme gen-tls-key` prints it: 32 random bytes, hash 01 (SHA-256)."""
+    return keys.generate("NVMeTLSkey-1:01:")
 
 
 def check_key(key: str) -> str:
-    key = key.strip()
-    if not KEY_RE.match(key):
-        raise UsageError("invalid TLS key", hint="use NVMeTLSkey-1:01:<base64>: as `nvme gen-tls-key` makes it")
-    raw = base64.b64decode(key.split(":")[2])
-    if len(raw) - 4 not in (32, 48) or struct.pack("<I", zlib.crc32(raw[:-4])) != raw[-4:]:
-        raise UsageError("invalid TLS key: bad length or checksum", hint="copy it again, or make a new one")
-    return key
+    return keys.check(key, KEY_RE, (32, 48), "TLS key", "NVMeTLSkey-1:01:<base64>: as `nvme gen-tls-key` makes it")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,30 @@
+"""NVMe's key interchange formats, `DHHC-1:00:…:` (DH-HMAC-CHAP secrets) and
+`NVMeTLSkey-1:01:…:` (TLS PSKs): a prefix, then base64 of the key followed by its
+CRC-32 (little-endian), then a colon, as nvme-cli's gen-dhchap-key and gen-tls-key make them."""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+import struct
+import zlib
+
+from storagetm.errors import UsageError
+
+
+def generate(prefix: str, length: int = 32) -> str:
+    key = secrets.token_bytes(length)
+    return prefix + base64.b64encode(key + struct.pack("<I", zlib.crc32(key))).decode() + ":"
+
+
+def check(text: str, pattern: re.Pattern[str], lengths: tuple[int, ...], what: str, example: str) -> str:
+    """`text` stripped, if it has the format and a key of a valid length with the right CRC."""
+    text = text.strip()
+    if not pattern.match(text):
+        raise UsageError(f"invalid {what}", hint=f"use {example}")
+    raw = base64.b64decode(text.split(":")[2])
+    key, crc = raw[:-4], raw[-4:]
+    if len(key) not in lengths or struct.pack("<I", zlib.crc32(key)) != crc:
+        raise UsageError(f"invalid {what}: bad length or checksum", hint="copy it again, or make a new one")
+    return text
