@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from storagetm import __version__, state
 from storagetm.auth import check_secret
@@ -58,22 +58,24 @@ def _nqn(value: str) -> str:
         raise argparse.ArgumentTypeError(exc.one_line()) from exc
 
 
-def _secret(value: str) -> str:
-    try:
-        return check_secret(value)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(exc.one_line()) from exc
+def _argument(check: Callable[[str], str]) -> Callable[[str], str]:
+    """An argparse type from a check that raises UsageError: its one line becomes the error."""
+
+    def convert(value: str) -> str:
+        try:
+            return check(value)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(exc.one_line()) from exc
+
+    return convert
+
+
+_secret = _argument(check_secret)
+_tls_key = _argument(check_key)
 
 
 def _secret_or_generate(value: str) -> str:
     return value if value == "generate" else _secret(value)
-
-
-def _tls_key(value: str) -> str:
-    try:
-        return check_key(value)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(exc.one_line()) from exc
 
 
 def _host_nqn(value: str) -> str:

@@ -124,24 +124,27 @@ def _yes(value: str) -> bool | None:
             "false": False}.get(value.lower())  # fmt: skip
 
 
-def _auth(value: str, settings: Settings) -> Settings:
+def _flag_or_key(value: str, check: Callable[[str], str], expects: str) -> bool | str:
+    """`1`/`0` (and their spellings) as a flag, or else a key that `check` accepts."""
     flag = _yes(value)
     if flag is not None:
-        return replace(settings, auth=flag)
+        return flag
     try:
-        return replace(settings, auth=True, dhchap_secret=check_secret(value))
+        return check(value)
     except UsageError:
-        raise OptionError("expects 1, 0 or a DHHC-1:00:…: secret (nvme gen-dhchap-key)") from None
+        raise OptionError(expects) from None
+
+
+def _auth(value: str, settings: Settings) -> Settings:
+    got = _flag_or_key(value, check_secret, "expects 1, 0 or a DHHC-1:00:…: secret (nvme gen-dhchap-key)")
+    return replace(settings, auth=got) if isinstance(got, bool) else replace(settings, auth=True, dhchap_secret=got)
 
 
 def _auth_ctrl(value: str, settings: Settings) -> Settings:
-    flag = _yes(value)
-    if flag is not None:
-        return replace(settings, dhchap_ctrl_secret="generate" if flag else "")
-    try:
-        return replace(settings, dhchap_ctrl_secret=check_secret(value, "controller secret"))
-    except UsageError:
-        raise OptionError("expects 1, 0 or a DHHC-1:00:…: secret") from None
+    got = _flag_or_key(value, lambda v: check_secret(v, "controller secret"), "expects 1, 0 or a DHHC-1:00:…: secret")
+    if isinstance(got, bool):
+        got = "generate" if got else ""
+    return replace(settings, dhchap_ctrl_secret=got)
 
 
 def _allow_hosts(value: str, settings: Settings) -> Settings:
@@ -153,13 +156,8 @@ def _allow_hosts(value: str, settings: Settings) -> Settings:
 
 
 def _tls(value: str, settings: Settings) -> Settings:
-    flag = _yes(value)
-    if flag is not None:
-        return replace(settings, tls=flag)
-    try:
-        return replace(settings, tls=True, tls_key=check_key(value))
-    except UsageError:
-        raise OptionError("expects 1, 0 or a NVMeTLSkey-1:01:…: key (nvme gen-tls-key)") from None
+    got = _flag_or_key(value, check_key, "expects 1, 0 or a NVMeTLSkey-1:01:…: key (nvme gen-tls-key)")
+    return replace(settings, tls=got) if isinstance(got, bool) else replace(settings, tls=True, tls_key=got)
 
 
 def _announce(value: str, settings: Settings) -> Settings:
