@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.vm.conftest import BOOT_TIMEOUT, INITIATOR_APPEND, TARGET_APPEND, image, prepare_initiator
+from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, image, initiator_vm, prepare_initiator
 from tests.vm.initiator import connected, disconnect_all
 from tests.vm.machine import VM, Disk, make_disk
 
@@ -285,16 +285,7 @@ def main() -> int:
         return 0
     workdir = Path(tempfile.mkdtemp(prefix="storagetm-compare-"))
     link = workdir / "link.sock"
-    initiator = VM(
-        "initiator",
-        workdir,
-        kernel=image("storagetm.efi"),
-        append=INITIATOR_APPEND,
-        link_socket=link,
-        link_server=True,
-        mac="52:54:00:00:00:02",
-        uuid="0c8e3a55-5f6b-4d8e-8d2a-6e1f4b7a2c10",
-    )
+    initiator = initiator_vm(workdir, link)
     initiator.start()
     try:
         initiator.wait_shell(BOOT_TIMEOUT)

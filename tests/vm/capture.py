@@ -42,6 +42,7 @@ def write_marker(initiator: VM, remote: Remote, text: bytes, offset_mib: int = 4
 
 
 def read_remote(initiator: VM, remote: Remote, size_mib: int = 8) -> bytes:
-    """Read the first `size_mib` MiB of the remote disk, bypassing the initiator's cache."""
+    """Read the first `size_mib` MiB of the remote disk, bypassing the initiator's cache, and
+    return the first marker string found in what was read."""
     return initiator.sh(f"dd if=/dev/{remote.block} bs=1M count={size_mib} iflag=direct status=none | "
                         f"grep -a -o 'storagetm-capture-marker-[0-9a-f]*' | head -n 1").encode()  # fmt: skip

@@ -47,6 +47,13 @@ def make_disks(workdir: Path, kinds: dict[str, str], size: int = DISK_SIZE) -> t
     return disks, sums
 
 
+def initiator_vm(workdir: Path, link: Path) -> VM:
+    """The initiator: the same image booted to multi-user.target, serving the link socket.
+    Its machine identity is fixed so that its host NQN is the same in every run."""
+    return VM("initiator", workdir, kernel=image("storagetm.efi"), append=INITIATOR_APPEND, link_socket=link,
+              link_server=True, mac="52:54:00:00:00:02", uuid="0c8e3a55-5f6b-4d8e-8d2a-6e1f4b7a2c10")  # fmt: skip
+
+
 def boot_pair(
     workdir: Path,
     kinds: dict[str, str],
@@ -67,8 +74,7 @@ def boot_pair(
     # a server accepts a new client, so the target can be power-cycled and join again.
     target = VM("target", workdir, kernel=efi, append=target_append, disks=list(disks.values()),
                 link_socket=link, link_server=False, mac="52:54:00:00:00:01")  # fmt: skip
-    initiator = VM("initiator", workdir, kernel=efi, append=INITIATOR_APPEND, link_socket=link,
-                   link_server=True, mac="52:54:00:00:00:02", uuid="0c8e3a55-5f6b-4d8e-8d2a-6e1f4b7a2c10")  # fmt: skip
+    initiator = initiator_vm(workdir, link)
     initiator.start()
     try:
         target.start()

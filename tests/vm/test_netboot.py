@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import BOOT_TIMEOUT, INITIATOR_APPEND, LOGS, image, prepare_initiator
+from tests.vm.conftest import BOOT_TIMEOUT, LOGS, image, initiator_vm, prepare_initiator
 from tests.vm.initiator import connected, disconnect_all, wait_address
 from tests.vm.machine import VM, Disk, make_disk
 from tests.vm.netboot import BOOT_FILE, http_boot_network, http_boot_nic, tftp_boot_nic
@@ -25,8 +25,7 @@ def initiator() -> Iterator[VM]:
     """One initiator for both boots: it serves the link, each target joins it in turn."""
     WORKDIR.mkdir(parents=True, exist_ok=True)
     LINK.unlink(missing_ok=True)
-    vm = VM("initiator", WORKDIR, kernel=image("storagetm.efi"), append=INITIATOR_APPEND, link_socket=LINK,
-            link_server=True, mac="52:54:00:00:00:02", uuid="0c8e3a55-5f6b-4d8e-8d2a-6e1f4b7a2c10")  # fmt: skip
+    vm = initiator_vm(WORKDIR, LINK)
     vm.start()
     try:
         vm.wait_shell(BOOT_TIMEOUT)
