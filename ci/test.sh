@@ -25,12 +25,21 @@ if [ -e "$stamp" ] && [ -z "${STORAGETM_SLOW_TESTS:-}" ]; then
     markers="vm and not slow"
     echo "ci/test.sh: slow VM tests already passed for this image ($stamp); skipping them"
 fi
-if timeout 3600 "$PY" -m pytest -m "$markers" tests/vm -p no:cacheprovider -v; then
+if timeout 3600 "$PY" -m pytest -m "$markers" tests/vm -p no:cacheprovider -v --tb=short; then
     if [ "$markers" = vm ]; then mkdir -p "$(dirname "$stamp")" && touch "$stamp"; fi
 else
-    echo "VM suite failed; consoles and QEMU errors are in $STORAGETM_VM_LOGS" >&2
-    find "$STORAGETM_VM_LOGS" -name '*-console.log' | sort | while read -r log; do
-        echo "===== tail of $log"; tail -n 25 "$log" | sed 's/\x1b\[[0-9;:?]*[A-Za-z]//g'
+    echo "VM suite failed; consoles, kernel logs and QEMU errors are in $STORAGETM_VM_LOGS" >&2
+    # Kernel logs (every level, copied once a VM's shell is up) say most about a hang; a VM
+    # that never got that far has only its console.
+    find "$STORAGETM_VM_LOGS" -name '*-console.log' | sort | while read -r console; do
+        kernel=${console%-console.log}-kernel.log
+        if [ -s "$kernel" ]; then
+            echo "===== kernel warnings and errors, last 15: $kernel"
+            grep -aiE 'nvme|error|fail|timeout|blocked|BUG|WARNING|Call Trace|oom' "$kernel" | tail -n 15 | cut -c1-200 || true
+        else
+            echo "===== console, last 15 lines: $console"
+            tail -n 15 "$console" | sed 's/\x1b\[[0-9;:?]*[A-Za-z]//g' | cut -c1-200
+        fi
     done
     exit 1
 fi

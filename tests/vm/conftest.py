@@ -47,10 +47,10 @@ def make_disks(workdir: Path, kinds: dict[str, str], size: int = DISK_SIZE) -> t
     return disks, sums
 
 
-def initiator_vm(workdir: Path, link: Path) -> VM:
+def initiator_vm(workdir: Path, link: Path, efi: Path | None = None) -> VM:
     """The initiator: the same image booted to multi-user.target, serving the link socket.
     Its machine identity is fixed so that its host NQN is the same in every run."""
-    return VM("initiator", workdir, kernel=image("storagetm.efi"), append=INITIATOR_APPEND, link_socket=link,
+    return VM("initiator", workdir, kernel=efi or image("storagetm.efi"), append=INITIATOR_APPEND, link_socket=link,
               link_server=True, mac="52:54:00:00:00:02", uuid="0c8e3a55-5f6b-4d8e-8d2a-6e1f4b7a2c10")  # fmt: skip
 
 
@@ -101,6 +101,7 @@ def prepare_initiator(initiator: VM, timeout: float = 120) -> None:
 def report(pair: Pair, request: pytest.FixtureRequest) -> None:
     for vm in (pair.target, pair.initiator):
         print(f"\n===== {vm.name}: last console lines ({vm.console_log}) =====\n{vm.tail(30)}")
+        print(f"\n===== {vm.name}: last kernel messages ({vm.kernel_log}) =====\n{vm.kernel_tail(30)}")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """One QEMU VM under TCG: serial console captured to a file, a root shell on a second
-serial port (systemd.debug_shell=ttyS1, asked for on the kernel command line), QMP for
-hot-plug. Always cleaned up; never leaves a QEMU process behind."""
+serial port (systemd.debug_shell=ttyS1, asked for on the kernel command line), the whole
+kernel log copied to a third (ttyS2) once the shell is up, QMP for hot-plug. Always
+cleaned up; never leaves a QEMU process behind."""
 
 from __future__ import annotations
 
@@ -76,6 +77,12 @@ class VM:
         return self.workdir / f"{self.name}-console.log"
 
     @property
+    def kernel_log(self) -> Path:
+        """Every kernel message at every level, without the console's loglevel filter and
+        without the target's dashboard in between: what a failure report needs."""
+        return self.workdir / f"{self.name}-kernel.log"
+
+    @property
     def shell_socket(self) -> Path:
         return self.workdir / f"{self.name}-shell.sock"
 
@@ -94,6 +101,7 @@ class VM:
             "-drive", f"if=pflash,format=raw,file={vars_copy}",
             "-chardev", f"file,id=con,path={self.console_log}", "-serial", "chardev:con",
             "-chardev", f"socket,id=sh,path={self.shell_socket},server=on,wait=off", "-serial", "chardev:sh",
+            "-chardev", f"file,id=klog,path={self.kernel_log},append=on", "-serial", "chardev:klog",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             "-device", "qemu-xhci,id=xhci", "-monitor", "none",
             # q35's root bus cannot hot-plug; tests plug disks into this port.
@@ -214,7 +222,8 @@ class VM:
                 lines = [ln for ln in text[: match.start()].split("\n") if f"_{token}__" not in ln]
                 return "\n".join(lines).strip("\n"), int(match.group(1))
         self.close_shell()
-        raise VMError(f"{self.name}: `{command}` did not finish within {timeout:.0f} s")
+        raise VMError(f"{self.name}: `{command}` did not finish within {timeout:.0f} s; its kernel said last:\n"
+                      + self.kernel_tail(15))  # fmt: skip
 
     def close_shell(self) -> None:
         if self.shell is not None:
@@ -227,11 +236,15 @@ class VM:
             try:
                 self.run("true", timeout=10)
                 self.run(QUIET_SHELL, timeout=10)
-                return
+                break
             except (VMError, OSError):
                 if time.monotonic() > deadline:
                     raise VMError(f"{self.name}: no debug shell within {timeout:.0f} s") from None
                 time.sleep(2)
+        # Once per boot; a subshell, because run() wraps the command in braces where a bare `&`
+        # cannot end it.
+        self.run("[ -e /run/kernel-log-copied ] || { touch /run/kernel-log-copied; "
+                 "(setsid dmesg --follow --color=never > /dev/ttyS2 2>&1 < /dev/null &); }", timeout=10)  # fmt: skip
 
     def stop(self) -> None:
         self.close_shell()
@@ -258,6 +271,13 @@ class VM:
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.console().splitlines()[-lines:])
+
+    def kernel_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.kernel_log.read_bytes().decode(errors="replace").replace("\r", "")
+        except FileNotFoundError:
+            return "(no kernel log)"
+        return "\n".join(text.splitlines()[-lines:])
 
 
 def _wait_path(path: Path, timeout: float) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from storagetm.auth import generate_secret
 from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, Pair
-from tests.vm.initiator import connected, disconnect_all, screen_rows_joined, wait_address
+from tests.vm.initiator import CONNECT, CONNECT_ALL, connected, disconnect_all, screen_rows_joined, wait_address
 
 pytestmark = pytest.mark.vm
 
@@ -37,7 +37,7 @@ def pair_nqn(pair: Pair) -> str:
 
 def test_connect_all_with_the_line_from_the_screen(pair: Pair) -> None:
     address, hostnqn, secret, _ = screen_auth(pair)
-    pair.initiator.sh(f"nvme connect-all -t tcp -a {address} --hostnqn={hostnqn} --dhchap-secret={secret}")
+    pair.initiator.sh(f"{CONNECT_ALL} -a {address} --hostnqn={hostnqn} --dhchap-secret={secret}")
     try:
         assert [r.serial for r in connected(pair.initiator)] == ["AUTH0001"]
     finally:
@@ -74,7 +74,7 @@ def test_refused_without_the_right_secret(pair: Pair, case: str) -> None:
 
 def test_with_the_secret_reads_and_writes_work(pair: Pair) -> None:
     address, hostnqn, secret, _ = screen_auth(pair)
-    pair.initiator.sh(f"nvme connect-all -t tcp -a {address} --hostnqn={hostnqn} --dhchap-secret={secret}")
+    pair.initiator.sh(f"{CONNECT_ALL} -a {address} --hostnqn={hostnqn} --dhchap-secret={secret}")
     try:
         remote = next(r for r in connected(pair.initiator) if r.serial == "AUTH0001")
         assert pair.initiator.sh(f"sha256sum /dev/{remote.block}").split()[0] == pair.sums["AUTH0001"]
@@ -88,7 +88,7 @@ def test_with_the_secret_reads_and_writes_work(pair: Pair) -> None:
 
 def test_bidirectional_connect_with_the_controller_secret(pair: Pair) -> None:
     address, hostnqn, secret, ctrl = screen_auth(pair)
-    pair.initiator.sh(f"nvme connect -t tcp -a {address} -n {pair_nqn(pair)} --hostnqn={hostnqn} "
+    pair.initiator.sh(f"{CONNECT} -a {address} -n {pair_nqn(pair)} --hostnqn={hostnqn} "
                       f"--dhchap-secret={secret} --dhchap-ctrl-secret={ctrl}")  # fmt: skip
     try:
         assert [r.serial for r in connected(pair.initiator)] == ["AUTH0001"]

@@ -12,7 +12,7 @@ import pytest
 
 from tests.vm.capture import capture, marker, read_remote, write_marker
 from tests.vm.conftest import BOOT_TIMEOUT, Pair
-from tests.vm.initiator import connected, disconnect_all, screen_addresses, wait_address
+from tests.vm.initiator import CONNECT_ALL, connected, disconnect_all, screen_addresses, wait_address
 from tests.vm.machine import make_disk, sha256_file
 
 pytestmark = pytest.mark.vm
@@ -42,7 +42,7 @@ def test_connect_all_with_defaults_reads_every_byte(pair: Pair, family: str) -> 
     disconnect_all(pair.initiator)
     discover = pair.initiator.sh(f"nvme discover -t tcp -a {address}")
     nqns = set(re.findall(r"subnqn:\s+(\S+)", discover)) - {"nqn.2014-08.org.nvmexpress.discovery"}
-    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
     remotes = connected(pair.initiator)
     try:
         # Every disk exactly once, with the disk's own model and serial.
@@ -82,7 +82,7 @@ def test_discovery_service_is_found_over_mdns(pair: Pair) -> None:
     address = f"{found.group(1)}%{found.group(2)} -f {found.group(2)}" if found.lastindex == 2 else found.group(1)
     disconnect_all(pair.initiator)
     try:
-        pair.initiator.sh(f"nvme connect-all -t tcp -a {address} -s {port}")
+        pair.initiator.sh(f"{CONNECT_ALL} -a {address} -s {port}")
         assert sorted(r.serial for r in connected(pair.initiator)) == sorted(pair.disks)
     finally:
         disconnect_all(pair.initiator)
@@ -104,7 +104,7 @@ def test_status_json_and_configfs_agree(pair: Pair) -> None:
 def test_size_change_reaches_the_initiator(pair: Pair) -> None:
     target_ready(pair, 4)
     address = wait_address(pair.target, "169.254.")
-    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
     try:
         remote = next(r for r in connected(pair.initiator) if r.serial == "VIRT0001")
         assert int(pair.initiator.sh(f"blockdev --getsize64 /dev/{remote.block}")) == 32 << 20
@@ -133,7 +133,7 @@ def test_dashboard_and_status_follow_a_copy(pair: Pair) -> None:
     listed, and tty1 shows the dashboard (a screenshot is kept in the logs)."""
     target_ready(pair, 4)
     address = wait_address(pair.target, "169.254.")
-    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
     try:
         remote = next(r for r in connected(pair.initiator) if r.serial == "NVME0001")
         nqn = next(e["nqn"] for e in json.loads(pair.target.sh("storagetm status --json"))["exports"]
@@ -183,7 +183,7 @@ def test_hotplug_add_and_remove(pair: Pair) -> None:
     while "hot00001" not in pair.initiator.sh(f"nvme discover -t tcp -a {address}"):
         assert time.monotonic() - started < HOTPLUG_BOUND, "hot-plugged disk not discoverable in time"
         time.sleep(1)
-    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
     try:
         serials = sorted(r.serial for r in connected(pair.initiator))
         assert serials == sorted([*pair.disks, "HOT00001"])
@@ -207,7 +207,7 @@ def test_plain_link_carries_the_data_in_clear(pair: Pair) -> None:
     target_ready(pair, 4)
     address = wait_address(pair.target, "169.254.")
     disconnect_all(pair.initiator)
-    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
     try:
         remote = next(r for r in connected(pair.initiator) if r.serial == "USB00001")
         text = marker()
@@ -223,7 +223,7 @@ def test_write_reaches_disk_and_shutdown_leaves_nothing(pair: Pair) -> None:
     """Runs last in this module: it stops storagetm and powers the target off."""
     target_ready(pair, 4)
     address = wait_address(pair.target, "fe80::")
-    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
     remote = next(r for r in connected(pair.initiator) if r.serial == "VIRT0001")
     pattern = "storagetm-write-through-" * 1000
     dd = f"dd if=/tmp/pattern of=/dev/{remote.block} bs=4096 seek=100 oflag=direct conv=fsync"

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, Pair
-from tests.vm.initiator import connected, disconnect_all, wait_address
+from tests.vm.initiator import CONNECT_ALL, connected, disconnect_all, wait_address
 
 pytestmark = pytest.mark.vm
 
@@ -36,7 +36,7 @@ def test_bad_kernel_options_are_named_and_only_asked_for_disks_exported(pair: Pa
 def test_sigkill_restart_adopts_exports_and_reads_go_on(pair: Pair) -> None:
     pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
     address = wait_address(pair.target, "fe80::")
-    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
     try:
         remote = next(r for r in connected(pair.initiator) if r.serial == "VIRT0002")
         before = json.loads(pair.target.sh("storagetm status --json"))
@@ -64,7 +64,7 @@ def test_target_reboot_keeps_nqns_and_initiator_reconnects(pair: Pair) -> None:
     pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
     address = wait_address(pair.target, "fe80::")
     before = json.loads(pair.target.sh("storagetm status --json"))
-    pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+    pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
     try:
         remote = next(r for r in connected(pair.initiator) if r.serial == "VIRT0002")
         pair.target.stop()

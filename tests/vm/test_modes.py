@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.vm.conftest import BOOT_TIMEOUT, LOGS, TARGET_APPEND, Pair, boot_pair, prepare_initiator
-from tests.vm.initiator import Remote, connected, disconnect_all, wait_address
+from tests.vm.initiator import CONNECT_ALL, Remote, connected, disconnect_all, wait_address
 from tests.vm.machine import Disk, sha256_file
 
 pytestmark = pytest.mark.vm
@@ -50,7 +50,7 @@ def modes_pair() -> Iterator[tuple[Pair, dict[str, str]]]:
         pair.initiator.sh("mkdir -p /mnt/x")
         pair.target.wait_for(r"Exported disks \(3\)", BOOT_TIMEOUT)
         address = wait_address(pair.target, "169.254.")
-        pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
+        pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
         yield pair, sums
     finally:
         pair.initiator.stop()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.vm.conftest import BOOT_TIMEOUT, LOGS, image, initiator_vm, prepare_initiator
-from tests.vm.initiator import connected, disconnect_all, wait_address
+from tests.vm.initiator import CONNECT_ALL, connected, disconnect_all, wait_address
 from tests.vm.machine import VM, Disk, make_disk
 from tests.vm.netboot import BOOT_FILE, http_boot_network, http_boot_nic, tftp_boot_nic
 
@@ -51,7 +51,7 @@ def reads_back(target: VM, initiator: VM, digest: str) -> None:
     address = wait_address(target, "169.254.")
     disconnect_all(initiator)
     try:
-        initiator.sh(f"nvme connect-all -t tcp -a {address}")
+        initiator.sh(f"{CONNECT_ALL} -a {address}")
         (remote,) = connected(initiator)
         assert remote.serial == "NETB0001"
         assert initiator.sh(f"sha256sum /dev/{remote.block}", timeout=300).split()[0] == digest

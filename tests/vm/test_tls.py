@@ -12,7 +12,7 @@ import pytest
 from storagetm.exports import DISCOVERY_NQN
 from tests.vm.capture import capture, marker, read_remote, write_marker
 from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, Pair
-from tests.vm.initiator import connected, disconnect_all, screen_rows_joined, wait_address
+from tests.vm.initiator import CONNECT_ALL, connected, disconnect_all, screen_rows_joined, wait_address
 
 pytestmark = pytest.mark.vm
 
@@ -49,7 +49,7 @@ def test_refused_without_the_key(pair: Pair, case: str) -> None:
     host, _, address = screen_tls(pair)
     disconnect_all(pair.initiator)
     tls = " --tls" if case == "tls-without-key" else ""
-    _, rc = pair.initiator.run(f"nvme connect-all -t tcp -a {address} --hostnqn={host}{tls}")
+    _, rc = pair.initiator.run(f"{CONNECT_ALL} -a {address} --hostnqn={host}{tls}")
     assert rc != 0
     assert connected(pair.initiator) == []
 
@@ -60,7 +60,7 @@ def test_with_the_key_every_byte_arrives_and_the_wire_shows_no_plaintext(pair: P
     for subsystem in (DISCOVERY_NQN, nqn):  # as the screen says: the discovery NQN and each disk's
         pair.initiator.sh(f"nvme check-tls-key -i -n {host} -d {key} -c {subsystem}")
     disconnect_all(pair.initiator)
-    pair.initiator.sh(f"nvme connect-all -t tcp -a {address} --hostnqn={host} --tls")
+    pair.initiator.sh(f"{CONNECT_ALL} -a {address} --hostnqn={host} --tls")
     try:
         (remote,) = connected(pair.initiator)
         assert pair.initiator.sh(f"sha256sum /dev/{remote.block}", timeout=300).split()[0] == pair.sums["TLS00001"]
