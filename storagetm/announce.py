@@ -14,7 +14,8 @@ from storagetm.exports import DISCOVERY_NQN, DISCOVERY_TRSVCID
 log = logging.getLogger(__name__)
 
 DNSSD_DIR = Path("/run/systemd/dnssd")
-RESOLVED_RUNTIME = Path("/run/systemd/resolve")
+# Installed is enough: storagetm starts before resolved, which reads the .dnssd file when it starts.
+RESOLVED = Path("/usr/lib/systemd/systemd-resolved")
 SERVICE_FILE = "storagetm-discovery.dnssd"
 SERVICE_TYPE = "_nvme-disc._tcp"
 IMAGE_HOSTNAMES = {"", "localhost", "storagetm"}  # names not worth keeping: the image's own
@@ -49,21 +50,21 @@ class Announcer:
     def __init__(
         self,
         dnssd_dir: Path = DNSSD_DIR,
-        resolved_runtime: Path = RESOLVED_RUNTIME,
+        resolved: Path = RESOLVED,
         restart_resolved: Callable[[], None] = lambda: _systemctl("try-restart", "--no-block", "systemd-resolved"),
         get_hostname: Callable[[], str] = socket.gethostname,
         set_hostname: Callable[[str], None] = socket.sethostname,
     ) -> None:
         self.service = dnssd_dir / SERVICE_FILE
-        self.resolved_runtime = resolved_runtime
+        self.resolved = resolved
         self.restart_resolved = restart_resolved
         self.get_hostname = get_hostname
         self.set_hostname = set_hostname
 
     def publish(self, host_id: str, port: int = DISCOVERY_TRSVCID) -> str:
         """Announce; return the mDNS name the target is found under ("" if not announced)."""
-        if not self.resolved_runtime.is_dir():
-            log.warning("not announcing over mDNS: systemd-resolved is not running")
+        if not self.resolved.exists():
+            log.warning("not announcing over mDNS: systemd-resolved is not installed")
             return ""
         hostname = self.get_hostname()
         if hostname in IMAGE_HOSTNAMES:

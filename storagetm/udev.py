@@ -36,7 +36,10 @@ class BlockDevices:
         return int(self.monitor.fileno())
 
     def enumerate(self) -> list[Disk]:
-        return [disk_from_udev(device) for device in self.context.list_devices(subsystem="block")]
+        """Disks udev has finished with: storagetm starts early in boot, and a disk udev has
+        not processed yet (no serial, no by-id links) arrives later as an event."""
+        devices = self.context.list_devices(subsystem="block")
+        return [disk_from_udev(device) for device in devices if device.is_initialized]
 
     def events(self) -> Iterator[DiskEvent]:
         for device in iter(functools.partial(self.monitor.poll, timeout=0), None):

@@ -11,8 +11,9 @@ class Fake:
     def __init__(self, tmp_path: Path, hostname: str) -> None:
         self.hostname = hostname
         self.restarts = 0
-        (tmp_path / "resolve").mkdir()
-        self.announcer = Announcer(tmp_path / "dnssd", tmp_path / "resolve", self.restart, lambda: self.hostname,
+        resolved = tmp_path / "systemd-resolved"
+        resolved.touch()
+        self.announcer = Announcer(tmp_path / "dnssd", resolved, self.restart, lambda: self.hostname,
                                    self.set_hostname)  # fmt: skip
 
     def restart(self) -> None:
@@ -43,7 +44,7 @@ def test_a_name_the_operator_gave_is_kept(tmp_path: Path) -> None:
 
 
 def test_without_resolved_nothing_is_announced(tmp_path: Path) -> None:
-    announcer = Announcer(tmp_path / "dnssd", tmp_path / "no-resolved", lambda: None, lambda: "storagetm",
+    announcer = Announcer(tmp_path / "dnssd", tmp_path / "no-systemd-resolved", lambda: None, lambda: "storagetm",
                           lambda name: None)  # fmt: skip
     assert announcer.publish("x") == ""
     assert not (tmp_path / "dnssd").exists()
