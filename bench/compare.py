@@ -1,22 +1,25 @@
-"""storagetm beside systemd-storagetm, measured in one run on the same image and VMs.
+"""storagetm beside systemd-storagetm and NBD, measured in one run on the same image and VMs.
 
-    python3 -m bench.compare [--size-mib 128] [--rounds 2]
+    ci/build-image.sh bench && python3 -m bench.compare [--size-mib 128] [--boots 3]
 
-One initiator VM stays up; for each implementation a target VM boots from the same UKI
-(systemd-storagetm: `systemd.mask=storagetm.service systemd.wants=systemd-storagetm.service`)
-and the bench measures, from the host:
+Everything runs on the bench image (`mkosi.profiles/bench`: the shipped image plus
+nbd-server and nbd-client). One initiator VM stays up; for each implementation a target
+VM boots from the same UKI and the bench measures, from the host:
 
-- ready: QEMU start until the initiator's `nvme discover` lists a subsystem;
-- hotplug: QMP device_add until the new disk is in the discovery log;
+- ready: QEMU start until the initiator sees the disk offered (`nvme discover` lists a
+  subsystem; for NBD, `nbd-client -l` lists the export) — median of `--boots` boots,
+  the implementations taking turns so that drift of this shared machine hits all alike;
+- hotplug: QMP device_add until the new disk is in the discovery log (median of
+  `--hotplugs`; NBD has no hotplug);
+- sequential read and write over the link (dd, O_DIRECT, MiB/s, median of `--rounds`),
+  and for storagetm also read in read-only and snapshot mode;
+- the daemon's CPU time and resident memory after the copies (NBD: nbd-server and its
+  per-connection child, still connected);
 - export time for 1, 8 and 32 disks (regular files, the daemon started by hand in the
-  target, until every subsystem is linked into a port);
-- sequential read and write over the link (dd, O_DIRECT, MiB/s);
-- the daemon's CPU time and resident memory after the copies.
+  target, until every disk is linked into a port; NBD: until it listens).
 
 Writes bench/results/compare.json, compare.md and compare.png, and puts the table into
-README's performance section.
-NBD is not measured: the image carries no NBD server (see the closing note of issue 8).
-Not part of CI: slow, and this machine is shared and noisy."""
+README's performance section. Not part of CI: slow, and this machine is shared and noisy."""
 
 from __future__ import annotations
 
@@ -38,50 +41,35 @@ from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, image, initiator_vm, 
 from tests.vm.initiator import connected, disconnect_all
 from tests.vm.machine import VM, Disk, make_disk
 
+BENCH_IMAGE = "storagetm-bench.efi"
 TARGET_LL = "fe80::5054:ff:fe00:1%enp0s3"  # the target's EUI-64 link-local address (MAC below)
-IMPLEMENTATIONS = {
-    "storagetm": {"append": TARGET_APPEND, "unit": "storagetm.service", "run": "storagetm {files} >/dev/null 2>&1"},
-    "systemd-storagetm": {
-        "append": f"{TARGET_APPEND} systemd.mask=storagetm.service " "systemd.wants=systemd-storagetm.service",
-        "unit": "systemd-storagetm.service",
-        "run": "/usr/lib/systemd/systemd-storagetm {files} >/dev/null 2>&1 </dev/null",
-    },
-}
+NBD_PORT = 10809
 EXPORT_COUNTS = (1, 8, 32)
 RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKERS = ("<!-- bench.compare: begin -->", "<!-- bench.compare: end -->")
+NAMES = ("storagetm", "systemd-storagetm", "nbd")
+ROWS = (
+    ("boot → disk offered (s)", "ready_s"),
+    ("hotplug → in discovery log (s)", "hotplug_s"),
+    ("sequential read (MiB/s)", "read_mib_s"),
+    ("sequential write (MiB/s)", "write_mib_s"),
+    ("sequential read, read-only mode (MiB/s)", "read_ro_mib_s"),
+    ("sequential read, snapshot mode (MiB/s)", "read_snapshot_mib_s"),
+    ("daemon CPU time after the copies (s)", "daemon_cpu_s"),
+    ("daemon resident memory (MiB)", "daemon_rss_mib"),
+    *((f"export {n} disk{'s' if n > 1 else ''} (s)", f"export_{n}_s") for n in EXPORT_COUNTS),
+)
+# Read-only and snapshot reads are compared with the anchors' plain read: they have no such modes.
+ANCHOR_KEY = {"read_ro_mib_s": "read_mib_s", "read_snapshot_mib_s": "read_mib_s"}
 
 
-def update_readme(table: str, readme: Path = README) -> None:
-    """Put the table of this run between the markers in README's performance section."""
-    text = readme.read_text()
-    begin, end = text.find(MARKERS[0]), text.find(MARKERS[1])
-    if begin < 0 or end < begin:
-        return
-    readme.write_text(text[: begin + len(MARKERS[0])] + "\n" + table + text[end:])
-
-
-def discovery_ports(target: VM) -> list[str]:
-    """The TCP ports listening for NVMe/TCP on IPv6, as configfs has them."""
-    out = target.sh(
-        "for p in /sys/kernel/config/nvmet/ports/*; do "
-        '[ "$(cat $p/addr_adrfam)" = ipv6 ] && ls $p/subsystems | grep -q . && cat $p/addr_trsvcid; done; true'
-    )
-    return sorted(set(out.split()))
-
-
-def subsystems_seen(initiator: VM, port: str) -> int:
-    out, rc = initiator.run(f"nvme discover -t tcp -a {TARGET_LL} -f enp0s3 -s {port}", 20)
-    return out.count("subtype: nvme subsystem") if rc == 0 else 0
-
-
-def until(condition: Callable[[], bool], timeout: float, what: str) -> float:
+def until(condition: Callable[[], bool], timeout: float, what: str, pause: float = 0.2) -> float:
     started = time.monotonic()
     while not condition():
         if time.monotonic() - started > timeout:
             raise RuntimeError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.2)
+        time.sleep(pause)
     return time.monotonic() - started
 
 
@@ -93,180 +81,319 @@ def dd_mib_s(initiator: VM, command: str) -> float:
     return int(match.group(1)) / float(match.group(2)) / (1 << 20)
 
 
-def export_seconds(target: VM, run: str, count: int) -> float:
-    """Start the daemon by hand on `count` regular files; time until all are linked to a port."""
-    files = " ".join(f"/tmp/bench/f{i}.img" for i in range(count))
+def timed_start(target: VM, prepare: str, start: str, ready: str) -> float:
+    """Run `start` in the background in the target and time it until the shell test
+    `ready` holds (polled every 20 ms); then stop it."""
     script = (
-        f"rm -rf /tmp/bench; mkdir -p /tmp/bench; for i in $(seq 0 {count - 1}); do "
-        f"truncate -s 1M /tmp/bench/f$i.img; done; "
-        f"start=$(date +%s.%N); {run.format(files=files)} & pid=$!; "
-        f"until [ $(ls /sys/kernel/config/nvmet/ports/*/subsystems 2>/dev/null | grep nqn | sort -u | wc -l) "
-        f"-ge {count} ]; do sleep 0.02; done; end=$(date +%s.%N); kill $pid; wait $pid; "
+        f"{prepare}; start=$(date +%s.%N); {start} & pid=$!; "
+        f"until {ready}; do sleep 0.02; done; end=$(date +%s.%N); kill $pid; wait $pid; "
         'awk -v s="$start" -v e="$end" \'BEGIN { printf "elapsed %.3f\\n", e - s }\''
     )
     out = target.sh(script, timeout=300)
     return float(out.split("elapsed")[-1].split()[0])
 
 
-def measure(
-    name: str, spec: dict[str, str], initiator: VM, workdir: Path, size_mib: int, rounds: int
-) -> dict[str, object]:
-    disk = Disk(workdir / f"{name}-BENCH001.img", "virtio", "BENCH001")
-    make_disk(disk.path, size_mib << 20, b"BENCH001")
-    target = VM(
-        "target",
-        workdir / name,
-        kernel=image("storagetm.efi"),
-        append=spec["append"],
-        disks=[disk],
-        link_socket=workdir / "link.sock",
-        link_server=False,
-        mac="52:54:00:00:00:01",
-    )
-    result: dict[str, object] = {}
-    started = time.monotonic()
-    target.start()
-    try:
-        ports: list[str] = []
+def bench_files(count: int) -> tuple[str, list[str]]:
+    files = [f"/tmp/bench/f{i}.img" for i in range(count)]
+    return "rm -rf /tmp/bench; mkdir -p /tmp/bench; " + "; ".join(f"truncate -s 1M {f}" for f in files), files
 
-        def discoverable() -> bool:
-            nonlocal ports
-            ports = ports or (["8009"] if name == "storagetm" else [])
-            if not ports:
-                found = re.search(r"Listening on ipv6 \(port (\d+)\)", target.console())
-                ports = [found.group(1)] if found else []
-            return bool(ports) and subsystems_seen(initiator, ports[0]) >= 1
 
-        until(discoverable, BOOT_TIMEOUT, f"{name}: first disk connectable")
-        result["ready_s"] = time.monotonic() - started
-        target.wait_shell(60)
-        port = ports[0]
+def process_usage(target: VM, pids: list[str]) -> tuple[float, float]:
+    """CPU seconds and resident MiB, summed over the given processes."""
+    hz = int(target.sh("getconf CLK_TCK"))
+    cpu = rss = 0.0
+    for pid in pids:
+        cpu += sum(int(t) for t in target.sh(f"cut -d' ' -f14,15 /proc/{pid}/stat").split()) / hz
+        rss += int(target.sh(f"awk '/^VmRSS/ {{print $2}}' /proc/{pid}/status")) / 1024
+    return cpu, rss
 
-        qmp = target.qmp
-        hot = workdir / f"{name}-HOT.img"
-        make_disk(hot, 16 << 20, b"HOT00001")
-        qmp.cmd("blockdev-add", driver="file", filename=str(hot), **{"node-name": "hotfile"})
-        qmp.cmd("blockdev-add", driver="raw", file="hotfile", **{"node-name": "hot"})
-        plugged = time.monotonic()
-        qmp.cmd("device_add", driver="virtio-blk-pci", bus="hp0", drive="hot", serial="HOT00001", id="hotdisk")
-        until(lambda: subsystems_seen(initiator, port) >= 2, 120, f"{name}: hot-plugged disk discoverable")
-        result["hotplug_s"] = time.monotonic() - plugged
 
-        disconnect_all(initiator)
-        initiator.sh(f"nvme connect-all -t tcp -a {TARGET_LL} -f enp0s3 -s {port}")
+class Implementation:
+    """How one exporter is booted, found, connected to and measured."""
+
+    def __init__(self, name: str, append: str) -> None:
+        self.name, self.append = name, append
+
+    def offered(self, initiator: VM, target: VM) -> bool:
+        raise NotImplementedError
+
+    def connect(self, initiator: VM, size: int) -> str:
+        """Connect the bench disk; return its block device on the initiator."""
+        raise NotImplementedError
+
+    def disconnect(self, initiator: VM) -> None:
+        raise NotImplementedError
+
+    def daemon_pids(self, target: VM) -> list[str]:
+        raise NotImplementedError
+
+    def stop_service(self, target: VM) -> None:
+        raise NotImplementedError
+
+    def export_seconds(self, target: VM, count: int) -> float:
+        raise NotImplementedError
+
+
+class NVMeTarget(Implementation):
+    def __init__(self, name: str, append: str, unit: str, run: str) -> None:
+        super().__init__(name, append)
+        self.unit = unit
+        self.run = run  # the daemon by hand, on {files}
+        self.port = ""  # where it offers discovery: found once the target is up
+
+    def find_port(self, target: VM) -> str:
+        if self.name == "storagetm":
+            return "8009"
+        found = re.search(r"Listening on ipv6 \(port (\d+)\)", target.console())
+        return found.group(1) if found else ""
+
+    def subsystems_seen(self, initiator: VM) -> int:
+        out, rc = initiator.run(f"nvme discover -t tcp -a {TARGET_LL} -f enp0s3 -s {self.port}", 20)
+        return out.count("subtype: nvme subsystem") if rc == 0 else 0
+
+    def offered(self, initiator: VM, target: VM) -> bool:
+        self.port = self.find_port(target)
+        return bool(self.port) and self.subsystems_seen(initiator) >= 1
+
+    def connect(self, initiator: VM, size: int) -> str:
+        initiator.sh(f"nvme connect-all -t tcp -a {TARGET_LL} -f enp0s3 -s {self.port}")
         # The bench disk by its size: systemd-storagetm does not pass the disk's serial on.
         sizes = {r.block: int(initiator.sh(f"cat /sys/block/{r.block}/size")) * 512 for r in connected(initiator)}
-        remote_block = next(block for block, size in sizes.items() if size == size_mib << 20)
-        dev = f"/dev/{remote_block}"
-        reads = [
-            dd_mib_s(initiator, f"dd if={dev} of=/dev/null bs=1M count={size_mib} iflag=direct") for _ in range(rounds)
-        ]
-        writes = [
-            dd_mib_s(initiator, f"dd if=/dev/zero of={dev} bs=1M count={size_mib} oflag=direct") for _ in range(rounds)
-        ]
-        disconnect_all(initiator)
-        result["read_mib_s"] = statistics.median(reads)
-        result["write_mib_s"] = statistics.median(writes)
-        pid = target.sh(f"systemctl show -p MainPID --value {spec['unit']}")
-        ticks = target.sh(f"cut -d' ' -f14,15 /proc/{pid}/stat")
-        hz = int(target.sh("getconf CLK_TCK"))
-        result["daemon_cpu_s"] = sum(int(t) for t in ticks.split()) / hz
-        result["daemon_rss_mib"] = int(target.sh(f"awk '/^VmRSS/ {{print $2}}' /proc/{pid}/status")) / 1024
+        return "/dev/" + next(block for block, s in sizes.items() if s == size)
 
-        # Export cost: the service stopped (systemd-storagetm's unit reboots when it exits,
-        # hence the mask), then the daemon run by hand on 1, 8, 32 files.
+    def disconnect(self, initiator: VM) -> None:
+        disconnect_all(initiator)
+
+    def daemon_pids(self, target: VM) -> list[str]:
+        return [target.sh(f"systemctl show -p MainPID --value {self.unit}")]
+
+    def stop_service(self, target: VM) -> None:
         target.sh(
             "systemctl mask --runtime reboot.target; "  # systemd-storagetm's unit reboots when it dies
-            f"systemctl stop {spec['unit']}; "
+            f"systemctl stop {self.unit}; "
             "cd /sys/kernel/config/nvmet && for p in ports/*; do rm -f $p/subsystems/*; rmdir $p; done; "
             "for s in subsystems/*; do echo 0 > $s/namespaces/1/enable; rmdir $s/namespaces/1; rmdir $s; done; "
             "true",
             timeout=120,
         )
-        result["export_s"] = {str(n): export_seconds(target, spec["run"], n) for n in EXPORT_COUNTS}
-    finally:
-        target.stop()
-    return result
+
+    def export_seconds(self, target: VM, count: int) -> float:
+        prepare, files = bench_files(count)
+        linked = "$(ls /sys/kernel/config/nvmet/ports/*/subsystems 2>/dev/null | grep nqn | sort -u | wc -l)"
+        return timed_start(target, prepare, self.run.format(files=" ".join(files)), f"[ {linked} -ge {count} ]")
 
 
-def markdown(results: dict[str, dict[str, object]], meta: dict[str, str]) -> str:
-    ours, theirs = results["storagetm"], results["systemd-storagetm"]
-    rows = [
-        ("boot → first disk connectable (s)", "ready_s"),
-        ("hotplug → in discovery log (s)", "hotplug_s"),
-        ("sequential read (MiB/s)", "read_mib_s"),
-        ("sequential write (MiB/s)", "write_mib_s"),
-        ("daemon CPU time after the copies (s)", "daemon_cpu_s"),
-        ("daemon resident memory (MiB)", "daemon_rss_mib"),
+class NBDServer(Implementation):
+    def offered(self, initiator: VM, target: VM) -> bool:
+        out, rc = initiator.run(f"timeout 5 nbd-client -l {TARGET_LL} {NBD_PORT}", 20)
+        return rc == 0 and "BENCH001" in out
+
+    def connect(self, initiator: VM, size: int) -> str:
+        initiator.sh(f"modprobe nbd; nbd-client {TARGET_LL} {NBD_PORT} /dev/nbd0 -N BENCH001 -b 4096")
+        got = int(initiator.sh("cat /sys/block/nbd0/size")) * 512
+        if got != size:
+            raise RuntimeError(f"/dev/nbd0 has {got} bytes, the bench disk {size}")
+        return "/dev/nbd0"
+
+    def disconnect(self, initiator: VM) -> None:
+        initiator.sh("nbd-client -d /dev/nbd0")
+
+    def daemon_pids(self, target: VM) -> list[str]:
+        out = target.sh('for p in /proc/[0-9]*; do [ "$(cat $p/comm 2>/dev/null)" = nbd-server ] && '
+                        'echo ${p#/proc/}; done; true')  # fmt: skip
+        return out.split()
+
+    def stop_service(self, target: VM) -> None:
+        target.sh("systemctl stop nbd-bench.service")
+
+    def export_seconds(self, target: VM, count: int) -> float:
+        prepare, files = bench_files(count)
+        config = "\\n".join(["[generic]"] + [f"[d{i}]\\nexportname = {f}" for i, f in enumerate(files)])
+        listening = f"grep -q ':{NBD_PORT:04X} [0:]* 0A ' /proc/net/tcp /proc/net/tcp6"
+        return timed_start(target, f"{prepare}; printf '{config}\\n' > /tmp/bench/nbd.conf",
+                           "nbd-server -d -C /tmp/bench/nbd.conf >/dev/null 2>&1", listening)  # fmt: skip
+
+
+def implementations() -> list[Implementation]:
+    return [
+        NVMeTarget("storagetm", TARGET_APPEND, unit="storagetm.service", run="storagetm {files} >/dev/null 2>&1"),
+        NVMeTarget(
+            "systemd-storagetm",
+            f"{TARGET_APPEND} systemd.mask=storagetm.service systemd.wants=systemd-storagetm.service",
+            unit="systemd-storagetm.service",
+            run="/usr/lib/systemd/systemd-storagetm {files} >/dev/null 2>&1 </dev/null",
+        ),
+        NBDServer(
+            "nbd",  # storage-target-mode.target pulls in udev and the network only through storagetm
+            f"{TARGET_APPEND} systemd.unit=multi-user.target systemd.mask=storagetm.service "
+            "systemd.wants=nbd-bench.service",
+        ),
     ]
+
+
+class Bench:
+    def __init__(self, workdir: Path, initiator: VM, size_mib: int, rounds: int, hotplugs: int) -> None:
+        self.workdir, self.initiator = workdir, initiator
+        self.size_mib, self.rounds, self.hotplugs = size_mib, rounds, hotplugs
+        self.samples: dict[str, dict[str, list[float]]] = {}  # every boot and hotplug, for the JSON
+        self.disk = Disk(workdir / "BENCH001.img", "virtio", "BENCH001")
+        make_disk(self.disk.path, size_mib << 20, b"BENCH001")
+
+    def boot(self, impl: Implementation, run: int) -> tuple[VM, float]:
+        """Boot a target with `impl`; return it and the seconds until the initiator sees the disk."""
+        target = VM("target", self.workdir / f"{impl.name}-{run}", kernel=image(BENCH_IMAGE), append=impl.append,
+                    disks=[self.disk], link_socket=self.workdir / "link.sock", link_server=False,
+                    mac="52:54:00:00:00:01", extra=self.hotplug_ports())  # fmt: skip
+        started = time.monotonic()
+        target.start()
+        try:
+            until(lambda: impl.offered(self.initiator, target), BOOT_TIMEOUT, f"{impl.name}: disk offered")
+        except BaseException:
+            target.stop()
+            raise
+        return target, time.monotonic() - started
+
+    def hotplug_ports(self) -> list[str]:
+        """Root ports hp1… beside the VM's own hp0, one per hot-plugged disk."""
+        return [arg for i in range(1, self.hotplugs) for arg in
+                ("-device", f"pcie-root-port,id=hp{i},chassis={i + 1},slot={i + 1},addr=0x{0x10 + i:x}")]  # fmt: skip
+
+    def hotplug(self, impl: NVMeTarget, target: VM, index: int) -> float:
+        hot = self.workdir / f"{impl.name}-HOT{index}.img"
+        make_disk(hot, 16 << 20, f"HOT{index:05d}".encode())
+        target.qmp.cmd("blockdev-add", driver="file", filename=str(hot), **{"node-name": f"hotfile{index}"})
+        target.qmp.cmd("blockdev-add", driver="raw", file=f"hotfile{index}", **{"node-name": f"hot{index}"})
+        before = impl.subsystems_seen(self.initiator)
+        plugged = time.monotonic()
+        target.qmp.cmd("device_add", driver="virtio-blk-pci", bus=f"hp{index}", drive=f"hot{index}",
+                       serial=f"HOT{index:05d}", id=f"hotdisk{index}")  # fmt: skip
+        # No pause between probes: one `nvme discover` under TCG already takes a few tenths of a second.
+        until(lambda: impl.subsystems_seen(self.initiator) > before, 120, f"{impl.name}: hot-plugged disk", 0)
+        return time.monotonic() - plugged
+
+    def throughput(self, impl: Implementation, direction: str = "read") -> float:
+        size = self.size_mib << 20
+        dev = impl.connect(self.initiator, size)
+        try:
+            if direction == "read":
+                command = f"dd if={dev} of=/dev/null bs=1M count={self.size_mib} iflag=direct"
+            else:
+                command = f"dd if=/dev/zero of={dev} bs=1M count={self.size_mib} oflag=direct"
+            return statistics.median(dd_mib_s(self.initiator, command) for _ in range(self.rounds))
+        finally:
+            impl.disconnect(self.initiator)
+
+    def mode_read(self, impl: NVMeTarget, target: VM, flag: str) -> float:
+        """storagetm restarted by hand in a mode; sequential read of the bench disk."""
+        target.sh(f"systemd-run --unit=bench-mode storagetm {flag} /dev/disk/by-id/virtio-BENCH001")
+        until(lambda: impl.subsystems_seen(self.initiator) >= 1, 120, f"storagetm {flag}")
+        try:
+            return self.throughput(impl)
+        finally:
+            target.sh("systemctl stop bench-mode.service")
+
+    def measure(self, impl: Implementation, earlier_ready: list[float]) -> dict[str, float | None]:
+        target, ready = self.boot(impl, len(earlier_ready))
+        samples = self.samples.setdefault(impl.name, {})
+        samples["ready_s"] = [*earlier_ready, ready]
+        result: dict[str, float | None] = {"ready_s": statistics.median(samples["ready_s"])}
+        try:
+            target.wait_shell(60)
+            result["hotplug_s"] = None
+            if isinstance(impl, NVMeTarget):
+                samples["hotplug_s"] = [self.hotplug(impl, target, i) for i in range(self.hotplugs)]
+                result["hotplug_s"] = statistics.median(samples["hotplug_s"])
+            result["read_mib_s"] = self.throughput(impl, "read")
+            result["write_mib_s"] = self.throughput(impl, "write")
+            if isinstance(impl, NBDServer):  # its per-connection child counts too: measure while connected
+                impl.connect(self.initiator, self.size_mib << 20)
+            result["daemon_cpu_s"], result["daemon_rss_mib"] = process_usage(target, impl.daemon_pids(target))
+            if isinstance(impl, NBDServer):
+                impl.disconnect(self.initiator)
+            impl.stop_service(target)
+            result["read_ro_mib_s"] = result["read_snapshot_mib_s"] = None
+            if isinstance(impl, NVMeTarget) and impl.name == "storagetm":
+                result["read_ro_mib_s"] = self.mode_read(impl, target, "--read-only")
+                result["read_snapshot_mib_s"] = self.mode_read(impl, target, "--snapshot")
+            for n in EXPORT_COUNTS:
+                result[f"export_{n}_s"] = impl.export_seconds(target, n)
+        finally:
+            target.stop()
+        return result
+
+    def run(self, boots: int) -> dict[str, dict[str, float | None]]:
+        impls = implementations()
+        ready: dict[str, list[float]] = {impl.name: [] for impl in impls}
+        for _ in range(boots - 1):  # ready-only boots, in turns
+            for impl in impls:
+                target, seconds = self.boot(impl, len(ready[impl.name]))
+                target.stop()
+                ready[impl.name].append(seconds)
+        return {impl.name: self.measure(impl, ready[impl.name]) for impl in impls}
+
+
+def ratio(results: dict[str, dict[str, float | None]], key: str, anchor: str) -> float | None:
+    ours, theirs = results["storagetm"].get(key), results[anchor].get(ANCHOR_KEY.get(key, key))
+    return ours / theirs if ours is not None and theirs else None
+
+
+def markdown(results: dict[str, dict[str, float | None]], meta: dict[str, str]) -> str:
+    def cell(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
     lines = [
-        f"Measured {meta['date']} on {meta['machine']} (QEMU TCG, one vCPU per VM), one run.",
+        f"Measured {meta['date']} on {meta['machine']} (QEMU TCG, one vCPU per VM), one run; "
+        f"boot times are the median of {meta['boots']} boots each, hotplug of {meta['hotplugs']} disks.",
         "",
-        "| | storagetm | systemd-storagetm | ratio |",
-        "|---|---|---|---|",
+        "| | storagetm | systemd-storagetm | NBD | ÷ systemd-storagetm | ÷ NBD |",
+        "|---|---|---|---|---|---|",
     ]
-    for label, key in rows:
-        a, b = float(ours[key]), float(theirs[key])  # type: ignore[arg-type]
-        lines.append(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.2f} |")
-    for n in EXPORT_COUNTS:
-        a = float(ours["export_s"][str(n)])  # type: ignore[index]
-        b = float(theirs["export_s"][str(n)])  # type: ignore[index]
-        lines.append(f"| export {n} disk{'s' if n > 1 else ''} (s) | {a:.2f} | {b:.2f} | {a / b:.2f} |")
+    for label, key in ROWS:
+        values = [results[name].get(key) for name in NAMES]
+        anchors = [ratio(results, key, anchor) for anchor in NAMES[1:]]
+        lines.append(f"| {label} | " + " | ".join(cell(v) for v in [*values, *anchors]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def ratios(results: dict[str, dict[str, object]]) -> list[tuple[str, float]]:
-    ours, theirs = results["storagetm"], results["systemd-storagetm"]
-    keys = ["ready_s", "hotplug_s", "read_mib_s", "write_mib_s", "daemon_cpu_s", "daemon_rss_mib"]
-    pairs = [(k, float(ours[k]) / float(theirs[k])) for k in keys]  # type: ignore[arg-type]
-    for n in EXPORT_COUNTS:
-        a = float(ours["export_s"][str(n)])  # type: ignore[index]
-        b = float(theirs["export_s"][str(n)])  # type: ignore[index]
-        pairs.append((f"export_{n}_s", a / b))
-    return pairs
+def chart(results: dict[str, dict[str, float | None]], path: Path) -> None:
+    """Ratios storagetm ÷ each anchor as pairs of bars, drawn by ImageMagick; the line marks 1."""
+    bar, scale, left = 14, 150, 260
+    height = 70 + 2 * bar * len(ROWS) + 6 * len(ROWS)
+    draw: dict[str, list[str]] = {"steelblue": [], "darkorange": []}
+    labels = [f"line {left + scale},50 {left + scale},{height - 10}"]
+    for i, (label, key) in enumerate(ROWS):
+        y = 55 + i * (2 * bar + 6)
+        labels.append(f"text 10,{y + bar + 4} '{label}'")
+        for j, (anchor, colour) in enumerate((("systemd-storagetm", "steelblue"), ("nbd", "darkorange"))):
+            value = ratio(results, key, anchor)
+            if value is None:
+                continue
+            top = y + j * bar
+            length = min(value, 3.0) * scale
+            draw[colour].append(f"rectangle {left},{top} {left + length:.0f},{top + bar - 2}")
+            labels.append(f"text {left + length + 6:.0f},{top + bar - 3} '{value:.2f}'")
+    title = "storagetm ÷ systemd-storagetm (blue) and ÷ NBD (orange); 1 = same (bench.compare)"
+    command = ["convert", "-size", f"{left + 3 * scale + 80}x{height}", "xc:white", "-font", "DejaVu-Sans",
+               "-pointsize", "12", "-fill", "black", "-draw", f"text 10,20 '{title}'"]  # fmt: skip
+    for colour, shapes in draw.items():
+        if shapes:
+            command += ["-fill", colour, "-stroke", "none", "-draw", " ".join(shapes)]
+    command += ["-fill", "black", "-draw", " ".join(labels), str(path)]
+    subprocess.run(command, check=True)
 
 
-def chart(results: dict[str, dict[str, object]], path: Path) -> None:
-    """Ratios storagetm / systemd-storagetm as bars, drawn by ImageMagick; the line marks 1."""
-    rows = ratios(results)
-    bar, scale, left = 30, 150, 170
-    height = 50 + bar * len(rows)
-    draw = [f"line {left + scale},35 {left + scale},{height - 10}"]
-    for i, (key, ratio) in enumerate(rows):
-        y = 40 + i * bar
-        length = min(ratio, 3.0) * scale
-        draw.append(f"text 10,{y + 15} '{key}'")
-        draw.append(f"rectangle {left},{y} {left + length:.0f},{y + bar - 10}")
-        draw.append(f"text {left + length + 6:.0f},{y + 15} '{ratio:.2f}'")
-    subprocess.run(
-        [
-            "convert",
-            "-size",
-            f"{left + 3 * scale + 80}x{height}",
-            "xc:white",
-            "-font",
-            "DejaVu-Sans",
-            "-pointsize",
-            "13",
-            "-fill",
-            "black",
-            "-draw",
-            "text 10,20 'storagetm / systemd-storagetm (bench.compare)'",
-            "-fill",
-            "steelblue",
-            "-stroke",
-            "none",
-            "-draw",
-            " ".join(draw),
-            str(path),
-        ],
-        check=True,
-    )
+def update_readme(table: str, readme: Path = README) -> None:
+    """Put the table of this run between the markers in README's performance section."""
+    text = readme.read_text()
+    begin, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+    if begin < 0 or end < begin:
+        return
+    readme.write_text(text[: begin + len(MARKERS[0])] + "\n" + table + text[end:])
 
 
 def report(data: dict[str, object]) -> str:
     """compare.md, compare.png and README's table from one run's JSON."""
-    results: dict[str, dict[str, object]] = data["results"]  # type: ignore[assignment]
+    results: dict[str, dict[str, float | None]] = data["results"]  # type: ignore[assignment]
     table = markdown(results, data["meta"])  # type: ignore[arg-type]
     (RESULTS / "compare.md").write_text(table)
     chart(results, RESULTS / "compare.png")
@@ -277,32 +404,34 @@ def report(data: dict[str, object]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="dd runs per throughput figure")
+    parser.add_argument("--boots", type=int, default=3, help="boots per implementation for the ready time")
+    parser.add_argument("--hotplugs", type=int, default=5, help="hot-plugged disks per NVMe implementation")
     parser.add_argument("--report-only", action="store_true", help="redo table, chart and README from the last JSON")
     args = parser.parse_args()
     if args.report_only:
         print(report(json.loads((RESULTS / "compare.json").read_text())))
         return 0
     workdir = Path(tempfile.mkdtemp(prefix="storagetm-compare-"))
-    link = workdir / "link.sock"
-    initiator = initiator_vm(workdir, link)
+    initiator = initiator_vm(workdir, workdir / "link.sock", image(BENCH_IMAGE))
     initiator.start()
     try:
         initiator.wait_shell(BOOT_TIMEOUT)
         prepare_initiator(initiator)
-        results = {
-            name: measure(name, spec, initiator, workdir, args.size_mib, args.rounds)
-            for name, spec in IMPLEMENTATIONS.items()
-        }
+        bench = Bench(workdir, initiator, args.size_mib, args.rounds, args.hotplugs)
+        results = bench.run(args.boots)
     finally:
         initiator.stop()
+    qemu = subprocess.getoutput("qemu-system-x86_64 --version").split()[3]
     meta = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{subprocess.getoutput('nproc')} cores, "
-        f"{subprocess.getoutput('uname -m')}, QEMU {subprocess.getoutput('qemu-system-x86_64 --version').split()[3]}",
+        "machine": f"{subprocess.getoutput('nproc')} cores, {subprocess.getoutput('uname -m')}, QEMU {qemu}",
+        "boots": str(args.boots),
+        "hotplugs": str(args.hotplugs),
     }
     RESULTS.mkdir(exist_ok=True)
-    data = {"meta": meta, "size_mib": args.size_mib, "rounds": args.rounds, "results": results}
+    data = {"meta": meta, "size_mib": args.size_mib, "rounds": args.rounds, "results": results,
+            "samples": bench.samples}  # fmt: skip
     (RESULTS / "compare.json").write_text(json.dumps(data, indent=1))
     print(report(data))
     shutil.rmtree(workdir, ignore_errors=True)
