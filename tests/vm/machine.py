@@ -94,11 +94,8 @@ class VM:
         vars_copy = self.workdir / f"{self.name}-vars.fd"
         if not vars_copy.exists():
             shutil.copy(OVMF_VARS, vars_copy)
-        # Not `-cpu max`: with it QEMU 7.2's TCG twice crashed the initiator's kernel in
-        # nvme_tcp_io_work with impossible RFLAGS in the oops (NULL deref in net_rx_action,
-        # double fault in kmem_cache_alloc); Westmere has SSE4.2, AES-NI and PCLMULQDQ, no AVX.
         cmd = [
-            "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-cpu", "Westmere", "-smp", "1",
+            "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "1",
             "-m", str(self.memory), "-nographic", "-no-reboot", "-uuid", self.uuid,
             "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,file={vars_copy}",
