@@ -29,17 +29,14 @@ if timeout 3600 "$PY" -m pytest -m "$markers" tests/vm -p no:cacheprovider -v --
     if [ "$markers" = vm ]; then mkdir -p "$(dirname "$stamp")" && touch "$stamp"; fi
 else
     echo "VM suite failed; consoles, kernel logs and QEMU errors are in $STORAGETM_VM_LOGS" >&2
-    # Kernel logs (every level, copied once a VM's shell is up) say most about a hang; a VM
-    # that never got that far has only its console.
+    # Kernel logs (every level, copied once a VM's shell is up) say most about a hang; a panic
+    # stops the copy, so the console (which shows errors) is searched too.
     find "$STORAGETM_VM_LOGS" -name '*-console.log' | sort | while read -r console; do
         kernel=${console%-console.log}-kernel.log
-        if [ -s "$kernel" ]; then
-            echo "===== kernel warnings and errors, last 15: $kernel"
-            grep -aiE 'nvme|error|fail|timeout|blocked|BUG|WARNING|Call Trace|oom' "$kernel" | tail -n 15 | cut -c1-200 || true
-        else
-            echo "===== console, last 15 lines: $console"
-            tail -n 15 "$console" | sed 's/\x1b\[[0-9;:?]*[A-Za-z]//g' | cut -c1-200
-        fi
+        echo "===== kernel trouble, last 15 lines: ${console%-console.log}"
+        cat "$kernel" "$console" 2>/dev/null | sed 's/\x1b\[[0-9;:?]*[A-Za-z]//g' \
+            | grep -aiE 'error|fail|timeout|reconnect|expired|blocked|BUG|WARNING|Call Trace|Oops|panic|oom' \
+            | tail -n 15 | cut -c1-200 || true
     done
     exit 1
 fi

@@ -24,6 +24,7 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 QUIET_SHELL = "stty -echo; PS1=''; PS2=''; unset PROMPT_COMMAND; bind 'set enable-bracketed-paste off' 2>/dev/null"
 CURSOR_MOVE = re.compile(r"\x1b\[\d+;\d+H")
 ANSI = re.compile(r"\x1b\[[0-9;:?]*[A-Za-z]")
+PANIC = re.compile(r"BUG:|Oops|Kernel panic|RIP:|Workqueue:")  # an oops, as the console shows it
 
 
 class VMError(AssertionError):
@@ -225,6 +226,15 @@ class VM:
         raise VMError(f"{self.name}: `{command}` did not finish within {timeout:.0f} s; its kernel said last:\n"
                       + self.kernel_tail(15))  # fmt: skip
 
+    def kernel_tail(self, lines: int = 40) -> str:
+        """The kernel log's last lines; a panic stops its copy, so the console's oops comes too."""
+        try:
+            text = self.kernel_log.read_bytes().decode(errors="replace").replace("\r", "")
+        except FileNotFoundError:
+            text = ""
+        oops = [ln for ln in self.console().splitlines() if PANIC.search(ln)]
+        return "\n".join(text.splitlines()[-lines:] + oops[-lines:]) or "(no kernel log)"
+
     def close_shell(self) -> None:
         if self.shell is not None:
             self.shell.close()
@@ -271,13 +281,6 @@ class VM:
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.console().splitlines()[-lines:])
-
-    def kernel_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.kernel_log.read_bytes().decode(errors="replace").replace("\r", "")
-        except FileNotFoundError:
-            return "(no kernel log)"
-        return "\n".join(text.splitlines()[-lines:])
 
 
 def _wait_path(path: Path, timeout: float) -> None:
