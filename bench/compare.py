@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from storagetm.exports import DISCOVERY_TRSVCID
 from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, image, initiator_vm, prepare_initiator
 from tests.vm.initiator import connected, disconnect_all
 from tests.vm.machine import VM, Disk, make_disk
@@ -135,15 +136,15 @@ class Implementation:
 
 
 class NVMeTarget(Implementation):
-    def __init__(self, name: str, append: str, unit: str, run: str) -> None:
+    def __init__(self, name: str, append: str, unit: str, run: str, port: str = "") -> None:
         super().__init__(name, append)
         self.unit = unit
         self.run = run  # the daemon by hand, on {files}
-        self.port = ""  # where it offers discovery: found once the target is up
+        self.port = port  # where it offers discovery; "" = read from the console once the target is up
 
     def find_port(self, target: VM) -> str:
-        if self.name == "storagetm":
-            return "8009"
+        if self.port:
+            return self.port
         found = re.search(r"Listening on ipv6 \(port (\d+)\)", target.console())
         return found.group(1) if found else ""
 
@@ -216,7 +217,13 @@ class NBDServer(Implementation):
 
 def implementations() -> list[Implementation]:
     return [
-        NVMeTarget("storagetm", TARGET_APPEND, unit="storagetm.service", run="storagetm {files} >/dev/null 2>&1"),
+        NVMeTarget(
+            "storagetm",
+            TARGET_APPEND,
+            unit="storagetm.service",
+            run="storagetm {files} >/dev/null 2>&1",
+            port=str(DISCOVERY_TRSVCID),
+        ),
         NVMeTarget(
             "systemd-storagetm",
             f"{TARGET_APPEND} systemd.mask=storagetm.service systemd.wants=systemd-storagetm.service",
