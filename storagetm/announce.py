@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 DNSSD_DIR = Path("/run/systemd/dnssd")
 # Installed is enough: storagetm starts before resolved, which reads the .dnssd file when it starts.
 RESOLVED = Path("/usr/lib/systemd/systemd-resolved")
+# systemd keeps this link while the unit is active or activating.
+RESOLVED_RUNNING = Path("/run/systemd/units/invocation:systemd-resolved.service")
 SERVICE_FILE = "storagetm-discovery.dnssd"
 SERVICE_TYPE = "_nvme-disc._tcp"
 IMAGE_HOSTNAMES = {"", "localhost", "storagetm"}  # names not worth keeping: the image's own
@@ -43,6 +45,13 @@ def _systemctl(*args: str) -> None:
         log.warning("systemctl %s: %s", " ".join(args), result.stderr.strip())
 
 
+def restart_resolved_if_running(running: Path = RESOLVED_RUNNING) -> None:
+    """At boot storagetm starts before resolved (its unit orders it so), which then reads the
+    file itself: no systemctl run, no restart, while every process competes for the CPU."""
+    if running.is_symlink():
+        _systemctl("try-restart", "--no-block", "systemd-resolved")
+
+
 class Announcer:
     """Publishes the discovery service while storagetm serves. systemd-resolved reads
     .dnssd files when it starts, so it is restarted after each change."""
@@ -51,7 +60,7 @@ class Announcer:
         self,
         dnssd_dir: Path = DNSSD_DIR,
         resolved: Path = RESOLVED,
-        restart_resolved: Callable[[], None] = lambda: _systemctl("try-restart", "--no-block", "systemd-resolved"),
+        restart_resolved: Callable[[], None] = restart_resolved_if_running,
         get_hostname: Callable[[], str] = socket.gethostname,
         set_hostname: Callable[[str], None] = socket.sethostname,
     ) -> None:

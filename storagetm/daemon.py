@@ -24,12 +24,14 @@ from storagetm.policy import Reason, SystemFacts, exclusion, system_facts
 from storagetm.screen import Screen
 from storagetm.settings import Settings
 from storagetm.stats import DiskActivity
-from storagetm.udev import BlockDevices
+from storagetm.udev import BlockDevices, udev_settled
 
 log = logging.getLogger(__name__)
 
 REDRAW_DEBOUNCE = 0.75  # seconds, as upstream: addresses come and go in bursts
 DASHBOARD_REFRESH = 1.0  # seconds between samples of I/O counters, connections and snapshot fill
+READY_WAIT = 30.0  # seconds storagetm waits at most for udev's queue before it tells systemd it is ready
+SETTLE_POLL = 0.1  # seconds between looks at udev's queue until then
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,16 @@ class Daemon:
         self.stop_requested = False
         self.counters_first: dict[str, stats.Counters] = {}
         self.counters_last: dict[str, stats.Counters] = {}
+        self.saved_state = ""
 
     # ---- one reconcile pass ------------------------------------------------
 
     def reconcile(self) -> None:
+        self.export_wanted()
+        self.publish()
+
+    def export_wanted(self) -> None:
+        """Plan and apply the exports for the disks known now; the screen is not redrawn."""
         assert self.exporter is not None
         result = plan(list(self.disks.values()), self.settings, self.facts(), self.state.nqn_base)
         errors = self.exporter.apply(result.exports)
@@ -117,7 +125,6 @@ class Daemon:
         self.state.not_exported = [{"name": d.name, "device": d.devnode, "reason": r.value}
                                    for d, r in result.not_exported]  # fmt: skip
         self.state.problems = problems
-        self.publish()
 
     def sample_activity(self) -> None:
         """Per-disk bytes read/written since export, current rates, and connected initiators."""
@@ -141,7 +148,7 @@ class Daemon:
             for nqn, backing in self.state.backings.items()
             if backing.cow and (usage := modes.snapshot_usage(backing.dm_name)) is not None
         }
-        state.save(self.state)
+        self.saved_state = state.save(self.state, unless=self.saved_state)
         self.screen.show(self.state, self.settings.port)
         n = len(self.state.exports)
         sd_notify(STATUS=f"Exporting {n} disk{'s' if n != 1 else ''}")
@@ -165,7 +172,6 @@ class Daemon:
         self.exporter = Exporter(self.root)
         try:
             self._start(devices, previous)
-            sd_notify(READY="1", STATUS=f"Exporting {len(self.state.exports)} disks")
             self._loop(devices, addr_sock, wake_r)
         finally:
             sd_notify(STOPPING="1", STATUS="Tearing down exports")
@@ -196,15 +202,17 @@ class Daemon:
             self.exporter.setup_tls(self.state.tls)
         wanted = listeners(self.settings.port, network.ipv6_available())
         self.exporter.open_ports(wanted, adopt=previous.ports if previous else None)
-        if self.announcer is not None:
-            self.state.announced = self.announcer.publish(host_id(identity))
         self.exporter.setup_hosts(self.state.auth, adopt=set(previous.auth.hosts) if previous else None)
         if previous is not None:
             self.exporter.adopt(previous.exports, previous.backings)
         for disk in devices.enumerate() + explicit_files(self.settings):
             self.disks[disk.devnode] = disk
+        # Disks first: at boot every process competes for the CPU, and what follows is for the screen.
+        self.export_wanted()
         self.state.addresses = network.local_addresses()
-        self.reconcile()
+        if self.announcer is not None:
+            self.state.announced = self.announcer.publish(host_id(identity))
+        self.publish()
 
     def _loop(self, devices: BlockDevices, addr_sock: object, wake_r: int) -> None:
         selector = selectors.DefaultSelector()
@@ -213,10 +221,17 @@ class Daemon:
         selector.register(wake_r, selectors.EVENT_READ, "signal")
         redraw_at: float | None = None
         addresses_changed = False  # `ip -j address` runs only after rtnetlink said so
+        ready_by: float | None = time.monotonic() + READY_WAIT  # None once READY=1 is sent
         while not self.stop_requested:
+            if ready_by is not None and (udev_settled() or time.monotonic() >= ready_by):
+                self._on_disk_events(devices)  # what udev sent before it emptied its queue
+                sd_notify(READY="1")
+                ready_by = None
             if redraw_at is None and self.state.exports:
                 redraw_at = time.monotonic() + DASHBOARD_REFRESH
             timeout = None if redraw_at is None else max(0.0, redraw_at - time.monotonic())
+            if ready_by is not None:
+                timeout = SETTLE_POLL if timeout is None else min(timeout, SETTLE_POLL)
             for key, _ in selector.select(timeout):
                 if key.data == "udev":
                     self._on_disk_events(devices)

@@ -11,6 +11,7 @@ from storagetm.errors import KernelError
 log = logging.getLogger(__name__)
 
 CONFIGFS = Path("/sys/kernel/config")
+SYS_MODULE = Path("/sys/module")
 
 
 def _is_mounted(path: Path) -> bool:
@@ -35,6 +36,8 @@ def ensure_nvmet(transport: str = "tcp") -> Path:
             )
     nvmet = CONFIGFS / "nvmet"
     for module in ("nvmet", f"nvmet_{transport}"):
+        if (SYS_MODULE / module).is_dir():  # loaded (modprobe@ did it at boot) or built in
+            continue
         result = _run("modprobe", module)
         if result.returncode != 0:
             raise KernelError(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -121,19 +120,24 @@ class RunState:
         )
 
 
-def save(state: RunState, path: Path = STATE_FILE) -> None:
-    """Write atomically: temp file, fsync, rename."""
+def save(state: RunState, path: Path = STATE_FILE, unless: str = "") -> str:
+    """Write atomically (temp file, fsync, rename), unless the text is `unless` (what was
+    written last: the dashboard republishes every second); return the text."""
+    text = json.dumps(state.to_json(), indent=1)
+    if text == unless:
+        return text
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(state.to_json(), f, indent=1)
+        with open(tmp, "w") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return text
 
 
 def load(path: Path = STATE_FILE) -> RunState | None:

@@ -5,9 +5,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from storagetm.disks import Disk, disk_from_udev
+
+UDEV_QUEUE = Path("/run/udev/queue")  # exists while udevd has events to process (libudev's udev_queue)
+
+
+def udev_settled(queue: Path = UDEV_QUEUE) -> bool:
+    return not queue.exists()
 
 
 @dataclass(frozen=True)

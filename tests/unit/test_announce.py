@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from storagetm import announce
 from storagetm.announce import Announcer, recognisable_hostname
 
 
@@ -48,3 +51,14 @@ def test_without_resolved_nothing_is_announced(tmp_path: Path) -> None:
                           lambda name: None)  # fmt: skip
     assert announcer.publish("x") == ""
     assert not (tmp_path / "dnssd").exists()
+
+
+def test_resolved_is_restarted_only_while_it_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(announce, "_systemctl", lambda *args: calls.append(args))
+    running = tmp_path / "invocation:systemd-resolved.service"
+    announce.restart_resolved_if_running(running)  # not started yet: it reads the file when it starts
+    assert calls == []
+    running.symlink_to("0123456789abcdef0123456789abcdef")  # systemd's link names the invocation id
+    announce.restart_resolved_if_running(running)
+    assert calls == [("try-restart", "--no-block", "systemd-resolved")]

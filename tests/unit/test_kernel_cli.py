@@ -13,6 +13,7 @@ from storagetm.errors import ExitCode, KernelError
 def test_missing_nvmet_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(kernel, "CONFIGFS", tmp_path)
     monkeypatch.setattr(kernel, "_is_mounted", lambda path: True)
+    monkeypatch.setattr(kernel, "SYS_MODULE", tmp_path / "module")
 
     def modprobe(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(argv, 1, "", f"modprobe: FATAL: Module {argv[-1]} not found")
@@ -23,6 +24,20 @@ def test_missing_nvmet_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert info.value.exit_code == ExitCode.KERNEL
     assert "cannot load kernel module nvmet" in info.value.one_line()
     assert "CONFIG_NVME_TARGET" in info.value.one_line()
+
+
+def test_loaded_modules_are_not_modprobed_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """At boot modprobe@nvmet_tcp has loaded them: two modprobe runs would only cost start-up time."""
+    monkeypatch.setattr(kernel, "CONFIGFS", tmp_path)
+    monkeypatch.setattr(kernel, "_is_mounted", lambda path: True)
+    monkeypatch.setattr(kernel, "SYS_MODULE", tmp_path / "module")
+    for module in ("nvmet", "nvmet_tcp"):
+        (tmp_path / "module" / module).mkdir(parents=True)
+    (tmp_path / "nvmet").mkdir()
+    ran: list[tuple[str, ...]] = []
+    monkeypatch.setattr(kernel, "_run", lambda *argv: ran.append(argv))
+    assert kernel.ensure_nvmet() == tmp_path / "nvmet"
+    assert ran == []
 
 
 def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:

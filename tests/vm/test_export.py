@@ -101,6 +101,23 @@ def test_status_json_and_configfs_agree(pair: Pair) -> None:
     assert ":4420" in listening and ":8009" in listening
 
 
+def test_service_is_ready_once_the_boot_disks_are_exported(pair: Pair) -> None:
+    """READY=1 waits until udev's queue is empty, so `Started storagetm.service` comes after the
+    exports of the disks udev has processed by then, and resolved (ordered after storagetm)
+    starts only then. A USB disk may come later: usb-storage scans it a second after the
+    device appears (its delay_use), when udev's queue may already have been empty."""
+    target_ready(pair, 4)
+    journal = pair.target.sh("journalctl -b --no-pager _SYSTEMD_UNIT=storagetm.service + _PID=1")
+    lines = journal.splitlines()
+    started = next(i for i, line in enumerate(lines) if "Started storagetm.service" in line)
+    resolved = next(i for i, line in enumerate(lines) if "Starting systemd-resolved.service" in line)
+    pattern = re.compile(r"storagetm\[\d+\]: exported \S+ \(.*\) as \S+\.(\S+)$")
+    exported = {m.group(1): i for i, line in enumerate(lines) if (m := pattern.search(line))}
+    early = {serial: i for serial, i in exported.items() if "usb" not in serial}
+    assert len(exported) == 4 and len(early) == 3, journal
+    assert max(early.values()) < started < resolved, "\n".join(lines[-40:])
+
+
 def test_size_change_reaches_the_initiator(pair: Pair) -> None:
     target_ready(pair, 4)
     address = wait_address(pair.target, "169.254.")
