@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from storagetm.kernelfs import read_attribute
+
 SECTOR = 512
 
 
@@ -66,16 +68,16 @@ class Disk:
         return bool(self.by_path) and spec == self.by_path
 
 
-def _sysfs_int(path: Path, default: int = 0) -> int:
+def _sysfs_int(path: str, default: int = 0) -> int:
     try:
-        return int(path.read_text().strip())
+        return int(read_attribute(path).strip())
     except (OSError, ValueError):
         return default
 
 
-def _sysfs_text(path: Path) -> str:
+def _sysfs_text(path: str) -> str:
     try:
-        return path.read_text().strip()
+        return read_attribute(path).strip()
     except OSError:
         return ""
 
@@ -97,28 +99,31 @@ def gpt_partition_uuids(devnode: str) -> tuple[str, ...]:
     """Unique partition GUIDs read from the disk's own GPT: known as soon as the disk is,
     before udev has made any /dev/disk/by-partuuid link."""
     try:
-        with open(devnode, "rb") as f:
-            for sector in (512, 4096):
-                f.seek(sector)
-                header = f.read(92)
-                if header[:8] != b"EFI PART":
-                    continue
-                entries_lba, count, size = struct.unpack_from("<QII", header, 72)
-                f.seek(entries_lba * sector)
-                table = f.read(min(count, 256) * size)
-                return tuple(
-                    str(uuid.UUID(bytes_le=table[off + 16 : off + 32]))
-                    for off in range(0, len(table) - size + 1, size)
-                    if table[off : off + 16].strip(b"\0")
-                )
+        fd = os.open(devnode, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return ()
+    try:
+        for sector in (512, 4096):
+            header = os.pread(fd, 92, sector)
+            if header[:8] != b"EFI PART":
+                continue
+            entries_lba, count, size = struct.unpack_from("<QII", header, 72)
+            table = os.pread(fd, min(count, 256) * size, entries_lba * sector)
+            return tuple(
+                str(uuid.UUID(bytes_le=table[off + 16 : off + 32]))
+                for off in range(0, len(table) - size + 1, size)
+                if table[off : off + 16].strip(b"\0")
+            )
     except (OSError, ValueError, struct.error):
         pass
+    finally:
+        os.close(fd)
     return ()
 
 
 def disk_from_udev(device: UdevDevice) -> Disk:
     props = device.properties
-    sys_path = Path(device.sys_path)
+    sys_path = device.sys_path
     links = props.get("DEVLINKS", "").split()
     name = device.sys_name
     return Disk(
@@ -126,21 +131,21 @@ def disk_from_udev(device: UdevDevice) -> Disk:
         devnode=device.device_node or f"/dev/{name}",
         devnum=device.device_number,
         devtype=device.device_type or "",
-        size=_sysfs_int(sys_path / "size") * SECTOR,
-        model=_sysfs_text(sys_path / "device" / "model") or props.get("ID_MODEL", "").replace("_", " ").strip(),
+        size=_sysfs_int(f"{sys_path}/size") * SECTOR,
+        model=_sysfs_text(f"{sys_path}/device/model") or props.get("ID_MODEL", "").replace("_", " ").strip(),
         serial=props.get("ID_SERIAL_SHORT", "")
         or props.get("ID_SCSI_SERIAL", "")
-        or _sysfs_text(sys_path / "device" / "serial")
-        or _sysfs_text(sys_path / "serial")
+        or _sysfs_text(f"{sys_path}/device/serial")
+        or _sysfs_text(f"{sys_path}/serial")
         or props.get("ID_SERIAL", ""),
         wwn=props.get("ID_WWN_WITH_EXTENSION", "") or props.get("ID_WWN", ""),
         bus=props.get("ID_BUS", "") or ("nvme" if name.startswith("nvme") else ""),
         by_id=tuple(sorted(link for link in links if link.startswith("/dev/disk/by-id/"))),
         by_path=next((link for link in links if link.startswith("/dev/disk/by-path/")), ""),
         cdrom=props.get("ID_CDROM") == "1" or name.startswith("sr"),
-        read_only=_sysfs_int(sys_path / "ro") == 1,
-        removable=_sysfs_int(sys_path / "removable") == 1,
-        nvme_transport=nvme_transport(str(sys_path)) if name.startswith("nvme") else "",
+        read_only=_sysfs_int(f"{sys_path}/ro") == 1,
+        removable=_sysfs_int(f"{sys_path}/removable") == 1,
+        nvme_transport=nvme_transport(sys_path) if name.startswith("nvme") else "",
         fs_label=props.get("ID_FS_LABEL", ""),
         # Partition uevents carry no PARTUUID on 6.12, so sysfs cannot tell; the GPT can.
         part_uuids=gpt_partition_uuids(device.device_node or "") if device.device_type == "disk" else (),

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from storagetm.kernelfs import read_attribute
+
 SECTOR = 512
 SYS_BLOCK = Path("/sys/class/block")
 
@@ -46,7 +48,7 @@ def block_name(path: str) -> str:
 
 def read_counters(name: str, sys_block: Path = SYS_BLOCK) -> Counters | None:
     try:
-        fields = (sys_block / name / "stat").read_text().split()
+        fields = read_attribute(sys_block / name / "stat").split()
     except OSError:
         return None
     return Counters(int(fields[2]) * SECTOR, int(fields[6]) * SECTOR, time.monotonic())
@@ -96,7 +98,7 @@ def initiators(ports: set[int], proc_net: Path = PROC_NET) -> list[str]:
     peers: set[str] = set()
     for name in ("tcp", "tcp6"):
         try:
-            peers |= parse_proc_net_tcp((proc_net / name).read_text(), ports)
+            peers |= parse_proc_net_tcp(read_attribute(proc_net / name), ports)
         except OSError:
             continue
     return sorted(peers)
