@@ -54,7 +54,7 @@ def restart_resolved_if_running(running: Path = RESOLVED_RUNNING) -> None:
 
 class Announcer:
     """Publishes the discovery service while storagetm serves. systemd-resolved reads
-    .dnssd files when it starts, so it is restarted after each change."""
+    .dnssd files when it starts, so it is restarted after each change if it is running."""
 
     def __init__(
         self,
