@@ -160,12 +160,12 @@ class Subsystem(Node):
         return ns
 
     def allow_host(self, host: Host) -> None:
-        link = self.path / "allowed_hosts" / host.name
-        if not link.is_symlink():
-            try:
-                self.ops.symlink(host.path, link)
-            except OSError as exc:
-                raise ConfigfsError(f"cannot allow host {host.name} on {self.nqn}: {_describe(exc)}") from exc
+        try:
+            self.ops.symlink(host.path, self.path / "allowed_hosts" / host.name)
+        except FileExistsError:
+            pass  # allowed already
+        except OSError as exc:
+            raise ConfigfsError(f"cannot allow host {host.name} on {self.nqn}: {_describe(exc)}") from exc
 
     def allowed_hosts(self) -> list[str]:
         return [p.name for p in self._children("allowed_hosts")]
@@ -193,11 +193,10 @@ class Port(Node):
         return [p.name for p in self._children("referrals")]
 
     def link(self, subsystem: Subsystem) -> None:
-        link = self.path / "subsystems" / subsystem.name
-        if link.is_symlink():
-            return
         try:
-            self.ops.symlink(subsystem.path, link)
+            self.ops.symlink(subsystem.path, self.path / "subsystems" / subsystem.name)
+        except FileExistsError:
+            pass  # linked already
         except OSError as exc:
             raise ConfigfsError(
                 f"cannot link {subsystem.name} to port {self.name} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import selectors
@@ -20,7 +21,7 @@ from storagetm.errors import ExitCode, StorageTMError
 from storagetm.exports import Export, Exporter, listeners
 from storagetm.identity import default_nqn_base, host_id, host_identity, identity_for
 from storagetm.notify import sd_notify
-from storagetm.policy import Reason, SystemFacts, exclusion, system_facts
+from storagetm.policy import Reason, SystemFacts, exclusion, loader_partuuid, system_facts
 from storagetm.screen import Screen
 from storagetm.settings import Settings
 from storagetm.stats import DiskActivity
@@ -85,7 +86,7 @@ class Daemon:
         screen: Screen,
         root: Root | None = None,
         devices: BlockDevices | None = None,
-        facts: Callable[[], SystemFacts] = system_facts,
+        facts: Callable[[], SystemFacts] | None = None,
         startup_problems: list[str] | None = None,
         announcer: Announcer | None = None,
     ) -> None:
@@ -93,7 +94,8 @@ class Daemon:
         self.screen = screen
         self.root = root
         self.devices = devices
-        self.facts = facts
+        # The loader's partition UUID is read once: it is fixed for the boot, and efivarfs is slow.
+        self.facts = facts or functools.partial(system_facts, loader_partuuid())
         self.startup_problems = list(startup_problems or [])
         self.announcer = announcer or (Announcer() if settings.announce else None)
         self.disks: dict[str, Disk] = {}
@@ -162,7 +164,7 @@ class Daemon:
                                  hint="use `storagetm status` or `storagetm stop`")  # fmt: skip
         if self.root is None:
             self.root = Root(kernel.ensure_nvmet())
-        devices = self.devices or BlockDevices()
+        devices = self.devices or BlockDevices(partition_uuids=bool(self.facts().boot_partuuid))
         devices.start()  # before enumerating, so no hotplug event is missed
         addr_sock = network.address_monitor()
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

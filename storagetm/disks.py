@@ -121,7 +121,10 @@ def gpt_partition_uuids(devnode: str) -> tuple[str, ...]:
     return ()
 
 
-def disk_from_udev(device: UdevDevice) -> Disk:
+def disk_from_udev(device: UdevDevice, *, partition_uuids: bool = True) -> Disk:
+    """`partition_uuids`: read the disk's GPT. Only the boot-medium check needs it, and only
+    when the boot loader said which partition it booted from; the read opens a disk udev has
+    just closed, so it comes from the device, on every hotplug."""
     props = device.properties
     sys_path = device.sys_path
     links = props.get("DEVLINKS", "").split()
@@ -148,7 +151,9 @@ def disk_from_udev(device: UdevDevice) -> Disk:
         nvme_transport=nvme_transport(sys_path) if name.startswith("nvme") else "",
         fs_label=props.get("ID_FS_LABEL", ""),
         # Partition uevents carry no PARTUUID on 6.12, so sysfs cannot tell; the GPT can.
-        part_uuids=gpt_partition_uuids(device.device_node or "") if device.device_type == "disk" else (),
+        part_uuids=gpt_partition_uuids(device.device_node or "")
+        if partition_uuids and device.device_type == "disk"
+        else (),
     )
 
 

@@ -220,7 +220,7 @@ class Exporter:
             namespace.set("device", "uuid", identity.uuid)
             namespace.set("device", "nguid", identity.nguid)
             namespace.enable()
-            for port_id in sorted(self.owned_ports):
+            for port_id in self._discovery_ports_first():
                 self.root.port(port_id).link(subsystem)
         except StorageTMError:
             for port_id in sorted(self.owned_ports):
@@ -233,6 +233,12 @@ class Exporter:
             raise
         self.owned_subsystems[identity.nqn] = _Held(export, fd, backing)
         log.info("exported %s (%s) as %s", export.disk.devnode, export.mode.label, identity.nqn)
+
+    def _discovery_ports_first(self) -> list[int]:
+        """Initiators watching a discovery port (its log-change event) connect as soon as
+        they hear of a disk, through that port: link it there first."""
+        return sorted(self.owned_ports, key=lambda port_id: (self.owned_ports[port_id].trsvcid != DISCOVERY_TRSVCID,
+                                                             port_id))  # fmt: skip
 
     def _refresh(self, held: _Held, export: Export) -> None:
         """Propagate a size change of an exported disk to the initiators."""

@@ -7,6 +7,7 @@ reboots, re-plugging and `sda` becoming `sdb`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import uuid
@@ -113,6 +114,7 @@ class Identity:
     firmware: str
 
 
+@functools.lru_cache(maxsize=1024)  # plan() asks again for every disk on each udev event
 def identity_for(base: str, disk: Disk, firmware: str = "") -> Identity:
     nqn = subsystem_nqn(base, disk)
     ns_uuid = uuid.uuid5(_UUID_NAMESPACE, nqn)

@@ -155,6 +155,8 @@ def partuuid_disk(partuuid: str, dev: Path = Path("/dev"), sysfs: Path = Path("/
     return frozenset(whole_disks_behind(st.st_rdev, sysfs))
 
 
-def system_facts() -> SystemFacts:
-    partuuid = loader_partuuid()
+def system_facts(partuuid: str | None = None) -> SystemFacts:
+    """`partuuid`: the loader's, if already read; it does not change while the system runs."""
+    if partuuid is None:
+        partuuid = loader_partuuid()
     return SystemFacts(root_disks=root_disks(), boot_disks=partuuid_disk(partuuid), boot_partuuid=partuuid)

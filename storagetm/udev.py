@@ -26,7 +26,7 @@ class DiskEvent:
 class BlockDevices:
     """Wraps pyudev: `fileno()` for a selector, `events()` to drain it."""
 
-    def __init__(self, context: Any = None, monitor: Any = None) -> None:
+    def __init__(self, context: Any = None, monitor: Any = None, *, partition_uuids: bool = True) -> None:
         if context is None:
             import pyudev
 
@@ -35,6 +35,7 @@ class BlockDevices:
             monitor.filter_by("block")
         self.context = context
         self.monitor = monitor
+        self.partition_uuids = partition_uuids  # see disk_from_udev
 
     def start(self) -> None:
         self.monitor.start()
@@ -46,8 +47,9 @@ class BlockDevices:
         """Disks udev has finished with: storagetm starts early in boot, and a disk udev has
         not processed yet (no serial, no by-id links) arrives later as an event."""
         devices = self.context.list_devices(subsystem="block")
-        return [disk_from_udev(device) for device in devices if device.is_initialized]
+        return [disk_from_udev(device, partition_uuids=self.partition_uuids)
+                for device in devices if device.is_initialized]  # fmt: skip
 
     def events(self) -> Iterator[DiskEvent]:
         for device in iter(functools.partial(self.monitor.poll, timeout=0), None):
-            yield DiskEvent(device.action or "change", disk_from_udev(device))
+            yield DiskEvent(device.action or "change", disk_from_udev(device, partition_uuids=self.partition_uuids))

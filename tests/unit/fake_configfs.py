@@ -23,6 +23,7 @@ class FakeConfigfs:
         for group in ("subsystems", "ports", "hosts"):
             (self.root / group).mkdir(parents=True)
         self.writes: list[tuple[str, str]] = []
+        self.links: list[str] = []  # symlinks made, in order, relative to the root
         self.fail_on: dict[str, int] = {}  # attribute name -> errno to raise on write
 
     def _kind(self, path: Path) -> str:
@@ -78,6 +79,7 @@ class FakeConfigfs:
         if not target.is_dir():
             raise OSError(errno.ENOENT, "No such file or directory", str(target))
         link.symlink_to(target)
+        self.links.append(str(link.relative_to(self.root)))
 
     def unlink(self, path: Path) -> None:
         if not path.is_symlink():

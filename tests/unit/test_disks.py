@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import struct
+import uuid
 from pathlib import Path
 
-from storagetm.disks import disk_from_udev
+from storagetm.disks import disk_from_udev, gpt_partition_uuids
+
+ESP_TYPE = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
 
 
 class FakeDevice:
@@ -13,6 +17,32 @@ class FakeDevice:
         self.device_number, self.device_type = 0xFE10, "disk"
         self.properties = {"DEVLINKS": "/dev/disk/by-id/virtio-HOT00001 /dev/disk/by-path/pci-0000:00:10.0",
                            "ID_BUS": "virtio"}  # fmt: skip
+
+
+def gpt_image(path: Path, partuuid: uuid.UUID) -> Path:
+    """A disk image whose GPT has one partition, an ESP with the given unique GUID."""
+    header = b"EFI PART" + bytes(64) + struct.pack("<QII", 2, 128, 128)
+    entry = ESP_TYPE.bytes_le + partuuid.bytes_le + bytes(96)
+    path.write_bytes(bytes(512) + header.ljust(512, b"\0") + entry + bytes(127 * 128))
+    return path
+
+
+def test_partition_guids_from_the_gpt(tmp_path: Path) -> None:
+    """The boot-medium guard reads the stick's GPT itself: no udev link needed."""
+    wanted = uuid.UUID("5354524d-0000-4000-8000-000000000002")
+    assert gpt_partition_uuids(str(gpt_image(tmp_path / "stick.img", wanted))) == (str(wanted),)
+    (tmp_path / "blank.img").write_bytes(bytes(4096))
+    assert gpt_partition_uuids(str(tmp_path / "blank.img")) == ()
+
+
+def test_partition_table_read_only_when_asked(tmp_path: Path) -> None:
+    """Without a loader partition UUID to look for, a hotplug does not read the disk."""
+    wanted = uuid.UUID("5354524d-0000-4000-8000-000000000002")
+    node = gpt_image(tmp_path / "stick.img", wanted)
+    sysfs = tmp_path / "vdb"
+    sysfs.mkdir()
+    assert disk_from_udev(FakeDevice(sysfs, node)).part_uuids == (str(wanted),)
+    assert disk_from_udev(FakeDevice(sysfs, node), partition_uuids=False).part_uuids == ()
 
 
 def test_disk_from_udev_reads_sysfs(tmp_path: Path) -> None:

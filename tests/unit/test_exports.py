@@ -52,6 +52,17 @@ def test_export_sets_identity_and_links_both_ports(tmp_path: Path, fake: FakeCon
         assert (fake.root / "ports" / port / "addr_traddr").read_text().strip() == "::"
 
 
+def test_discovery_port_linked_first_and_linking_twice_is_harmless(
+    tmp_path: Path, fake: FakeConfigfs, exporter: Exporter
+) -> None:
+    """An initiator told by the discovery port's log-change event connects right away."""
+    export = export_of(file_disk(tmp_path, "a"))
+    assert exporter.apply({export.nqn: export}) == []
+    assert fake.links == [f"ports/8009/subsystems/{export.nqn}", f"ports/4420/subsystems/{export.nqn}"]
+    exporter.root.port(4420).link(exporter.root.subsystem(export.nqn))  # as adoption may
+    assert len(fake.links) == 2
+
+
 def test_half_made_export_is_rolled_back(tmp_path: Path, fake: FakeConfigfs, exporter: Exporter) -> None:
     fake.fail_on["enable"] = errno.EINVAL
     export = export_of(file_disk(tmp_path, "a"))

@@ -121,20 +121,3 @@ def test_screen_shows_link_local_with_zone_and_disks() -> None:
     assert "nvme connect-all -t tcp -a fe80::1%enp1s0 -f enp1s0\n" in text
     assert "fe80::2" not in text and "127.0.0.1" not in text
     assert export.nqn in text and "READ AND WRITE" in text
-
-
-def test_partition_guids_from_the_gpt(tmp_path: Path) -> None:
-    """The boot-medium guard reads the stick's GPT itself: no udev link needed."""
-    import struct
-    import uuid
-
-    from storagetm.disks import gpt_partition_uuids
-
-    image = tmp_path / "stick.img"
-    wanted = uuid.UUID("5354524d-0000-4000-8000-000000000002")
-    header = b"EFI PART" + bytes(64) + struct.pack("<QII", 2, 128, 128)
-    entry = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b").bytes_le + wanted.bytes_le + bytes(96)
-    image.write_bytes(bytes(512) + header.ljust(512, b"\0") + entry + bytes(127 * 128))
-    assert gpt_partition_uuids(str(image)) == (str(wanted),)
-    (tmp_path / "blank.img").write_bytes(bytes(4096))
-    assert gpt_partition_uuids(str(tmp_path / "blank.img")) == ()
