@@ -341,11 +341,12 @@ class Bench:
         target.qmp.cmd("device_add", driver="virtio-blk-pci", bus=f"hp{index}", drive=f"hot{index}",
                        serial=f"HOT{index:05d}", id=f"hotdisk{index}")  # fmt: skip
         deadline = plugged + 120
-        while True:
+        while time.monotonic() < deadline:
             watch.wait_event(max(1.0, deadline - time.monotonic()))
             elapsed = time.monotonic() - plugged
             if watch.subsystems() > before:
                 return elapsed
+        raise RuntimeError(f"{impl.name}: discovery log changed, but hot-plugged disk {index} not in it within 120 s")
 
     def throughput(self, impl: Implementation, direction: str = "read") -> float:
         size = self.size_mib << 20
