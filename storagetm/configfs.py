@@ -3,6 +3,8 @@
 Each node knows its path; attributes are files named `<group>_<name>`
 (`attr_model`, `device_path`, `addr_traddr`). All file-system access goes through
 `ConfigfsOps`, so unit tests can run on a temp-dir fake that behaves like the kernel.
+Paths are plain strings: a hot-plugged disk is exported through a dozen of them, and
+pathlib's objects cost more than the configfs calls' own work on a slow CPU.
 """
 
 from __future__ import annotations
@@ -10,36 +12,36 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Protocol
 
 from storagetm.errors import ConfigfsError
+from storagetm.kernelfs import read_attribute
 
-NVMET_ROOT = Path("/sys/kernel/config/nvmet")
+NVMET_ROOT = "/sys/kernel/config/nvmet"
 
 
 class ConfigfsOps(Protocol):
     """The file operations configfs needs; `OsOps` is the real one."""
 
-    def mkdir(self, path: Path) -> None: ...
-    def rmdir(self, path: Path) -> None: ...
-    def read(self, path: Path) -> str: ...
-    def write(self, path: Path, value: str) -> None: ...
-    def symlink(self, target: Path, link: Path) -> None: ...
-    def unlink(self, path: Path) -> None: ...
+    def mkdir(self, path: str) -> None: ...
+    def rmdir(self, path: str) -> None: ...
+    def read(self, path: str) -> str: ...
+    def write(self, path: str, value: str) -> None: ...
+    def symlink(self, target: str, link: str) -> None: ...
+    def unlink(self, path: str) -> None: ...
 
 
 class OsOps:
-    def mkdir(self, path: Path) -> None:
-        path.mkdir()
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path)
 
-    def rmdir(self, path: Path) -> None:
-        path.rmdir()
+    def rmdir(self, path: str) -> None:
+        os.rmdir(path)
 
-    def read(self, path: Path) -> str:
-        return path.read_text()
+    def read(self, path: str) -> str:
+        return read_attribute(path)
 
-    def write(self, path: Path, value: str) -> None:
+    def write(self, path: str, value: str) -> None:
         # configfs wants the whole value in one write() call.
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -47,11 +49,15 @@ class OsOps:
         finally:
             os.close(fd)
 
-    def symlink(self, target: Path, link: Path) -> None:
-        link.symlink_to(target)
+    def symlink(self, target: str, link: str) -> None:
+        os.symlink(target, link)
 
-    def unlink(self, path: Path) -> None:
-        path.unlink()
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+
+def _basename(path: str) -> str:
+    return path.rpartition("/")[2]
 
 
 def _describe(exc: OSError) -> str:
@@ -61,29 +67,29 @@ def _describe(exc: OSError) -> str:
 class Node:
     """One configfs directory."""
 
-    def __init__(self, path: Path, ops: ConfigfsOps) -> None:
+    def __init__(self, path: str, ops: ConfigfsOps) -> None:
         self.path = path
         self.ops = ops
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r})"
+        return f"{type(self).__name__}({self.path!r})"
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.path.rpartition("/")[2]
 
     def exists(self) -> bool:
-        return self.path.is_dir()
+        return os.path.isdir(self.path)
 
     def get(self, group: str, name: str) -> str:
         try:
-            return self.ops.read(self.path / f"{group}_{name}").strip()
+            return self.ops.read(f"{self.path}/{group}_{name}").strip()
         except OSError as exc:
             raise ConfigfsError(f"cannot read {self.path}/{group}_{name}: {_describe(exc)}") from exc
 
     def set(self, group: str, name: str, value: str) -> None:
         try:
-            self.ops.write(self.path / f"{group}_{name}", value)
+            self.ops.write(f"{self.path}/{group}_{name}", value)
         except OSError as exc:
             raise ConfigfsError(f"cannot set {self.path}/{group}_{name} to {value!r}: {_describe(exc)}") from exc
 
@@ -101,10 +107,10 @@ class Node:
         except OSError as exc:
             raise ConfigfsError(f"cannot remove {self.path}: {_describe(exc)}") from exc
 
-    def _children(self, group: str) -> Iterator[Path]:
-        directory = self.path / group
-        if directory.is_dir():
-            yield from sorted(directory.iterdir())
+    def _children(self, group: str) -> Iterator[str]:
+        directory = f"{self.path}/{group}"
+        if os.path.isdir(directory):
+            yield from (f"{directory}/{name}" for name in sorted(os.listdir(directory)))
 
 
 class Namespace(Node):
@@ -114,11 +120,11 @@ class Namespace(Node):
 
     @property
     def enabled(self) -> bool:
-        return self.ops.read(self.path / "enable").strip() == "1"
+        return self.ops.read(f"{self.path}/enable").strip() == "1"
 
     def enable(self, on: bool = True) -> None:
         try:
-            self.ops.write(self.path / "enable", "1" if on else "0")
+            self.ops.write(f"{self.path}/enable", "1" if on else "0")
         except OSError as exc:
             verb = "enable" if on else "disable"
             raise ConfigfsError(f"cannot {verb} namespace {self.path}: {_describe(exc)}") from exc
@@ -126,7 +132,7 @@ class Namespace(Node):
     def revalidate(self) -> None:
         """Have the target re-read the backing device's size and tell connected hosts."""
         try:
-            self.ops.write(self.path / "revalidate_size", "1")
+            self.ops.write(f"{self.path}/revalidate_size", "1")
         except OSError as exc:
             raise ConfigfsError(f"cannot update the size of namespace {self.path}: {_describe(exc)}") from exc
 
@@ -149,7 +155,7 @@ class Subsystem(Node):
         return self.name
 
     def namespace(self, nsid: int) -> Namespace:
-        return Namespace(self.path / "namespaces" / str(nsid), self.ops)
+        return Namespace(f"{self.path}/namespaces/{nsid}", self.ops)
 
     def namespaces(self) -> list[Namespace]:
         return [Namespace(p, self.ops) for p in self._children("namespaces")]
@@ -161,14 +167,14 @@ class Subsystem(Node):
 
     def allow_host(self, host: Host) -> None:
         try:
-            self.ops.symlink(host.path, self.path / "allowed_hosts" / host.name)
+            self.ops.symlink(host.path, f"{self.path}/allowed_hosts/{host.name}")
         except FileExistsError:
             pass  # allowed already
         except OSError as exc:
             raise ConfigfsError(f"cannot allow host {host.name} on {self.nqn}: {_describe(exc)}") from exc
 
     def allowed_hosts(self) -> list[str]:
-        return [p.name for p in self._children("allowed_hosts")]
+        return [_basename(p) for p in self._children("allowed_hosts")]
 
     def delete(self) -> None:
         """Remove namespaces, then host links, then the subsystem itself."""
@@ -187,14 +193,14 @@ class Port(Node):
         return int(self.name)
 
     def linked_subsystems(self) -> list[str]:
-        return [p.name for p in self._children("subsystems")]
+        return [_basename(p) for p in self._children("subsystems")]
 
     def referrals(self) -> list[str]:
-        return [p.name for p in self._children("referrals")]
+        return [_basename(p) for p in self._children("referrals")]
 
     def link(self, subsystem: Subsystem) -> None:
         try:
-            self.ops.symlink(subsystem.path, self.path / "subsystems" / subsystem.name)
+            self.ops.symlink(subsystem.path, f"{self.path}/subsystems/{subsystem.name}")
         except FileExistsError:
             pass  # linked already
         except OSError as exc:
@@ -205,7 +211,7 @@ class Port(Node):
             ) from exc
 
     def unlink(self, nqn: str) -> None:
-        link = self.path / "subsystems" / nqn
+        link = f"{self.path}/subsystems/{nqn}"
         try:
             self.ops.unlink(link)
         except FileNotFoundError:
@@ -224,23 +230,23 @@ class Port(Node):
 class Root(Node):
     """`/sys/kernel/config/nvmet`."""
 
-    def __init__(self, path: Path = NVMET_ROOT, ops: ConfigfsOps | None = None) -> None:
-        super().__init__(path, ops or OsOps())
+    def __init__(self, path: str | os.PathLike[str] = NVMET_ROOT, ops: ConfigfsOps | None = None) -> None:
+        super().__init__(os.fspath(path), ops or OsOps())
 
     def subsystem(self, nqn: str) -> Subsystem:
-        return Subsystem(self.path / "subsystems" / nqn, self.ops)
+        return Subsystem(f"{self.path}/subsystems/{nqn}", self.ops)
 
     def port(self, port_id: int) -> Port:
-        return Port(self.path / "ports" / str(port_id), self.ops)
+        return Port(f"{self.path}/ports/{port_id}", self.ops)
 
     def host(self, hostnqn: str) -> Host:
-        return Host(self.path / "hosts" / hostnqn, self.ops)
+        return Host(f"{self.path}/hosts/{hostnqn}", self.ops)
 
     def subsystems(self) -> list[Subsystem]:
         return [Subsystem(p, self.ops) for p in self._children("subsystems")]
 
     def ports(self) -> list[Port]:
-        return [Port(p, self.ops) for p in self._children("ports") if p.name.isdigit()]
+        return [Port(p, self.ops) for p in self._children("ports") if _basename(p).isdigit()]
 
     def hosts(self) -> list[Host]:
         return [Host(p, self.ops) for p in self._children("hosts")]

@@ -24,7 +24,6 @@ from storagetm.notify import sd_notify
 from storagetm.policy import Reason, SystemFacts, exclusion, loader_partuuid, system_facts
 from storagetm.screen import Screen
 from storagetm.settings import Settings
-from storagetm.stats import DiskActivity
 from storagetm.udev import BlockDevices, udev_settled
 
 log = logging.getLogger(__name__)
@@ -33,6 +32,9 @@ REDRAW_DEBOUNCE = 0.75  # seconds, as upstream: addresses come and go in bursts
 DASHBOARD_REFRESH = 1.0  # seconds between samples of I/O counters, connections and snapshot fill
 READY_WAIT = 30.0  # seconds storagetm waits at most for udev's queue before it tells systemd it is ready
 SETTLE_POLL = 0.1  # seconds between looks at udev's queue until then
+# After a disk event, the screen and the state file follow this much later: the CPU goes first
+# to the kernel telling watching initiators of the new disk, and a burst of events is drawn once.
+AFTER_DISK_EVENT = 0.3  # seconds
 
 
 @dataclass(frozen=True)
@@ -102,15 +104,10 @@ class Daemon:
         self.state = state.RunState(pid=os.getpid())
         self.exporter: Exporter | None = None
         self.stop_requested = False
-        self.counters_first: dict[str, stats.Counters] = {}
-        self.counters_last: dict[str, stats.Counters] = {}
+        self.meter = stats.ActivityMeter()
         self.saved_state = ""
 
     # ---- one reconcile pass ------------------------------------------------
-
-    def reconcile(self) -> None:
-        self.export_wanted()
-        self.publish()
 
     def export_wanted(self) -> None:
         """Plan and apply the exports for the disks known now; the screen is not redrawn."""
@@ -130,18 +127,10 @@ class Daemon:
 
     def sample_activity(self) -> None:
         """Per-disk bytes read/written since export, current rates, and connected initiators."""
-        current: dict[str, DiskActivity] = {}
-        for nqn, export in self.state.exports.items():
-            backing = self.state.backings.get(nqn)
-            name = stats.block_name(backing.path if backing else export.disk.devnode)
-            now = stats.read_counters(name) if name else None
-            if now is None:
-                continue
-            first = self.counters_first.setdefault(nqn, now)
-            previous = self.counters_last.get(nqn, now)
-            self.counters_last[nqn] = now
-            current[nqn] = stats.activity(first, previous, now, export.disk.size)
-        self.state.activity = current
+        self.state.activity = self.meter.sample({
+            nqn: (backing.path if (backing := self.state.backings.get(nqn)) else export.disk.devnode, export.disk.size)
+            for nqn, export in self.state.exports.items()
+        })  # fmt: skip
         self.state.initiators = stats.initiators({listener.trsvcid for listener in self.state.ports.values()})
 
     def publish(self) -> None:
@@ -226,7 +215,8 @@ class Daemon:
         ready_by: float | None = time.monotonic() + READY_WAIT  # None once READY=1 is sent
         while not self.stop_requested:
             if ready_by is not None and (udev_settled() or time.monotonic() >= ready_by):
-                self._on_disk_events(devices)  # what udev sent before it emptied its queue
+                if self._on_disk_events(devices):  # what udev sent before it emptied its queue
+                    self.publish()
                 sd_notify(READY="1")
                 ready_by = None
             if redraw_at is None and self.state.exports:
@@ -236,7 +226,9 @@ class Daemon:
                 timeout = SETTLE_POLL if timeout is None else min(timeout, SETTLE_POLL)
             for key, _ in selector.select(timeout):
                 if key.data == "udev":
-                    self._on_disk_events(devices)
+                    if self._on_disk_events(devices):
+                        soon = time.monotonic() + AFTER_DISK_EVENT
+                        redraw_at = soon if redraw_at is None else min(redraw_at, soon)
                 elif key.data == "net":
                     network.drain(addr_sock)  # type: ignore[arg-type]
                     addresses_changed = True
@@ -253,7 +245,9 @@ class Daemon:
                 self.publish()
         selector.close()
 
-    def _on_disk_events(self, devices: BlockDevices) -> None:
+    def _on_disk_events(self, devices: BlockDevices) -> bool:
+        """Export what the events call for; True if the set of disks changed (the caller
+        has the screen redrawn)."""
         changed = False
         for event in devices.events():
             log.debug("udev %s %s", event.action, event.disk.devnode)
@@ -263,7 +257,8 @@ class Daemon:
                 changed |= self.disks.get(event.disk.devnode) != event.disk
                 self.disks[event.disk.devnode] = event.disk
         if changed:
-            self.reconcile()
+            self.export_wanted()
+        return changed
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)

@@ -87,12 +87,12 @@ def nvme_transport(sys_path: str) -> str:
     base = Path(sys_path)
     direct = base / "device" / "transport"
     if direct.exists():
-        return direct.read_text().strip()
+        return _sysfs_text(str(direct))
     # Native multipath: the block device hangs off nvme-subsysN; ask its controllers.
-    transports = {p.read_text().strip() for p in base.parent.glob("nvme*/transport")}
+    transports = {_sysfs_text(str(p)) for p in base.parent.glob("nvme*/transport")}
     if not transports and (base / "device").exists():
-        transports = {p.read_text().strip() for p in (base / "device").resolve().glob("nvme*/transport")}
-    return ",".join(sorted(transports))
+        transports = {_sysfs_text(str(p)) for p in (base / "device").resolve().glob("nvme*/transport")}
+    return ",".join(sorted(transports - {""}))
 
 
 def gpt_partition_uuids(devnode: str) -> tuple[str, ...]:

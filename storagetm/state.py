@@ -3,6 +3,7 @@ adopt it and never touches anything else), and what `storagetm status` reports."
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -20,6 +21,14 @@ from storagetm.tls import TLSConfig
 
 STATE_FILE = Path("/run/storagetm/state.json")
 FORMAT = 1
+
+
+@functools.lru_cache(maxsize=1024)
+def _plain(value: Any) -> dict[str, Any]:
+    """`asdict` of an immutable value, made once: the state is serialised every second for
+    the dashboard, and asdict's deep copy of every disk and identity was most of its CPU
+    time. The dict is shared; nothing may change it."""
+    return asdict(value)
 
 
 @dataclass
@@ -44,15 +53,15 @@ class RunState:
             "format": FORMAT,
             "pid": self.pid,
             "nqn_base": self.nqn_base,
-            "ports": [{"id": port_id, **asdict(lst)} for port_id, lst in sorted(self.ports.items())],
+            "ports": [{"id": port_id, **_plain(lst)} for port_id, lst in sorted(self.ports.items())],
             "exports": [self._export_json(nqn, exp) for nqn, exp in sorted(self.exports.items())],
-            "addresses": [asdict(a) | {"connect": a.for_command} for a in self.addresses],
+            "addresses": [_plain(a) | {"connect": a.for_command} for a in self.addresses],
             "not_exported": self.not_exported,
             "problems": self.problems,
-            "auth": asdict(self.auth) | {"enabled": self.auth.enabled},
+            "auth": _plain(self.auth) | {"enabled": self.auth.enabled},
             "initiators": self.initiators,
             "announced": self.announced,
-            "tls": asdict(self.tls) | {"enabled": self.tls.enabled},
+            "tls": _plain(self.tls) | {"enabled": self.tls.enabled},
         }
 
     def _export_json(self, nqn: str, export: Export) -> dict[str, Any]:
@@ -60,11 +69,11 @@ class RunState:
             "nqn": nqn,
             "mode": export.mode.value,
             "snapshot_size": export.snapshot_size,
-            "disk": asdict(export.disk),
-            "identity": asdict(export.identity),
+            "disk": _plain(export.disk),
+            "identity": _plain(export.identity),
         }
         if nqn in self.backings:
-            data["backing"] = asdict(self.backings[nqn])
+            data["backing"] = _plain(self.backings[nqn])
         if nqn in self.activity:
             data["activity"] = asdict(self.activity[nqn])
         if nqn in self.snapshot_usage:
@@ -123,7 +132,8 @@ class RunState:
 def save(state: RunState, path: Path = STATE_FILE, unless: str = "") -> str:
     """Write atomically (temp file, fsync, rename), unless the text is `unless` (what was
     written last: the dashboard republishes every second); return the text."""
-    text = json.dumps(state.to_json(), indent=1)
+    # One line: with `indent` the json module falls back to its pure-Python encoder.
+    text = json.dumps(state.to_json())
     if text == unless:
         return text
     path.parent.mkdir(parents=True, exist_ok=True)

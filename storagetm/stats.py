@@ -1,13 +1,14 @@
 """I/O counters of exported disks and the initiators connected, for the dashboard.
 
 nvmet reads and writes its backing device through the block layer, so the device's own
-counters in /sys/class/block/<name>/stat are the initiators' traffic (this image runs
+counters in /sys/dev/block/<major>:<minor>/stat are the initiators' traffic (this image runs
 nothing else on those disks)."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from storagetm.kernelfs import read_attribute
 
 SECTOR = 512
-SYS_BLOCK = Path("/sys/class/block")
+SYS_DEV_BLOCK = "/sys/dev/block"
 
 
 @dataclass(frozen=True)
@@ -36,19 +37,20 @@ class DiskActivity:
     read_fraction: float  # bytes read / disk size, capped at 1: how far a full copy has got
 
 
-def block_name(path: str) -> str:
-    """Kernel name (sda, dm-3) of a block device path such as /dev/mapper/x."""
+def device_number(path: str) -> int | None:
+    """The device number of a block device (/dev/sda, /dev/mapper/x); None for anything else:
+    a file exported through nvmet's file backend has no block-layer counters."""
     try:
-        rdev = os.stat(path).st_rdev
+        st = os.stat(path)
     except OSError:
-        return ""
-    link = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
-    return link.resolve().name if link.exists() else ""
+        return None
+    return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
 
 
-def read_counters(name: str, sys_block: Path = SYS_BLOCK) -> Counters | None:
+def read_counters(devnum: int, sys_dev_block: str = SYS_DEV_BLOCK) -> Counters | None:
+    """By device number: /sys/dev/block/MAJ:MIN needs no name, so no symlink to resolve."""
     try:
-        fields = read_attribute(sys_block / name / "stat").split()
+        fields = read_attribute(f"{sys_dev_block}/{os.major(devnum)}:{os.minor(devnum)}/stat").split()
     except OSError:
         return None
     return Counters(int(fields[2]) * SECTOR, int(fields[6]) * SECTOR, time.monotonic())
@@ -64,6 +66,38 @@ def activity(first: Counters, previous: Counters, now: Counters, size: int) -> D
         write_rate=(now.written_bytes - previous.written_bytes) / span,
         read_fraction=min(1.0, read / size) if size else 0.0,
     )
+
+
+class ActivityMeter:
+    """Counters of each exported disk since its export, sampled about once a second.
+
+    The device is looked up by path on every sample (one stat(), no symlink resolved in
+    user space): a disk unplugged and plugged back is exported again under the same NQN,
+    possibly with another device number, and its counts then start from zero."""
+
+    def __init__(self, sys_dev_block: str = SYS_DEV_BLOCK) -> None:
+        self.sys_dev_block = sys_dev_block
+        self.first: dict[str, tuple[int, Counters]] = {}  # key -> (device number, counters at export)
+        self.last: dict[str, Counters] = {}
+
+    def sample(self, exported: dict[str, tuple[str, int]]) -> dict[str, DiskActivity]:
+        """`exported`: key (NQN) -> (block device path, disk size)."""
+        for gone in set(self.first) - set(exported):
+            del self.first[gone]
+            self.last.pop(gone, None)
+        current: dict[str, DiskActivity] = {}
+        for key, (path, size) in exported.items():
+            devnum = device_number(path)
+            if devnum is None or (now := read_counters(devnum, self.sys_dev_block)) is None:
+                continue
+            devnum_then, first = self.first.get(key, (devnum, now))
+            previous = self.last.get(key, now)
+            if devnum_then != devnum or now.read_bytes < first.read_bytes or now.written_bytes < first.written_bytes:
+                first = previous = now
+            self.first[key] = (devnum, first)
+            self.last[key] = now
+            current[key] = activity(first, previous, now, size)
+        return current
 
 
 TCP_ESTABLISHED = "01"

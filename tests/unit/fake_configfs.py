@@ -38,7 +38,8 @@ class FakeConfigfs:
             return "host"
         raise OSError(errno.EPERM, "Operation not permitted", str(path))
 
-    def mkdir(self, path: Path) -> None:
+    def mkdir(self, name: str) -> None:
+        path = Path(name)
         kind = self._kind(path)
         path.mkdir()
         attrs, groups = {
@@ -52,7 +53,8 @@ class FakeConfigfs:
         for group in groups:
             (path / group).mkdir()
 
-    def rmdir(self, path: Path) -> None:
+    def rmdir(self, name: str) -> None:
+        path = Path(name)
         if not path.exists():
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
         self._kind(path)
@@ -61,10 +63,12 @@ class FakeConfigfs:
                 raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
         shutil.rmtree(path)
 
-    def read(self, path: Path) -> str:
+    def read(self, name: str) -> str:
+        path = Path(name)
         return path.read_text()
 
-    def write(self, path: Path, value: str) -> None:
+    def write(self, name: str, value: str) -> None:
+        path = Path(name)
         if path.name in self.fail_on:
             raise OSError(self.fail_on[path.name], os.strerror(self.fail_on[path.name]), str(path))
         if path.name.startswith("addr_") and any((path.parent / "subsystems").iterdir()):
@@ -75,13 +79,15 @@ class FakeConfigfs:
         if path.name != "revalidate_size":
             path.write_text(value + "\n")
 
-    def symlink(self, target: Path, link: Path) -> None:
+    def symlink(self, target_name: str, link_name: str) -> None:
+        target, link = Path(target_name), Path(link_name)
         if not target.is_dir():
             raise OSError(errno.ENOENT, "No such file or directory", str(target))
         link.symlink_to(target)
         self.links.append(str(link.relative_to(self.root)))
 
-    def unlink(self, path: Path) -> None:
+    def unlink(self, name: str) -> None:
+        path = Path(name)
         if not path.is_symlink():
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
         path.unlink()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from storagetm.exports import Export
 from storagetm.identity import identity_for
 from storagetm.screen import Screen, render
 from storagetm.state import RunState
-from storagetm.stats import Counters, activity, initiators, read_counters
+from storagetm.stats import ActivityMeter, Counters, activity, initiators, read_counters
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
 
@@ -24,14 +25,44 @@ def state_with(n: int) -> RunState:
     return RunState(exports=exports)
 
 
+def write_stat(sys_dev_block: Path, devnum: int, read_sectors: int, written_sectors: int) -> None:
+    directory = sys_dev_block / f"{os.major(devnum)}:{os.minor(devnum)}"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "stat").write_text(f"  10 0 {read_sectors} 5 3 0 {written_sectors} 7 0 12 12 0 0 0 0 0 0\n")
+
+
 def test_counters_and_activity(tmp_path: Path) -> None:
-    (tmp_path / "sda").mkdir()
-    (tmp_path / "sda" / "stat").write_text("  10 0 2048 5 3 0 1024 7 0 12 12 0 0 0 0 0 0\n")
-    now = read_counters("sda", tmp_path)
+    write_stat(tmp_path, os.makedev(8, 0), 2048, 1024)
+    now = read_counters(os.makedev(8, 0), str(tmp_path))
     assert now is not None and now.read_bytes == 2048 * 512 and now.written_bytes == 1024 * 512
+    assert read_counters(os.makedev(8, 16), str(tmp_path)) is None
     first = Counters(0, 0, now.at - 2.0)
     act = activity(first, first, now, 4 << 20)
     assert act.read_fraction == pytest.approx(0.25) and act.read_rate == pytest.approx(2048 * 512 / 2.0)
+
+
+def test_meter_counts_from_export_and_restarts_for_a_new_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counts start at the export; a disk exported again (another device number, or
+    counters that went back) starts from zero; a regular file has no counters."""
+    devices = {"/dev/sda": os.makedev(8, 0)}
+    monkeypatch.setattr("storagetm.stats.device_number", devices.get)
+    meter = ActivityMeter(str(tmp_path))
+    write_stat(tmp_path, os.makedev(8, 0), 1000, 0)
+    exported = {"nqn-a": ("/dev/sda", 1 << 20), "nqn-file": ("/srv/disk.img", 1 << 20)}
+    assert meter.sample(exported)["nqn-a"].read_bytes == 0
+    write_stat(tmp_path, os.makedev(8, 0), 1000 + 1024, 8)
+    second = meter.sample(exported)
+    assert set(second) == {"nqn-a"}
+    assert second["nqn-a"].read_bytes == 1024 * 512 and second["nqn-a"].read_fraction == pytest.approx(0.5)
+    assert second["nqn-a"].written_bytes == 8 * 512
+    devices["/dev/sda"] = os.makedev(8, 16)  # unplugged and plugged back
+    write_stat(tmp_path, os.makedev(8, 16), 5000, 0)
+    assert meter.sample(exported)["nqn-a"].read_bytes == 0
+    write_stat(tmp_path, os.makedev(8, 16), 10, 0)  # counters went back: a new disk at the same number
+    assert meter.sample(exported)["nqn-a"].read_bytes == 0
+    assert meter.sample({}) == {} and meter.first == {} and meter.last == {}
 
 
 def test_initiators_from_proc_net(tmp_path: Path) -> None:

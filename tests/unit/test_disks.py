@@ -6,7 +6,7 @@ import struct
 import uuid
 from pathlib import Path
 
-from storagetm.disks import disk_from_udev, gpt_partition_uuids
+from storagetm.disks import disk_from_udev, gpt_partition_uuids, nvme_transport
 
 ESP_TYPE = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
 
@@ -61,3 +61,18 @@ def test_disk_from_udev_reads_sysfs(tmp_path: Path) -> None:
     assert disk.part_uuids == ()
     (sysfs / "size").unlink()  # an attribute the kernel does not have reads as 0, not as an error
     assert disk_from_udev(FakeDevice(sysfs, node)).size == 0
+
+
+def test_nvme_transport_direct_and_through_native_multipath(tmp_path: Path) -> None:
+    direct = tmp_path / "pci" / "nvme" / "nvme0" / "nvme0n1"
+    (direct / "device").mkdir(parents=True)
+    (direct / "device" / "transport").write_text("pcie\n")
+    assert nvme_transport(str(direct)) == "pcie"
+    # A fabrics namespace under nvme-subsys1, reached through two controllers.
+    subsys = tmp_path / "virtual" / "nvme-subsystem" / "nvme-subsys1"
+    (subsys / "nvme1n1").mkdir(parents=True)
+    for controller, transport in (("nvme1", "tcp\n"), ("nvme2", "tcp\n")):
+        (subsys / controller).mkdir()
+        (subsys / controller / "transport").write_text(transport)
+    assert nvme_transport(str(subsys / "nvme1n1")) == "tcp"
+    assert nvme_transport(str(tmp_path / "missing")) == ""

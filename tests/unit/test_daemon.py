@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from storagetm.configfs import Root
+from storagetm.daemon import Daemon
+from storagetm.disks import Disk
+from storagetm.exports import Exporter, listeners
+from storagetm.policy import SystemFacts
+from storagetm.screen import Screen
+from storagetm.settings import Settings
+from storagetm.state import RunState
+from storagetm.udev import DiskEvent
+from tests.unit.fake_configfs import FakeConfigfs
+
+BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
+
+
+class RecordingScreen(Screen):
+    def __init__(self) -> None:
+        super().__init__(terminal=False)
+        self.shown: list[int] = []
+
+    def show(self, state: RunState, io_port: int = 4420) -> None:
+        self.shown.append(len(state.exports))
+
+
+class QueuedEvents:
+    def __init__(self, events: list[DiskEvent]) -> None:
+        self.queue = events
+
+    def events(self) -> Iterator[DiskEvent]:
+        while self.queue:
+            yield self.queue.pop(0)
+
+
+def test_disk_event_exports_at_once_and_leaves_the_screen_for_later(tmp_path: Path) -> None:
+    """The hotplug path links the new disk and returns; the redraw is the main loop's,
+    a moment later (daemon.AFTER_DISK_EVENT)."""
+    image = tmp_path / "hot.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    disk = Disk(name="hot.img", devnode=str(image), devnum=0, devtype="file", size=1 << 20, serial="HOT1")
+    fake = FakeConfigfs(tmp_path / "configfs")
+    screen = RecordingScreen()
+    daemon = Daemon(Settings(devices=(str(image),)), screen=screen, root=Root(fake.root, fake),
+                    facts=SystemFacts, announcer=None)  # fmt: skip
+    daemon.exporter = Exporter(daemon.root)  # type: ignore[arg-type]
+    daemon.exporter.open_ports(listeners(4420, ipv6=False))
+    daemon.state.nqn_base = BASE
+
+    assert daemon._on_disk_events(QueuedEvents([DiskEvent("add", disk)])) is True  # type: ignore[arg-type]
+    (nqn,) = daemon.state.exports
+    assert sorted(link.rsplit("/", 1)[1] == nqn for link in fake.links) == [True, True]
+    assert screen.shown == []
+    assert daemon._on_disk_events(QueuedEvents([DiskEvent("change", disk)])) is False  # type: ignore[arg-type]
+    assert daemon._on_disk_events(QueuedEvents([DiskEvent("remove", disk)])) is True  # type: ignore[arg-type]
+    assert daemon.state.exports == {} and not (fake.root / "subsystems" / nqn).exists()
