@@ -76,7 +76,7 @@ class Node:
 
     @property
     def name(self) -> str:
-        return self.path.rpartition("/")[2]
+        return _basename(self.path)
 
     def exists(self) -> bool:
         return os.path.isdir(self.path)
