@@ -3,17 +3,20 @@
     ci/build-image.sh bench && python3 -m bench.compare [--size-mib 128] [--boots 3]
 
 Everything runs on the bench image (`mkosi.profiles/bench`: the shipped image plus
-nbd-server and nbd-client). One initiator VM stays up; for each implementation a target
-VM boots from the same UKI and the bench measures, from the host:
+nbd-server and nbd-client). One initiator VM stays up; target VMs boot from the same UKI,
+`--boots` times for each implementation, the implementations taking turns (in alternating
+order) so that drift of this shared machine hits all alike. Every boot samples, from the host:
 
 - ready: QEMU start until the initiator sees the disk offered (`nvme discover` lists a
-  subsystem; for NBD, `nbd-client -l` lists the export) — median of `--boots` boots,
-  the implementations taking turns so that drift of this shared machine hits all alike;
-- hotplug: QMP device_add until the initiator is told the discovery log changed (its
-  persistent discovery controller gets the asynchronous event; the log is then read to
-  check the disk is in it) — median of `--hotplugs`; NBD has no hotplug;
-- sequential read and write over the link (dd, O_DIRECT, MiB/s, median of `--rounds`),
-  and for storagetm also read in read-only and snapshot mode;
+  subsystem; for NBD, `nbd-client -l` lists the export);
+- hotplug (`--hotplugs` per boot): QMP device_add until the initiator is told the
+  discovery log changed (its persistent discovery controller gets the asynchronous event;
+  the log is then read to check the disk is in it); NBD has no hotplug;
+- sequential read and write over the link (dd, O_DIRECT, MiB/s, `--rounds` each), and for
+  storagetm also read in read-only and snapshot mode.
+
+Each figure is the median of all its samples. The last boot also measures, once:
+
 - the daemon's CPU time and resident memory after the copies (NBD: nbd-server and its
   per-connection child, still connected);
 - export time for 1, 8 and 32 disks (regular files, the daemon started by hand in the
@@ -304,10 +307,13 @@ def implementations() -> list[Implementation]:
 
 
 class Bench:
-    def __init__(self, workdir: Path, initiator: VM, size_mib: int, rounds: int, hotplugs: int) -> None:
+    """Every boot of every implementation gives samples of each figure; the implementations
+    take turns, in alternating order, so that drift of this shared machine hits all alike."""
+
+    def __init__(self, workdir: Path, initiator: VM, size_mib: int, rounds: int, hotplugs_per_boot: int) -> None:
         self.workdir, self.initiator = workdir, initiator
-        self.size_mib, self.rounds, self.hotplugs = size_mib, rounds, hotplugs
-        self.samples: dict[str, dict[str, list[float]]] = {}  # every boot and hotplug, for the JSON
+        self.size_mib, self.rounds, self.hotplugs_per_boot = size_mib, rounds, hotplugs_per_boot
+        self.samples: dict[str, dict[str, list[float]]] = {}  # every sample of every boot, for the JSON
         self.disk = Disk(workdir / "BENCH001.img", "virtio", "BENCH001")
         make_disk(self.disk.path, size_mib << 20, b"BENCH001")
 
@@ -327,11 +333,11 @@ class Bench:
 
     def hotplug_ports(self) -> list[str]:
         """Root ports hp1… beside the VM's own hp0, one per hot-plugged disk."""
-        return [arg for i in range(1, self.hotplugs) for arg in
+        return [arg for i in range(1, self.hotplugs_per_boot) for arg in
                 ("-device", f"pcie-root-port,id=hp{i},chassis={i + 1},slot={i + 1},addr=0x{0x10 + i:x}")]  # fmt: skip
 
-    def hotplug(self, impl: NVMeTarget, target: VM, watch: DiscoveryWatch, index: int) -> float:
-        hot = self.workdir / f"{impl.name}-HOT{index}.img"
+    def hotplug(self, impl: NVMeTarget, target: VM, watch: DiscoveryWatch, run: int, index: int) -> float:
+        hot = self.workdir / f"{impl.name}-{run}-HOT{index}.img"
         make_disk(hot, 16 << 20, f"HOT{index:05d}".encode())
         target.qmp.cmd("blockdev-add", driver="file", filename=str(hot), **{"node-name": f"hotfile{index}"})
         target.qmp.cmd("blockdev-add", driver="raw", file=f"hotfile{index}", **{"node-name": f"hot{index}"})
@@ -348,7 +354,7 @@ class Bench:
                 return elapsed
         raise RuntimeError(f"{impl.name}: discovery log changed, but hot-plugged disk {index} not in it within 120 s")
 
-    def throughput(self, impl: Implementation, direction: str = "read") -> float:
+    def throughput(self, impl: Implementation, direction: str = "read") -> list[float]:
         size = self.size_mib << 20
         dev = impl.connect(self.initiator, size)
         try:
@@ -356,11 +362,11 @@ class Bench:
                 command = f"dd if={dev} of=/dev/null bs=1M count={self.size_mib} iflag=direct"
             else:
                 command = f"dd if=/dev/zero of={dev} bs=1M count={self.size_mib} oflag=direct"
-            return statistics.median(dd_mib_s(self.initiator, command) for _ in range(self.rounds))
+            return [dd_mib_s(self.initiator, command) for _ in range(self.rounds)]
         finally:
             impl.disconnect(self.initiator)
 
-    def mode_read(self, impl: NVMeTarget, target: VM, flag: str) -> float:
+    def mode_read(self, impl: NVMeTarget, target: VM, flag: str) -> list[float]:
         """storagetm restarted by hand in a mode; sequential read of the bench disk."""
         target.sh(f"systemd-run --unit=bench-mode storagetm {flag} /dev/disk/by-id/virtio-BENCH001")
         until(lambda: impl.subsystems_seen(self.initiator) >= 1, 120, f"storagetm {flag}")
@@ -369,45 +375,49 @@ class Bench:
         finally:
             target.sh("systemctl stop bench-mode.service")
 
-    def measure(self, impl: Implementation, earlier_ready: list[float]) -> dict[str, float | None]:
-        target, ready = self.boot(impl, len(earlier_ready))
+    def sample_boot(self, impl: Implementation, run: int, *, last: bool) -> None:
+        """One boot's samples; the last boot also measures what is taken once (the daemon's
+        usage after its copies, export times)."""
+        target, ready = self.boot(impl, run)
         samples = self.samples.setdefault(impl.name, {})
-        samples["ready_s"] = [*earlier_ready, ready]
-        result: dict[str, float | None] = {"ready_s": statistics.median(samples["ready_s"])}
+
+        def add(key: str, values: list[float]) -> None:
+            samples.setdefault(key, []).extend(values)
+
+        add("ready_s", [ready])
         try:
             target.wait_shell(60)
-            result["hotplug_s"] = None
             if isinstance(impl, NVMeTarget):
                 with DiscoveryWatch(self.initiator, impl.port) as watch:
-                    samples["hotplug_s"] = [self.hotplug(impl, target, watch, i) for i in range(self.hotplugs)]
-                result["hotplug_s"] = statistics.median(samples["hotplug_s"])
-            result["read_mib_s"] = self.throughput(impl, "read")
-            result["write_mib_s"] = self.throughput(impl, "write")
-            if isinstance(impl, NBDServer):  # its per-connection child counts too: measure while connected
-                impl.connect(self.initiator, self.size_mib << 20)
-            result["daemon_cpu_s"], result["daemon_rss_mib"] = process_usage(target, impl.daemon_pids(target))
-            if isinstance(impl, NBDServer):
-                impl.disconnect(self.initiator)
+                    add("hotplug_s", [self.hotplug(impl, target, watch, run, i) for i in range(self.hotplugs_per_boot)])
+            add("read_mib_s", self.throughput(impl, "read"))
+            add("write_mib_s", self.throughput(impl, "write"))
+            if last:
+                if isinstance(impl, NBDServer):  # its per-connection child counts too: measure while connected
+                    impl.connect(self.initiator, self.size_mib << 20)
+                cpu, rss = process_usage(target, impl.daemon_pids(target))
+                add("daemon_cpu_s", [cpu])
+                add("daemon_rss_mib", [rss])
+                if isinstance(impl, NBDServer):
+                    impl.disconnect(self.initiator)
             impl.stop_service(target)
-            result["read_ro_mib_s"] = result["read_snapshot_mib_s"] = None
             if isinstance(impl, NVMeTarget) and impl.name == "storagetm":
-                result["read_ro_mib_s"] = self.mode_read(impl, target, "--read-only")
-                result["read_snapshot_mib_s"] = self.mode_read(impl, target, "--snapshot")
-            for n in EXPORT_COUNTS:
-                result[f"export_{n}_s"] = impl.export_seconds(target, n)
+                add("read_ro_mib_s", self.mode_read(impl, target, "--read-only"))
+                add("read_snapshot_mib_s", self.mode_read(impl, target, "--snapshot"))
+            if last:
+                for n in EXPORT_COUNTS:
+                    add(f"export_{n}_s", [impl.export_seconds(target, n)])
         finally:
             target.stop()
-        return result
 
     def run(self, boots: int) -> dict[str, dict[str, float | None]]:
         impls = implementations()
-        ready: dict[str, list[float]] = {impl.name: [] for impl in impls}
-        for _ in range(boots - 1):  # ready-only boots, in turns
-            for impl in impls:
-                target, seconds = self.boot(impl, len(ready[impl.name]))
-                target.stop()
-                ready[impl.name].append(seconds)
-        return {impl.name: self.measure(impl, ready[impl.name]) for impl in impls}
+        for run in range(boots):
+            for impl in impls if run % 2 == 0 else impls[::-1]:
+                self.sample_boot(impl, run, last=run == boots - 1)
+        return {impl.name: {key: statistics.median(values) if (values := self.samples[impl.name].get(key)) else None
+                            for _, key in ROWS}
+                for impl in impls}  # fmt: skip
 
 
 def ratio(results: dict[str, dict[str, float | None]], key: str, anchor: str) -> float | None:
@@ -421,7 +431,9 @@ def markdown(results: dict[str, dict[str, float | None]], meta: dict[str, str]) 
 
     lines = [
         f"Measured {meta['date']} on {meta['machine']} (QEMU TCG, one vCPU per VM), one run; "
-        f"boot times are the median of {meta['boots']} boots each, hotplug of {meta['hotplugs']} disks.",
+        f"each figure is the median over {meta['boots']} boots per implementation, taken in turns "
+        f"({meta['hotplugs']} hotplugs and {meta['rounds']} copies per boot); CPU, memory and export "
+        "times are from the last boot.",
         "",
         "| | storagetm | systemd-storagetm | NBD | ÷ systemd-storagetm | ÷ NBD |",
         "|---|---|---|---|---|---|",
@@ -483,8 +495,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="dd runs per throughput figure")
-    parser.add_argument("--boots", type=int, default=3, help="boots per implementation for the ready time")
-    parser.add_argument("--hotplugs", type=int, default=5, help="hot-plugged disks per NVMe implementation")
+    parser.add_argument("--boots", type=int, default=3, help="boots per implementation, each one sampling every figure")
+    parser.add_argument("--hotplugs", type=int, default=5, help="hot-plugged disks per boot of an NVMe implementation")
     parser.add_argument("--report-only", action="store_true", help="redo table, chart and README from the last JSON")
     args = parser.parse_args()
     if args.report_only:
@@ -506,6 +518,7 @@ def main() -> int:
         "machine": f"{subprocess.getoutput('nproc')} cores, {subprocess.getoutput('uname -m')}, QEMU {qemu}",
         "boots": str(args.boots),
         "hotplugs": str(args.hotplugs),
+        "rounds": str(args.rounds),
     }
     RESULTS.mkdir(exist_ok=True)
     data = {"meta": meta, "size_mib": args.size_mib, "rounds": args.rounds, "results": results,

@@ -135,6 +135,11 @@ def serve_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="announce the discovery service over mDNS (_nvme-disc._tcp, via systemd-resolved)",
     )
+    parser.add_argument(
+        "--realtime",
+        action="store_true",
+        help="once started, handle disk events at real-time priority (SCHED_RR 1), ahead of other services",
+    )
     parser.add_argument("--list-devices", action="store_true", help="list block devices and whether they are exported")
     parser.add_argument("--kernel-cmdline", action="store_true", help="read storagetm.* options from /proc/cmdline")
     parser.add_argument("--console", action="store_true", help="draw the screen on the kernel's consoles, not stdout")
@@ -159,6 +164,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         announce=args.announce,
         tls=bool(args.tls or args.tls_key),
         tls_key=args.tls_key or "",
+        realtime=args.realtime,
     )
     try:
         settings = parse_modes(",".join(args.modes or []), settings)

@@ -43,6 +43,7 @@ class Settings:
     announce: bool = False  # publish _nvme-disc._tcp over mDNS (systemd-resolved)
     tls: bool = False  # NVMe/TCP over TLS 1.3 with a pre-shared key
     tls_key: str = ""  # "" with tls: generate one
+    realtime: bool = False  # once started, serve disk events at real-time priority (SCHED_RR)
 
     def mode_for(self, disk: Disk) -> Mode:
         for spec, mode in self.disk_modes:

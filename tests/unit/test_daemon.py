@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from storagetm import state
 from storagetm.configfs import Root
-from storagetm.daemon import Daemon
+from storagetm.daemon import Daemon, serve_at_realtime_priority
 from storagetm.disks import Disk
 from storagetm.exports import Exporter, listeners
 from storagetm.policy import SystemFacts
@@ -56,3 +62,42 @@ def test_disk_event_exports_at_once_and_leaves_the_screen_for_later(tmp_path: Pa
     assert daemon._on_disk_events(QueuedEvents([DiskEvent("change", disk)])) is False  # type: ignore[arg-type]
     assert daemon._on_disk_events(QueuedEvents([DiskEvent("remove", disk)])) is True  # type: ignore[arg-type]
     assert daemon.state.exports == {} and not (fake.root / "subsystems" / nqn).exists()
+
+
+def test_status_goes_to_systemd_only_when_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The screen refreshes every second; systemd hears only a new status line, since each
+    message wakes PID 1 on the same CPU as the next hotplug."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify"))
+    listener.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setattr(state, "save", lambda *_args, **_kwargs: "saved")
+    daemon = Daemon(Settings(), screen=RecordingScreen(), facts=SystemFacts, announcer=None)
+
+    def received() -> list[bytes]:
+        messages = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                messages.append(listener.recv(4096))
+        return messages
+
+    daemon.publish()
+    daemon.publish()
+    assert received() == [b"STATUS=Exporting 0 disks"]
+    daemon.state.exports = {"nqn.x": None}  # type: ignore[dict-item]
+    daemon.publish()
+    daemon.publish()
+    assert received() == [b"STATUS=Exporting 1 disk"]
+    listener.close()
+
+
+def test_realtime_refused_is_one_warning_and_the_daemon_goes_on(monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    def refuse(*_args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    serve_at_realtime_priority()
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot raise storagetm to real-time priority: Operation not permitted; disk events wait their turn"
+    ]

@@ -187,6 +187,17 @@ def test_dashboard_and_status_follow_a_copy(pair: Pair) -> None:
 HOTPLUG_BOUND = 30  # seconds from QMP device_add until the disk is in the discovery log
 
 
+def test_disk_events_are_served_at_realtime_priority(pair: Pair) -> None:
+    """Once started (`--realtime` in the unit), storagetm runs SCHED_RR at priority 1, and
+    what it spawns (dmsetup, losetup) does not inherit that."""
+    target_ready(pair, 4)
+    pid = pair.target.sh("systemctl show -P MainPID storagetm.service")
+    stat = pair.target.sh(f"cat /proc/{pid}/stat").rsplit(")", 1)[1].split()
+    rt_priority, policy = stat[37], stat[38]  # fields 40 and 41 of proc_pid_stat(5)
+    assert (policy, rt_priority) == ("2", "1"), stat
+    assert "SCHED_RESET_ON_FORK" in pair.target.sh(f"chrt -p {pid}")
+
+
 def test_hotplug_add_and_remove(pair: Pair) -> None:
     target_ready(pair, 4)
     address = wait_address(pair.target, "169.254.")
