@@ -100,6 +100,10 @@ def test_snapshot_takes_writes_in_ram_and_source_stays(modes_pair: tuple[Pair, d
     status = json.loads(pair.target.sh("storagetm status --json"))
     usage = next(e["snapshot_usage"] for e in status["exports"] if e["mode"] == "snapshot")
     assert usage["used"] > 0 and usage["total"] == 8 << 20 and not usage["invalid"]
+    # The store's file is unlinked once its loop device holds it; nothing is left in /run.
+    assert "cow" not in pair.target.sh("ls -A /run/storagetm").split()
+    table = pair.target.sh("dmsetup table storagetm-snapshot-snap0001").split()
+    assert table[2:3] + table[5:] == ["snapshot", "N", "32"], table  # 16 KiB chunks (docs/design.md, Modes)
 
 
 def test_full_snapshot_fails_cleanly(modes_pair: tuple[Pair, dict[str, str]]) -> None:
