@@ -78,9 +78,9 @@ def plan(disks: list[Disk], settings: Settings, facts: SystemFacts, nqn_base: st
 def serve_at_realtime_priority() -> None:
     """SCHED_RR at the lowest real-time priority: on a hotplug udev's workers, PID 1 and
     journald wake with storagetm on the same CPU, and at any nice level the scheduler hands
-    them the CPU every tick; storagetm's few milliseconds per event now run first. Only
-    after the start (1.5 s of CPU that udev's coldplug needs more), and children are
-    reset to the normal policy (dmsetup, losetup)."""
+    them the CPU every tick; storagetm's few milliseconds per event now run first. Called
+    once started: at boot, storagetm's 1.5 s of start-up CPU must not run ahead of udev's
+    coldplug, which loads the disk drivers. Children (dmsetup, losetup) get the normal policy."""
     try:
         os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(1))
     except OSError as exc:
