@@ -11,6 +11,9 @@ MKOSI_SHA256=ef56c81324fd47d65490e944ec4697bb3f6fb21326d0d071bfc2fb5ba5383252
 HOST_PACKAGES=(qemu-system-x86 qemu-utils ovmf xorriso mtools dosfstools fdisk zstd
                binutils python3-venv ca-certificates imagemagick e2fsprogs
                dnsmasq-base iproute2 fonts-dejavu-core)
+SIGNED_BOOT_PACKAGES=(shim-signed shim-helpers-amd64-signed systemd-boot-efi-amd64-signed)
+SIGNED_BOOT_FILES=(usr/lib/shim/shimx64.efi.signed usr/lib/shim/mmx64.efi.signed
+                   usr/lib/systemd/boot/efi/systemd-bootx64.efi.signed)
 PIP_PACKAGES=(pytest==8.3.4 ruff==0.8.6 mypy==1.14.1 qemu.qmp==0.0.6 pyudev==0.24.3)
 
 log() { printf 'setup-host: %s\n' "$*"; }
@@ -51,22 +54,50 @@ install_python_tools() {
     fi
 }
 
+# apt-get against a private list of Debian trixie on the host's mirror: packages are
+# downloaded (and checked against the signed archive) without touching the host's own apt.
+trixie_apt() {
+    local apt=$CACHE/apt-trixie
+    mkdir -p "$apt/lists/partial" "$apt/archives/partial"
+    echo "deb $(debian_mirror) trixie main" > "$apt/sources.list"
+    apt-get -q -o Dir::Etc::SourceList="$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null \
+        -o Dir::State::Lists="$apt/lists" -o Dir::Cache="$apt" -o Dir::Cache::Archives="$apt/archives" \
+        -o APT::Sandbox::User=root "$@"
+}
+
+trixie_lists_fresh=
+trixie_update() {
+    [ -n "$trixie_lists_fresh" ] || { trixie_apt update; trixie_lists_fresh=1; }
+}
+
 install_mkosi() {
     local dir=$CACHE/mkosi-$MKOSI_VERSION deb
     if [ -f "$dir/.installed" ]; then return; fi
     log "fetching mkosi $MKOSI_VERSION from Debian trixie"
-    local apt=$CACHE/apt-trixie
-    mkdir -p "$apt/lists/partial" "$apt/archives/partial" "$dir"
-    echo "deb $(debian_mirror) trixie main" > "$apt/sources.list"
-    local opts=(-o Dir::Etc::SourceList="$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
-                -o Dir::State::Lists="$apt/lists" -o Dir::Cache="$apt" -o Dir::Cache::Archives="$apt/archives"
-                -o APT::Sandbox::User=root)
-    apt-get -q "${opts[@]}" update
-    (cd "$apt/archives" && apt-get -q "${opts[@]}" download "mkosi=$MKOSI_VERSION")
-    deb=$apt/archives/mkosi_${MKOSI_VERSION}_all.deb
+    mkdir -p "$dir"
+    trixie_update
+    (cd "$CACHE/apt-trixie/archives" && trixie_apt download "mkosi=$MKOSI_VERSION")
+    deb=$CACHE/apt-trixie/archives/mkosi_${MKOSI_VERSION}_all.deb
     echo "$MKOSI_SHA256  $deb" | sha256sum -c --quiet
     dpkg-deb -x "$deb" "$dir"
     touch "$dir/.installed"
+}
+
+# The Secure Boot chain the boot media carry: Debian's shim (signed by Microsoft's UEFI CA),
+# its MokManager, and Debian's signed systemd-boot. Unpacked, never installed on the host;
+# make-media.sh takes the .efi.signed files from here.
+install_signed_boot() {
+    local dir=$CACHE/signed-boot deb
+    if [ -f "$dir/.installed" ]; then return; fi
+    log "fetching the signed boot chain from Debian trixie: ${SIGNED_BOOT_PACKAGES[*]}"
+    rm -rf "$dir" && mkdir -p "$dir/root"
+    trixie_update
+    (cd "$dir" && trixie_apt download "${SIGNED_BOOT_PACKAGES[@]}")
+    for deb in "$dir"/*.deb; do dpkg-deb -x "$deb" "$dir/root"; done
+    for f in "${SIGNED_BOOT_FILES[@]}"; do
+        [ -s "$dir/root/$f" ] || { echo "setup-host: $f missing from ${SIGNED_BOOT_PACKAGES[*]}" >&2; exit 1; }
+    done
+    (cd "$dir" && ls ./*.deb) > "$dir/.installed"
 }
 
 # A sandbox tree with apt sources for trixie on the host's mirror, for mkosi and its tools tree.
@@ -98,6 +129,7 @@ main() {
     install_host_packages
     install_python_tools
     install_mkosi
+    install_signed_boot
     write_apt_sandbox
     log "ready (cache in $CACHE)"
 }

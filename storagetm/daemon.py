@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storagetm import auth, kernel, modes, network, state, stats, tls
+from storagetm import auth, firmware, kernel, modes, network, state, stats, tls
 from storagetm.announce import Announcer
 from storagetm.configfs import Root
 from storagetm.disks import Disk, disk_from_file, sort_disks
@@ -217,6 +217,7 @@ class Daemon:
         # Disks first: at boot every process competes for the CPU, and what follows is for the screen.
         self.export_wanted()
         self.state.addresses = network.local_addresses()
+        self.state.secure_boot = firmware.secure_boot()
         if self.announcer is not None:
             self.state.announced = self.announcer.publish(host_id(identity))
         self.publish()

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storagetm.disks import Disk
+from storagetm.firmware import EFIVARS
 
 EFI_LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
-EFIVARS = Path("/sys/firmware/efi/efivars")
 # The file-system label our ISO and ESP carry: a second guard when the firmware
 # does not tell which medium it booted from.
 MEDIA_LABELS = frozenset({"STORAGETM", "STORAGETM-ESP"})

@@ -19,6 +19,10 @@ from storagetm.stats import DiskActivity
 log = logging.getLogger(__name__)
 
 CLEAR = "\033[H\033[2J"
+TITLE = "storagetm: target disk mode - disks exported over NVMe/TCP"
+# Whether the firmware verified what booted: someone who had to turn Secure Boot off to boot
+# this must turn it back on afterwards (BitLocker asks for its recovery key otherwise).
+SECURE_BOOT: dict[bool | None, str] = {True: " (Secure Boot on)", False: " (Secure Boot off)", None: ""}
 WIDTH = 80
 STOP = "stop: Ctrl+C or `storagetm stop`"
 ANYONE = "Anyone on the network"
@@ -98,7 +102,7 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
     """The operator's screen. With `dashboard`, also live I/O per disk and the initiators
     connected, trimmed to `rows` lines (80x25 by default)."""
     blank = [] if dashboard else [""]  # the dashboard has no room for empty lines
-    lines = ["storagetm: target disk mode - disks exported over NVMe/TCP"]
+    lines = [TITLE + SECURE_BOOT[state.secure_boot]]
     lines += [wrapped for warning in warnings(state) for wrapped in textwrap.wrap(warning, WIDTH)]
     lines += blank
     if not state.addresses:

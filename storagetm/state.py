@@ -47,6 +47,7 @@ class RunState:
     initiators: list[str] = field(default_factory=list)
     announced: str = ""  # the mDNS name the discovery service is announced under
     tls: TLSConfig = field(default_factory=TLSConfig)
+    secure_boot: bool | None = None  # None: not booted with UEFI, or unknown
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,6 +63,7 @@ class RunState:
             "initiators": self.initiators,
             "announced": self.announced,
             "tls": _plain(self.tls) | {"enabled": self.tls.enabled},
+            "secure_boot": self.secure_boot,
         }
 
     def _export_json(self, nqn: str, export: Export) -> dict[str, Any]:
@@ -117,6 +119,7 @@ class RunState:
             problems=list(data.get("problems", [])),
             initiators=list(data.get("initiators", [])),
             announced=str(data.get("announced", "")),
+            secure_boot=data.get("secure_boot") if isinstance(data.get("secure_boot"), bool) else None,
             tls=TLSConfig(
                 key=str(data.get("tls", {}).get("key", "")), hosts=tuple(data.get("tls", {}).get("hosts", ()))
             ),

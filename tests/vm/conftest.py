@@ -60,8 +60,11 @@ def boot_pair(
     target_append: str = TARGET_APPEND,
     prepare: Callable[[dict[str, Disk]], None] | None = None,
     disk_size: int = DISK_SIZE,
+    stick: Path | None = None,
 ) -> Pair:
-    """Create the disks (then let `prepare` rewrite them), start the target, then the initiator."""
+    """Create the disks (then let `prepare` rewrite them), start the target, then the initiator.
+    With `stick`, the target boots from that USB stick under Secure Boot, through its boot
+    menu (`target_append` is then unused), instead of the UKI given to QEMU directly."""
     workdir.mkdir(parents=True, exist_ok=True)
     disks, sums = make_disks(workdir, kinds, disk_size)
     if prepare is not None:
@@ -74,6 +77,10 @@ def boot_pair(
     # a server accepts a new client, so the target can be power-cycled and join again.
     target = VM("target", workdir, kernel=efi, append=target_append, disks=list(disks.values()),
                 link_socket=link, link_server=False, mac="52:54:00:00:00:01")  # fmt: skip
+    if stick is not None:
+        target.kernel, target.secure_boot = None, True
+        target.extra = ["-drive", f"if=none,id=boot,format=raw,file={stick}",
+                        "-device", "usb-storage,bus=xhci.0,drive=boot,bootindex=0,serial=BOOTSTICK"]  # fmt: skip
     initiator = initiator_vm(workdir, link)
     initiator.start()
     try:

@@ -20,6 +20,13 @@ from typing import Any
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# Secure Boot enforced, with Microsoft's KEK and db (including the third-party UEFI CA that
+# signs shim) enrolled: what a PC that ships with Windows trusts. Needs SMM and a secure flash.
+OVMF_SECURE_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+OVMF_MS_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+# QMP send-key codes for the characters tests type at a boot menu's editor.
+QCODES = {" ": "spc", ".": "dot", ",": "comma", "=": "equal", "-": "minus", "/": "slash"}
+SHIFTED = {"_": "minus", ":": "semicolon"}
 # No echo, no prompt, no bracketed-paste escapes: only command output comes back.
 QUIET_SHELL = "stty -echo; PS1=''; PS2=''; unset PROMPT_COMMAND; bind 'set enable-bracketed-paste off' 2>/dev/null"
 CURSOR_MOVE = re.compile(r"\x1b\[\d+;\d+H")
@@ -68,6 +75,7 @@ class VM:
     mac: str = "52:54:00:12:34:56"
     memory: int = 1024
     uuid: str = "6a1f7c2e-0b7d-4f4e-9a51-3d2c1b0a9f88"
+    secure_boot: bool = False  # OVMF with Secure Boot enforced and Microsoft's keys
     wrapper: list[str] = field(default_factory=list)  # e.g. ip netns exec NS: QEMU's network namespace
     proc: subprocess.Popen[bytes] | None = None
     qmp: Any = None
@@ -92,14 +100,19 @@ class VM:
         return self.workdir / f"{self.name}-qmp.sock"
 
     def command(self) -> list[str]:
-        vars_copy = self.workdir / f"{self.name}-vars.fd"
+        vars_copy = self.workdir / f"{self.name}-vars{'-secure' if self.secure_boot else ''}.fd"
         if not vars_copy.exists():
-            shutil.copy(OVMF_VARS, vars_copy)
+            shutil.copy(OVMF_MS_VARS if self.secure_boot else OVMF_VARS, vars_copy)
+        if self.secure_boot:
+            machine = ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"]
+        else:
+            machine = ["-machine", "q35"]
+        code = OVMF_SECURE_CODE if self.secure_boot else OVMF_CODE
         cmd = [
-            "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "1",
+            "qemu-system-x86_64", "-accel", "tcg", *machine, "-cpu", "max", "-smp", "1",
             "-m", str(self.memory), "-nographic", "-no-reboot", "-uuid", self.uuid,
-            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
-            "-drive", f"if=pflash,format=raw,file={vars_copy}",
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
             "-chardev", f"file,id=con,path={self.console_log}", "-serial", "chardev:con",
             "-chardev", f"socket,id=sh,path={self.shell_socket},server=on,wait=off", "-serial", "chardev:sh",
             "-chardev", f"file,id=klog,path={self.kernel_log},append=on", "-serial", "chardev:klog",
@@ -145,6 +158,19 @@ class VM:
 
         self.qmp = QEMUMonitorProtocol(str(self.qmp_socket))
         self.qmp.connect()
+
+    def send_keys(self, *keys: str) -> None:
+        """Press each key (a QMP qcode: "down", "ret", "e", "end", …) on the VM's keyboard."""
+        for key in keys:
+            self.qmp.cmd("send-key", keys=[{"type": "qcode", "data": key}])
+            time.sleep(0.15)  # the firmware polls its keyboard; keys sent faster get lost
+
+    def type_text(self, text: str) -> None:
+        for char in text:
+            code = QCODES.get(char, char.lower())
+            combo = [{"type": "qcode", "data": "shift"}] if char.isupper() or char in SHIFTED else []
+            self.qmp.cmd("send-key", keys=[*combo, {"type": "qcode", "data": SHIFTED.get(char, code)}])
+            time.sleep(0.15)
 
     def console(self) -> str:
         try:

@@ -1,6 +1,8 @@
 """The image boots from each medium into target mode, exports the other disks, and never
-exports the medium it booted from. Each boot uses the image's own kernel command line
-(no -kernel/-append), so the operator's screen on the serial console is what we read."""
+exports the medium it booted from. Each boot uses the image's own boot menu and kernel
+command line (no -kernel/-append), under firmware that enforces Secure Boot with Microsoft's
+keys (what a PC that ships with Windows has), and nobody touches the menu: its default
+entry boots after the timeout. The operator's screen on the serial console is what we read."""
 
 from __future__ import annotations
 
@@ -22,6 +24,14 @@ MEDIA = {
     "iso-cd": ("storagetm.iso", "ide-cd,bus=ide.2,drive=boot,bootindex=0", "sr0"),
 }
 
+# The boot menu, in its order: ci/boot_menu.py makes it from the UKI's profiles.
+MENU = [
+    "storagetm: share the disks, read-write (default)",
+    "storagetm: share the disks read-only (nothing can change them)",
+    "storagetm: share the disks as a snapshot (changes kept in RAM only)",
+    "storagetm: share the disks securely (password and encryption)",
+]
+
 
 @pytest.fixture(params=sorted(MEDIA))
 def booted(request: pytest.FixtureRequest) -> Iterator[tuple[VM, str]]:
@@ -32,7 +42,7 @@ def booted(request: pytest.FixtureRequest) -> Iterator[tuple[VM, str]]:
     shutil.copy(image(filename), medium)  # the guest must not be able to change our build output
     data = workdir / "DATA0001.img"
     make_disk(data, 16 << 20, b"DATA0001")
-    vm = VM("target", workdir, disks=[Disk(data, "virtio", "DATA0001")],
+    vm = VM("target", workdir, disks=[Disk(data, "virtio", "DATA0001")], secure_boot=True,
             extra=["-drive", f"if=none,id=boot,format=raw,file={medium}", "-device", device])  # fmt: skip
     vm.start()
     try:
@@ -47,10 +57,17 @@ def booted(request: pytest.FixtureRequest) -> Iterator[tuple[VM, str]]:
 def test_boots_to_target_mode_without_exporting_boot_medium(booted: tuple[VM, str]) -> None:
     vm, guest_name = booted
     vm.wait_for(r"Exported disks \(1\):", BOOT_TIMEOUT)
+    boot = vm.console()
+    # The boot menu showed every mode, then booted its default (nothing was pressed), and the
+    # kernel found Secure Boot enforced: the whole chain was verified.
+    for title in MENU:
+        assert title in boot
+    assert "EFI stub: UEFI Secure Boot is enabled." in boot
     # USB and CD drives are probed some seconds after the virtio disk under TCG.
     vm.wait_for(rf"Not exported: .*{guest_name} \(", 120)
     screen = vm.console()
     screen = screen[screen.rfind("storagetm: target disk mode") :]
+    assert screen.startswith("storagetm: target disk mode - disks exported over NVMe/TCP (Secure Boot on)")
     assert "data0001" in screen.lower() and "vda" in screen
     assert f"Not exported: {guest_name} (" in screen
     reason = "optical drive" if guest_name.startswith("sr") else "the medium this system booted from"
@@ -61,7 +78,8 @@ def test_boots_to_target_mode_without_exporting_boot_medium(booted: tuple[VM, st
     assert f"exported /dev/{guest_name} (" not in vm.console()
 
 
-@pytest.mark.parametrize(("profile", "shown"), [("@1", "[read-only]"), ("@2", "[snapshot ")])
+@pytest.mark.parametrize(("profile", "shown"), [("@1", "[read-only]"), ("@2", "[snapshot "),
+                                               ("@3", "Only an initiator with the host NQN and secret below")])
 def test_uki_profiles_select_the_mode(profile: str, shown: str) -> None:
     """systemd-stub picks profile N when the command line starts with @N (the boot menu
     entries of the multi-profile UKI)."""
@@ -79,3 +97,4 @@ def test_uki_profiles_select_the_mode(profile: str, shown: str) -> None:
 def test_media_sizes_within_budget() -> None:
     assert Path(image("storagetm.efi")).stat().st_size <= 64 << 20
     assert Path(image("storagetm.iso")).stat().st_size <= 72 << 20
+    assert Path(image("storagetm.raw")).stat().st_size <= 74 << 20
