@@ -48,6 +48,9 @@ class AuthConfig:
     def enabled(self) -> bool:
         return bool(self.hosts)
 
+    def without_secrets(self) -> AuthConfig:
+        return AuthConfig(keys.hidden(self.secret), keys.hidden(self.ctrl_secret), self.hosts)
+
 
 def resolve(
     enabled: bool, secret: str, ctrl_secret: str, hosts: tuple[str, ...], previous: AuthConfig | None

@@ -16,6 +16,7 @@ from storagetm.auth import check_secret
 from storagetm.daemon import Daemon, explicit_files, plan
 from storagetm.errors import ExitCode, NotRunningError, StorageTMError, UsageError
 from storagetm.identity import check_nqn_prefix, default_nqn_base, host_identity, valid_nqn
+from storagetm.keys import HIDDEN
 from storagetm.memory import check_system_complete
 from storagetm.policy import system_facts
 from storagetm.screen import Screen, active_consoles, human_size, render
@@ -224,18 +225,33 @@ def serve(argv: Sequence[str]) -> int:
         screen.close()
 
 
+def running_state(command: str) -> state.RunState:
+    """The running daemon's state; one clear error if there is none or it is not ours to read."""
+    try:
+        current = state.load()
+    except PermissionError:
+        raise UsageError(f"storagetm {command} needs root: the state file holds the secrets",
+                         hint=f"run it as root, e.g. sudo storagetm {command}") from None  # fmt: skip
+    if current is None or not state.pid_alive(current.pid):
+        raise NotRunningError("storagetm is not running", hint="start it with `storagetm --all`")
+    return current
+
+
 def status(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="storagetm status", description="Show what storagetm exports.")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--show-secrets", action="store_true",
+                        help="show the DH-HMAC-CHAP secrets and the TLS key (hidden by default)")  # fmt: skip
     args = parser.parse_args(argv)
-    current = state.load()
-    if current is None or not state.pid_alive(current.pid):
-        raise NotRunningError("storagetm is not running", hint="start it with `storagetm --all`")
+    current = running_state("status")
+    shown = current if args.show_secrets else current.without_secrets()
     if args.json:
-        json.dump(current.to_json(), sys.stdout, indent=1)
+        json.dump(shown.to_json(), sys.stdout, indent=1)
         print()
-    else:
-        print(render(current), end="")
+        return ExitCode.OK
+    print(render(shown), end="")
+    if shown is not current and (current.auth.enabled or current.tls.enabled):
+        print(f"Secrets are shown as {HIDDEN}: `storagetm status --show-secrets` shows them.")
     return ExitCode.OK
 
 
@@ -243,10 +259,12 @@ def stop(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="storagetm stop", description="Stop storagetm and withdraw its exports.")
     parser.add_argument("--timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
-    current = state.load()
-    if current is None or not state.pid_alive(current.pid):
-        raise NotRunningError("storagetm is not running")
-    os.kill(current.pid, signal.SIGTERM)
+    current = running_state("stop")
+    try:
+        os.kill(current.pid, signal.SIGTERM)
+    except PermissionError:
+        raise UsageError("storagetm stop needs root: storagetm runs as root",
+                         hint="run it as root, e.g. sudo storagetm stop") from None  # fmt: skip
     deadline = time.monotonic() + args.timeout
     while state.pid_alive(current.pid):
         if time.monotonic() > deadline:

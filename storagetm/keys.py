@@ -12,6 +12,12 @@ import zlib
 
 from storagetm.errors import UsageError
 
+HIDDEN = "(hidden)"  # what `storagetm status` shows instead of a secret, unless asked
+
+
+def hidden(secret: str) -> str:
+    return HIDDEN if secret else ""
+
 
 def generate(prefix: str, length: int = 32) -> str:
     key = os.urandom(length)  # what secrets.token_bytes() does, without importing it

@@ -3,10 +3,12 @@ adopt it and never touches anything else), and what `storagetm status` reports."
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+import stat
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from storagetm.stats import DiskActivity
 from storagetm.tls import TLSConfig
 
 STATE_FILE = Path("/run/storagetm/state.json")
+DIRECTORY_MODE = 0o700  # the state holds the DH-HMAC-CHAP secrets and the TLS key
+FILE_MODE = 0o600
 FORMAT = 1
 
 
@@ -48,6 +52,10 @@ class RunState:
     announced: str = ""  # the mDNS name the discovery service is announced under
     tls: TLSConfig = field(default_factory=TLSConfig)
     secure_boot: bool | None = None  # None: not booted with UEFI, or unknown
+
+    def without_secrets(self) -> RunState:
+        """A copy for showing: the secrets and the TLS key replaced by a placeholder."""
+        return replace(self, auth=self.auth.without_secrets(), tls=self.tls.without_secrets())
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,20 +140,26 @@ class RunState:
         )
 
 
-def save(state: RunState, path: Path = STATE_FILE, unless: str = "") -> str:
+def save(state: RunState, path: Path | None = None, unless: str = "") -> str:
     """Write atomically (temp file, fsync, rename), unless the text is `unless` (what was
-    written last: the dashboard republishes every second); return the text."""
+    written last: the dashboard republishes every second); return the text. The file holds
+    the secrets: it is made 0600 in a 0700 directory, whatever the umask."""
+    path = path or STATE_FILE
     # One line: with `indent` the json module falls back to its pure-Python encoder.
     text = json.dumps(state.to_json())
     if text == unless:
         return text
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _private_directory(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # left by a killed instance with our pid
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -153,10 +167,27 @@ def save(state: RunState, path: Path = STATE_FILE, unless: str = "") -> str:
     return text
 
 
-def load(path: Path = STATE_FILE) -> RunState | None:
+def _private_directory(directory: Path) -> None:
+    """Make `directory` (0700), or make an existing one 0700: an older storagetm left it 0755."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, DIRECTORY_MODE)
+    if stat.S_IMODE(os.lstat(directory).st_mode) != DIRECTORY_MODE:
+        os.chmod(directory, DIRECTORY_MODE)
+
+
+def load(path: Path | None = None) -> RunState | None:
+    """The state a running (or killed) storagetm left, or None if there is none.
+    PermissionError if it cannot be read: the file is root's."""
     try:
-        return RunState.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        text = (path or STATE_FILE).read_text()
+    except PermissionError:
+        raise
+    except OSError:
+        return None
+    try:
+        return RunState.from_json(json.loads(text))
+    except (ValueError, KeyError, TypeError):
         return None
 
 

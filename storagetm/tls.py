@@ -48,6 +48,9 @@ class TLSConfig:
     def enabled(self) -> bool:
         return bool(self.key)
 
+    def without_secrets(self) -> TLSConfig:
+        return TLSConfig(keys.hidden(self.key), self.hosts)
+
 
 def resolve(enabled: bool, key: str, hosts: tuple[str, ...], previous: TLSConfig | None) -> TLSConfig:
     """Given key first, then the systemd credential, then the previous instance's (so a

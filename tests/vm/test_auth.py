@@ -23,7 +23,7 @@ def screen_auth(pair: Pair) -> tuple[str, str, str, str]:
     pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
     wait_address(pair.target, "169.254.")
     # Parsed from `storagetm status` (the same screen, unsplit); the console must show it too.
-    screen = pair.target.sh("storagetm status")
+    screen = pair.target.sh("storagetm status --show-secrets")
     line = re.search(r"nvme connect-all -t tcp -a (169\.254\.\S+) --hostnqn=(\S+) --dhchap-secret=(\S+)", screen)
     ctrl = re.search(r"nvme connect -t tcp .* --dhchap-ctrl-secret=(\S+) -n NQN", screen)
     assert line and ctrl, screen

@@ -25,7 +25,7 @@ def screen_tls(pair: Pair) -> tuple[str, str, str]:
     pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
     address = wait_address(pair.target, "169.254.")
     # Parsed from `storagetm status` (the same screen, unsplit); the console must show it too.
-    screen = pair.target.sh("storagetm status")
+    screen = pair.target.sh("storagetm status --show-secrets")
     shown = re.search(r"nvme check-tls-key -i -n (\S+) -d (NVMeTLSkey-1:\S+:) -c NQN", screen)
     assert shown, screen
     assert shown.group(0) in screen_rows_joined(pair.target)
@@ -38,7 +38,7 @@ def test_screen_and_ports_say_tls(pair: Pair) -> None:
     assert "Only an initiator with the host NQN and TLS key below" in console
     assert "The traffic is encrypted (TLS 1.3)" in console
     assert re.search(rf"nvme connect-all -t tcp -a {re.escape(address)} --hostnqn={re.escape(host)} --tls", console)
-    status = json.loads(pair.target.sh("storagetm status --json"))
+    status = json.loads(pair.target.sh("storagetm status --show-secrets --json"))
     assert status["tls"] == {"key": key, "hosts": [host], "enabled": True}
     assert pair.target.sh("cat /sys/kernel/config/nvmet/ports/*/addr_tsas").split() == ["tls1.3", "tls1.3"]
     assert pair.target.sh("cat /sys/kernel/config/nvmet/ports/*/addr_treq").split().count("required") == 2

@@ -1,0 +1,131 @@
+"""Secrets stay with root: the state file's modes, `status` without and with
+--show-secrets, and one clear line for the commands that need root."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from storagetm import state
+from storagetm.auth import AuthConfig, generate_secret
+from storagetm.cli import main
+from storagetm.errors import ExitCode
+from storagetm.network import Address
+from storagetm.state import RunState
+from storagetm.tls import TLSConfig, generate_key
+
+HOST = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555"
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def state_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    path = tmp_path / "run" / "storagetm" / "state.json"
+    monkeypatch.setattr(state, "STATE_FILE", path)
+    yield path
+
+
+def secret_state() -> RunState:
+    return RunState(
+        pid=os.getpid(),
+        auth=AuthConfig(generate_secret(), generate_secret(), (HOST,)),
+        tls=TLSConfig(generate_key(), (HOST,)),
+        addresses=[Address("ipv4", "192.0.2.5", "eth0", False)],
+    )
+
+
+def test_state_file_is_root_only_from_the_start_whatever_the_umask(
+    state_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[int, int]] = []
+    real_replace = os.replace
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        seen.append((mode(Path(src)), mode(Path(src).parent)))  # what the file was before it got its name
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    old_umask = os.umask(0)
+    try:
+        state.save(secret_state())
+    finally:
+        os.umask(old_umask)
+    assert seen == [(0o600, 0o700)]
+    assert (mode(state_file), mode(state_file.parent)) == (0o600, 0o700)
+
+
+def test_a_state_directory_left_world_readable_becomes_0700(state_file: Path) -> None:
+    state_file.parent.mkdir(parents=True)
+    state_file.parent.chmod(0o755)
+    state.save(secret_state())
+    assert mode(state_file.parent) == 0o700
+
+
+def refuse_reading(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    """What an unprivileged user meets: the 0700 directory (the suite runs as root)."""
+    real_read_text = Path.read_text
+
+    def read_text(self: Path, *args: object, **kwargs: object) -> str:
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_text(self)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+
+
+@pytest.mark.parametrize("command", ["status", "stop"])
+def test_status_and_stop_as_non_root_say_they_need_root(
+    command: str, state_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state.save(secret_state())
+    refuse_reading(monkeypatch, state_file)
+    assert main([command]) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"storagetm: storagetm {command} needs root: the state file holds the secrets")
+    assert "unexpected error" not in err and len(err.splitlines()) == 1
+
+
+def test_stop_refused_by_the_kernel_says_it_needs_root(
+    state_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A state file an older storagetm left readable: the signal is what fails."""
+    state.save(secret_state())
+
+    def kill(pid: int, signum: int) -> None:
+        if signum != 0:
+            raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", kill)
+    assert main(["stop"]) == ExitCode.USAGE
+    assert "storagetm stop needs root" in capsys.readouterr().err
+
+
+def test_status_hides_the_secrets_unless_asked(state_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    current = secret_state()
+    state.save(current)
+    secrets = (current.auth.secret, current.auth.ctrl_secret, current.tls.key)
+    assert main(["status"]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert not any(secret in out for secret in secrets)
+    assert "--dhchap-secret=(hidden)" in out and "storagetm status --show-secrets" in out
+    assert main(["status", "--json"]) == ExitCode.OK
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["auth"]["secret"] == shown["auth"]["ctrl_secret"] == shown["tls"]["key"] == "(hidden)"
+    assert shown["auth"]["hosts"] == [HOST] and shown["tls"]["enabled"]
+    assert main(["status", "--show-secrets", "--json"]) == ExitCode.OK
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["auth"]["secret"], shown["auth"]["ctrl_secret"], shown["tls"]["key"]) == secrets
+    assert main(["status", "--show-secrets"]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert all(secret in out for secret in secrets) and "(hidden)" not in out
+    # The state file itself keeps them: a restarted daemon needs them to keep initiators connected.
+    loaded = state.load()
+    assert loaded is not None and (loaded.auth.secret, loaded.auth.ctrl_secret, loaded.tls.key) == secrets
