@@ -10,14 +10,21 @@ same way on both sides (`nvme check-tls-key --insert`), so both sides agree.
 
 from __future__ import annotations
 
+import base64
+import ctypes
+import hashlib
+import hmac
+import os
 import re
+import struct
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from storagetm import keys
 from storagetm.auth import generated_host_nqn, read_credential
-from storagetm.errors import StorageTMError
+from storagetm.errors import StorageTMError, UsageError
 
 KEY_RE = re.compile(r"^NVMeTLSkey-1:0[12]:[A-Za-z0-9+/]+={0,2}:$")
 CREDENTIAL_KEY = "storagetm.tls-key"
@@ -34,7 +41,45 @@ def generate_key() -> str:
 
 
 def check_key(key: str) -> str:
-    return keys.check(key, KEY_RE, (32, 48), "TLS key", "NVMeTLSkey-1:01:<base64>: as `nvme gen-tls-key` makes it")
+    key = keys.check(key, KEY_RE, (32, 48), "TLS key", "NVMeTLSkey-1:01:<base64>: as `nvme gen-tls-key` makes it")
+    if len(_configured(key)) != _hash(key)().digest_size:  # nvme-cli refuses these too
+        raise UsageError("invalid TLS key: 01 keys have 32 bytes, 02 keys 48", hint="make one with nvme gen-tls-key")
+    return key
+
+
+def _configured(key: str) -> bytes:
+    return base64.b64decode(key.split(":")[2])[:-4]
+
+
+def _hash(key: str) -> Callable[[], Any]:
+    return hashlib.sha384 if key.split(":")[1] == "02" else hashlib.sha256
+
+
+def _hkdf(digest: Callable[[], Any], key: bytes, info: bytes, length: int) -> bytes:
+    """RFC 5869 HKDF-Extract (no salt) and HKDF-Expand."""
+    prk = hmac.new(bytes(digest().digest_size), key, digest).digest()
+    out, block = b"", b""
+    for counter in range(1, -(-length // len(prk)) + 1):
+        block = hmac.new(prk, block + info + bytes([counter]), digest).digest()
+        out += block
+    return out[:length]
+
+
+def _label(length: int, label: str, context: str) -> bytes:
+    # nvme-cli 2.13 (libnvme 1.13) builds HKDF-Expand-Label's info without RFC 8446's
+    # length bytes before label and context, and the length little-endian (its host order
+    # on x86 and arm64). The target must derive what the initiator's nvme-cli derives.
+    return struct.pack("<H", length) + b"tls13 " + label.encode() + context.encode()
+
+
+def derive_psk(key: str, hostnqn: str, subnqn: str) -> tuple[str, bytes]:
+    """The identity `NVMe0R0<h> <hostnqn> <subnqn>` and the TLS PSK tlshd finds under it:
+    the configured key turned into the retained key for the host, then into the PSK for
+    the pair (identity version 0, as `nvme check-tls-key` uses by default)."""
+    digest, configured = _hash(key), _configured(key)
+    identity = f"NVMe0R{key.split(':')[1]} {hostnqn} {subnqn}"
+    retained = _hkdf(digest, configured, _label(len(configured), "HostNQN", hostnqn), len(configured))
+    return identity, _hkdf(digest, retained, _label(len(configured), "nvme-tls-psk", identity), len(configured))
 
 
 @dataclass(frozen=True)
@@ -67,16 +112,53 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
 
 
-def insert_key(hostnqn: str, subnqn: str, key: str, run: Runner = _run) -> None:
+KEY_SPEC_SESSION_KEYRING = -3
+
+
+class Keyring:
+    """The kernel's `.nvme` keyring, through libkeyutils, called as libnvme calls it."""
+
+    def __init__(self, name: str = ".nvme", library: Any = None) -> None:
+        self.name = name
+        self.library = library
+
+    def _lib(self) -> Any:
+        if self.library is None:
+            self.library = ctypes.CDLL("libkeyutils.so.1", use_errno=True)
+            self.library.add_key.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t,
+                                             ctypes.c_int32]  # fmt: skip
+            self.library.keyctl_search.restype = ctypes.c_long
+            self.library.keyctl_search.argtypes = [ctypes.c_int32, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int32]
+        return self.library
+
+    def add(self, description: str, payload: bytes) -> None:
+        """Put a `psk` key into the keyring, replacing one with the same description."""
+        lib = self._lib()
+        keyring = int(lib.find_key_by_type_and_desc(b"keyring", self.name.encode(), 0))
+        if keyring <= 0:
+            raise OSError(ctypes.get_errno(), f"the kernel has no {self.name} keyring")
+        if int(lib.keyctl_link(keyring, KEY_SPEC_SESSION_KEYRING)) < 0:
+            _raise_errno(f"cannot link the {self.name} keyring")
+        old = int(lib.keyctl_search(keyring, b"psk", description.encode(), 0))
+        if old > 0 and int(lib.keyctl_revoke(old)) < 0:
+            _raise_errno("cannot revoke the previous key")
+        if int(lib.add_key(b"psk", description.encode(), payload, len(payload), keyring)) <= 0:
+            _raise_errno("cannot add the key")
+
+
+def _raise_errno(what: str) -> None:
+    errno = ctypes.get_errno()
+    raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def insert_key(hostnqn: str, subnqn: str, key: str, keyring: Keyring | None = None) -> None:
     """Put the PSK derived for (host, subsystem) into the kernel's .nvme keyring."""
+    identity, psk = derive_psk(key, hostnqn, subnqn)
     try:
-        result = run(["nvme", "check-tls-key", "--insert", "-n", hostnqn, "-c", subnqn, "-d", key])
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        result = subprocess.CompletedProcess([], 1, "", str(exc))
-    if result.returncode != 0:
-        raise TLSError(f"cannot put the TLS key for {subnqn} into the kernel keyring: "
-                       f"{(result.stderr or result.stdout).strip() or 'nvme check-tls-key failed'}",
-                       hint="TLS needs nvme-cli and a kernel with CONFIG_NVME_KEYRING")  # fmt: skip
+        (keyring or Keyring()).add(identity, psk)
+    except OSError as exc:
+        raise TLSError(f"cannot put the TLS key for {subnqn} into the kernel keyring: {exc.strerror or exc}",
+                       hint="TLS needs libkeyutils and a kernel with CONFIG_NVME_KEYRING") from exc  # fmt: skip
 
 
 def ensure_handshake_daemon(run: Runner = _run) -> None:

@@ -76,11 +76,69 @@ def test_a_key_that_cannot_be_inserted_leaves_nothing_exported(tmp_path: Path) -
     assert list((fake.root / "subsystems").iterdir()) == []
 
 
-def test_insert_key_reports_nvme_cli_failure_in_one_line() -> None:
-    def failing(argv: list[str]) -> subprocess.CompletedProcess[str]:
-        assert argv[:3] == ["nvme", "check-tls-key", "--insert"]
-        return subprocess.CompletedProcess(argv, 1, "", "Failed to insert key: No such file or directory\n")
+# Made by nvme-cli 2.13 (`nvme check-tls-key --insert`) and read back from the keyring.
+NVME_CLI_PSKS = [
+    (NVME_CLI_KEY, DISCOVERY_NQN, "NVMe0R01",
+     "a0718351c12aa82a8498a5989474631882f627211db92e7b2249329acb3dca03"),
+    ("NVMeTLSkey-1:02:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJygpKissLS4vcSEgBQ==:",
+     "nqn.2023-10.io.systemd:storagetm.0123456789ab.disk-s1", "NVMe0R02",
+     "3e5027117b721f1095fb15c1f9dfb7a0ef33162e1f64b08ed2dfb972a2777419c540d8951dc1d26b1774e8a251ff5f14"),
+]  # fmt: skip
 
+
+@pytest.mark.parametrize(("key", "subnqn", "version", "psk"), NVME_CLI_PSKS)
+def test_psk_derived_as_nvme_cli_derives_it(key: str, subnqn: str, version: str, psk: str) -> None:
+    assert tls.derive_psk(tls.check_key(key), HOST, subnqn) == (f"{version} {HOST} {subnqn}", bytes.fromhex(psk))
+
+
+def test_key_length_must_match_its_hash() -> None:
+    with pytest.raises(UsageError, match="01 keys have 32 bytes"):
+        tls.check_key(NVME_CLI_PSKS[1][0].replace(":02:", ":01:"))
+
+
+class FakeKeyutils:
+    """libkeyutils as the kernel's .nvme keyring answers it; records what is asked."""
+
+    def __init__(self, keyring: int = 0x2C0F009B, existing: int = 0) -> None:
+        self.keyring, self.existing = keyring, existing
+        self.calls: list[tuple[object, ...]] = []
+
+    def find_key_by_type_and_desc(self, key_type: bytes, description: bytes, destination: int) -> int:
+        return self.keyring if (key_type, description) == (b"keyring", b".nvme") else -1
+
+    def keyctl_link(self, key: int, keyring: int) -> int:
+        self.calls.append(("link", key, keyring))
+        return 0
+
+    def keyctl_search(self, keyring: int, key_type: bytes, description: bytes, destination: int) -> int:
+        return self.existing or -1
+
+    def keyctl_revoke(self, key: int) -> int:
+        self.calls.append(("revoke", key))
+        return 0
+
+    def add_key(self, key_type: bytes, description: bytes, payload: bytes, length: int, keyring: int) -> int:
+        self.calls.append(("add", key_type, description, payload, length, keyring))
+        return 0x1234
+
+
+def test_insert_key_puts_the_psk_into_the_keyring_and_runs_no_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PSK used to be an argument of `nvme check-tls-key`: readable in /proc/PID/cmdline."""
+
+    def no_program(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a program was run")
+
+    monkeypatch.setattr(subprocess, "Popen", no_program)
+    lib = FakeKeyutils(existing=0x77)
+    tls.insert_key(HOST, DISCOVERY_NQN, NVME_CLI_KEY, tls.Keyring(library=lib))
+    identity, psk = tls.derive_psk(NVME_CLI_KEY, HOST, DISCOVERY_NQN)
+    assert lib.calls == [("link", lib.keyring, tls.KEY_SPEC_SESSION_KEYRING), ("revoke", 0x77),
+                         ("add", b"psk", identity.encode(), psk, 32, lib.keyring)]  # fmt: skip
+
+
+def test_no_nvme_keyring_is_one_line_without_the_key() -> None:
     with pytest.raises(tls.TLSError) as caught:
-        tls.insert_key(HOST, DISCOVERY_NQN, NVME_CLI_KEY, run=failing)
-    assert "\n" not in caught.value.one_line() and "No such file" in caught.value.one_line()
+        tls.insert_key(HOST, DISCOVERY_NQN, NVME_CLI_KEY, tls.Keyring(library=FakeKeyutils(keyring=-1)))
+    line = caught.value.one_line()
+    assert "\n" not in line and "the kernel has no .nvme keyring" in line and "CONFIG_NVME_KEYRING" in line
+    assert NVME_CLI_KEY not in line
