@@ -32,6 +32,11 @@ def check_secret(secret: str, what: str = "DH-HMAC-CHAP secret") -> str:
     return keys.check(secret, SECRET_RE, (32, 48, 64), what, "DHHC-1:00:<base64>: as `nvme gen-dhchap-key` makes it")
 
 
+def secret_argument(value: str, what: str = "DH-HMAC-CHAP secret") -> str:
+    """--dhchap-secret=SECRET or =@FILE."""
+    return check_secret(keys.from_argument(value, what), what)
+
+
 def generated_host_nqn() -> str:
     return f"nqn.2014-08.org.nvmexpress:uuid:{uuid.uuid4()}"
 

@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable, Sequence
 
 from storagetm import __version__, state
-from storagetm.auth import check_secret
+from storagetm.auth import secret_argument
 from storagetm.daemon import Daemon, explicit_files, plan
 from storagetm.errors import ExitCode, NotRunningError, StorageTMError, UsageError
 from storagetm.identity import check_nqn_prefix, default_nqn_base, host_identity, valid_nqn
-from storagetm.keys import HIDDEN
+from storagetm.keys import HIDDEN, ON_COMMAND_LINE, on_command_line
 from storagetm.memory import check_system_complete
 from storagetm.policy import system_facts
 from storagetm.screen import Screen, active_consoles, human_size, render
@@ -30,7 +30,7 @@ from storagetm.settings import (
     parse_snapshot_size,
     read_kernel_cmdline,
 )
-from storagetm.tls import check_key
+from storagetm.tls import key_argument
 from storagetm.udev import BlockDevices
 
 log = logging.getLogger("storagetm")
@@ -71,8 +71,8 @@ def _argument(check: Callable[[str], str]) -> Callable[[str], str]:
     return convert
 
 
-_secret = _argument(check_secret)
-_tls_key = _argument(check_key)
+_secret = _argument(secret_argument)
+_tls_key = _argument(key_argument)
 
 
 def _secret_or_generate(value: str) -> str:
@@ -205,6 +205,8 @@ def list_devices(settings: Settings, as_json: bool) -> int:
 def serve(argv: Sequence[str]) -> int:
     args = serve_parser().parse_args(argv)
     setup_logging(args.debug)
+    if on_command_line(argv):
+        log.warning("%s", ON_COMMAND_LINE)
     settings, problems = settings_from(args)
     for problem in problems:
         log.warning("%s", problem)

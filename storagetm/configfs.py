@@ -18,6 +18,8 @@ from storagetm.errors import ConfigfsError
 from storagetm.kernelfs import read_attribute
 
 NVMET_ROOT = "/sys/kernel/config/nvmet"
+# Attributes whose values never go into an error message (journal, console).
+SECRET_ATTRIBUTES = frozenset({"dhchap_key", "dhchap_ctrl_key"})
 
 
 class ConfigfsOps(Protocol):
@@ -88,10 +90,12 @@ class Node:
             raise ConfigfsError(f"cannot read {self.path}/{group}_{name}: {_describe(exc)}") from exc
 
     def set(self, group: str, name: str, value: str) -> None:
+        attribute = f"{group}_{name}"
         try:
-            self.ops.write(f"{self.path}/{group}_{name}", value)
+            self.ops.write(f"{self.path}/{attribute}", value)
         except OSError as exc:
-            raise ConfigfsError(f"cannot set {self.path}/{group}_{name} to {value!r}: {_describe(exc)}") from exc
+            shown = "the secret" if attribute in SECRET_ATTRIBUTES else repr(value)
+            raise ConfigfsError(f"cannot set {self.path}/{attribute} to {shown}: {_describe(exc)}") from exc
 
     def _mkdir(self) -> None:
         try:

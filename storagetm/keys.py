@@ -9,14 +9,41 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Sequence
+from pathlib import Path
 
 from storagetm.errors import UsageError
 
 HIDDEN = "(hidden)"  # what `storagetm status` shows instead of a secret, unless asked
 
 
+SECRET_MARKS = ("DHHC-1:", "NVMeTLSkey-1:")
+ON_COMMAND_LINE = (
+    "a secret given on the command line is visible to every user of this machine (ps, /proc/PID/cmdline); "
+    "give it as @FILE (--dhchap-secret=@/root/secret), or as the systemd credential storagetm.dhchap-secret, "
+    "storagetm.dhchap-ctrl-secret or storagetm.tls-key"
+)
+
+
 def hidden(secret: str) -> str:
     return HIDDEN if secret else ""
+
+
+def from_argument(value: str, what: str) -> str:
+    """An option's value, or with `@FILE` what FILE holds: a secret passed so never is on
+    the command line."""
+    if not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the {what} from {value[1:]}: {exc.strerror or exc}",
+                         hint="give the path of a file that holds it, readable by root only") from None  # fmt: skip
+
+
+def on_command_line(argv: Sequence[str]) -> bool:
+    """True if a secret itself (not @FILE) is among the arguments."""
+    return any(mark in arg for arg in argv for mark in SECRET_MARKS)
 
 
 def generate(prefix: str, length: int = 32) -> str:

@@ -47,6 +47,11 @@ def check_key(key: str) -> str:
     return key
 
 
+def key_argument(value: str) -> str:
+    """--tls-key=KEY or =@FILE."""
+    return check_key(keys.from_argument(value, "TLS key"))
+
+
 def _configured(key: str) -> bytes:
     return base64.b64decode(key.split(":")[2])[:-4]
 

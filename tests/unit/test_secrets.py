@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -13,11 +14,15 @@ import pytest
 
 from storagetm import state
 from storagetm.auth import AuthConfig, generate_secret
-from storagetm.cli import main
-from storagetm.errors import ExitCode
+from storagetm.cli import main, serve_parser
+from storagetm.configfs import Root
+from storagetm.errors import ConfigfsError, ExitCode
+from storagetm.exports import Exporter
+from storagetm.keys import on_command_line
 from storagetm.network import Address
 from storagetm.state import RunState
 from storagetm.tls import TLSConfig, generate_key
+from tests.unit.fake_configfs import FakeConfigfs
 
 HOST = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555"
 
@@ -129,3 +134,52 @@ def test_status_hides_the_secrets_unless_asked(state_file: Path, capsys: pytest.
     # The state file itself keeps them: a restarted daemon needs them to keep initiators connected.
     loaded = state.load()
     assert loaded is not None and (loaded.auth.secret, loaded.auth.ctrl_secret, loaded.tls.key) == secrets
+
+
+def test_secrets_from_files_never_are_on_the_command_line(tmp_path: Path) -> None:
+    secret, key = generate_secret(), generate_key()
+    (tmp_path / "secret").write_text(secret + "\n")
+    (tmp_path / "key").write_text(key)
+    argv = [f"--dhchap-secret=@{tmp_path / 'secret'}", f"--dhchap-ctrl-secret=@{tmp_path / 'secret'}",
+            f"--tls-key=@{tmp_path / 'key'}", "--all"]  # fmt: skip
+    args = serve_parser().parse_args(argv)
+    assert (args.dhchap_secret, args.dhchap_ctrl_secret, args.tls_key) == (secret, secret, key)
+    assert not on_command_line(argv)
+
+
+def test_an_unreadable_secret_file_is_one_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([f"--dhchap-secret=@{tmp_path / 'missing'}", "--all"])
+    assert info.value.code == ExitCode.USAGE
+    assert f"cannot read the DH-HMAC-CHAP secret from {tmp_path / 'missing'}" in capsys.readouterr().err
+
+
+def test_a_secret_on_the_command_line_is_warned_about_once_without_its_value(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret, key = generate_secret(), generate_key()
+    assert main(["--dhchap-secret", secret, f"--tls-key={key}"]) == ExitCode.USAGE  # no disks: stops early
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "visible to every user" in warnings[0] and "@FILE" in warnings[0]
+    assert secret not in warnings[0] + capsys.readouterr().err and key not in warnings[0]
+
+
+def test_a_rejected_secret_is_not_echoed(capsys: pytest.CaptureFixture[str]) -> None:
+    wrong = generate_secret()[:-6] + "AAAA=:"
+    with pytest.raises(SystemExit):
+        main([f"--dhchap-secret={wrong}", "--all"])
+    err = capsys.readouterr().err
+    assert "invalid DH-HMAC-CHAP secret" in err and wrong not in err
+
+
+def test_a_failed_secret_write_to_configfs_does_not_show_the_secret(tmp_path: Path) -> None:
+    fake = FakeConfigfs(tmp_path / "configfs")
+    fake.fail_on["dhchap_key"] = errno.EINVAL
+    auth = AuthConfig(generate_secret(), "", (HOST,))
+    with pytest.raises(ConfigfsError) as caught:
+        Exporter(Root(fake.root, fake)).setup_hosts(auth)
+    line = caught.value.one_line()
+    assert auth.secret not in line and line.endswith("dhchap_key to the secret: Invalid argument")
+    fake.fail_on["attr_model"] = errno.EINVAL  # other values are still shown
+    with pytest.raises(ConfigfsError, match="attr_model to 'Disk'"):
+        Root(fake.root, fake).create_subsystem("nqn.2014-08.org.example:a").set("attr", "model", "Disk")
