@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from storagetm.exports import DISCOVERY_NQN, DISCOVERY_TRSVCID
+from storagetm.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Announcer:
         if not self.resolved.exists():
             log.warning("not announcing over mDNS: systemd-resolved is not installed")
             return ""
-        hostname = self.get_hostname()
+        hostname = printable(self.get_hostname())  # shown on the screen
         if hostname in IMAGE_HOSTNAMES:
             hostname = recognisable_hostname(host_id)
             self.set_hostname(hostname)

@@ -30,6 +30,7 @@ from storagetm.settings import (
     parse_snapshot_size,
     read_kernel_cmdline,
 )
+from storagetm.text import PrintableLogFilter, printable
 from storagetm.tls import key_argument
 from storagetm.udev import BlockDevices
 
@@ -282,7 +283,10 @@ def help_kernel_cmdline() -> str:
 
 def setup_logging(debug: bool) -> None:
     fmt = "%(message)s" if os.environ.get("JOURNAL_STREAM") else "storagetm: %(message)s"
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    handler.addFilter(PrintableLogFilter())
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -296,12 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageTMError as exc:
         if debug:
             log.exception("failed")
-        print(f"storagetm: {exc.one_line()}", file=sys.stderr)
+        print(f"storagetm: {printable(exc.one_line())}", file=sys.stderr)
         return int(exc.exit_code)
     except KeyboardInterrupt:
         return ExitCode.FAILURE
     except Exception as exc:  # one line unless --debug; mkosi does the same at its top level
         if debug:
             raise
-        print(f"storagetm: unexpected error: {exc} (run with --debug for details)", file=sys.stderr)
+        print(f"storagetm: unexpected error: {printable(str(exc))} (run with --debug for details)", file=sys.stderr)
         return ExitCode.FAILURE

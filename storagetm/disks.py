@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from storagetm.kernelfs import read_attribute
+from storagetm.text import printable
 
 SECTOR = 512
 
@@ -135,21 +136,24 @@ def disk_from_udev(device: UdevDevice, *, partition_uuids: bool = True) -> Disk:
         devnum=device.device_number,
         devtype=device.device_type or "",
         size=_sysfs_int(f"{sys_path}/size") * SECTOR,
-        model=_sysfs_text(f"{sys_path}/device/model") or props.get("ID_MODEL", "").replace("_", " ").strip(),
-        serial=props.get("ID_SERIAL_SHORT", "")
-        or props.get("ID_SCSI_SERIAL", "")
-        or _sysfs_text(f"{sys_path}/device/serial")
-        or _sysfs_text(f"{sys_path}/serial")
-        or props.get("ID_SERIAL", ""),
-        wwn=props.get("ID_WWN_WITH_EXTENSION", "") or props.get("ID_WWN", ""),
+        # What the hardware reports is shown on terminals: no control characters from here on.
+        model=printable(_sysfs_text(f"{sys_path}/device/model") or props.get("ID_MODEL", "").replace("_", " ").strip()),
+        serial=printable(
+            props.get("ID_SERIAL_SHORT", "")
+            or props.get("ID_SCSI_SERIAL", "")
+            or _sysfs_text(f"{sys_path}/device/serial")
+            or _sysfs_text(f"{sys_path}/serial")
+            or props.get("ID_SERIAL", "")
+        ),
+        wwn=printable(props.get("ID_WWN_WITH_EXTENSION", "") or props.get("ID_WWN", "")),
         bus=props.get("ID_BUS", "") or ("nvme" if name.startswith("nvme") else ""),
-        by_id=tuple(sorted(link for link in links if link.startswith("/dev/disk/by-id/"))),
-        by_path=next((link for link in links if link.startswith("/dev/disk/by-path/")), ""),
+        by_id=tuple(sorted(printable(link) for link in links if link.startswith("/dev/disk/by-id/"))),
+        by_path=printable(next((link for link in links if link.startswith("/dev/disk/by-path/")), "")),
         cdrom=props.get("ID_CDROM") == "1" or name.startswith("sr"),
         read_only=_sysfs_int(f"{sys_path}/ro") == 1,
         removable=_sysfs_int(f"{sys_path}/removable") == 1,
         nvme_transport=nvme_transport(sys_path) if name.startswith("nvme") else "",
-        fs_label=props.get("ID_FS_LABEL", ""),
+        fs_label=printable(props.get("ID_FS_LABEL", "")),
         # Partition uevents carry no PARTUUID on 6.12, so sysfs cannot tell; the GPT can.
         part_uuids=gpt_partition_uuids(device.device_node or "")
         if partition_uuids and device.device_type == "disk"
@@ -163,7 +167,7 @@ def disk_from_file(path: str) -> Disk:
     st = os.stat(real)
     base = os.path.basename(real)
     return Disk(
-        name=base,
+        name=printable(base),  # shown; `devnode` is what is exported
         devnode=real,
         devnum=0,
         devtype="file",

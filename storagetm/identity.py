@@ -20,7 +20,7 @@ from storagetm.errors import UsageError
 NQN_MAX = 223
 DEFAULT_NQN_BASE = "nqn.2023-10.io.systemd:storagetm"
 MODEL_MAX, SERIAL_MAX, FIRMWARE_MAX = 40, 20, 8
-_NQN_RE = re.compile(r"^nqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9][a-z0-9.-]*[a-z0-9](:[^\s]*)?$")
+_NQN_RE = re.compile(r"^nqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9][a-z0-9.-]*[a-z0-9](:[^\s\x00-\x1f\x7f-\x9f]*)?$")
 _BOGUS_DMI = {"", "none", "default string", "to be filled by o.e.m.", "not specified",
               "system serial number", "0123456789", "not applicable"}  # fmt: skip
 _UUID_NAMESPACE = uuid.UUID("4f1d6a40-4f5e-4c5b-9d55-73746f726167")

@@ -9,6 +9,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from storagetm.text import printable
+
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
@@ -35,7 +37,7 @@ def parse_ip_json(text: str) -> list[Address]:
     """Usable addresses from `ip -j address show` output: no loopback, no tentative."""
     result: list[Address] = []
     for link in json.loads(text or "[]"):
-        ifname = link.get("ifname", "")
+        ifname = printable(link.get("ifname", ""))  # a name may hold any byte but / and spaces
         if "LOOPBACK" in link.get("flags", []) or link.get("operstate") == "DOWN":
             continue
         for info in link.get("addr_info", []):

@@ -15,6 +15,7 @@ from storagetm.exports import DISCOVERY_TRSVCID, IO_TRSVCID, Export
 from storagetm.modes import Mode
 from storagetm.state import RunState
 from storagetm.stats import DiskActivity
+from storagetm.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ class Screen:
 
     def fatal(self, line: str) -> None:
         """Why storagetm stopped, on every console (stderr reaches only the last console=)."""
-        payload = f"\r\nstoragetm: {line}\r\n".encode()
+        payload = f"\r\nstoragetm: {printable(line)}\r\n".encode()
         for console in self.consoles:
             fd = self._fd(console)
             if fd is not None:

@@ -1,0 +1,26 @@
+"""Strings from hardware or the network, made harmless for a terminal: a disk whose model
+holds `ESC[2J` must not clear the operator's screen, nor a newline forge a log line."""
+
+from __future__ import annotations
+
+import logging
+
+REPLACEMENT = "?"
+# C0 controls, DEL and C1 controls (U+0080-U+009F: some terminals take U+009B as CSI).
+_CONTROLS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)], REPLACEMENT)
+
+
+def printable(text: str) -> str:
+    """`text` with every control character replaced; plain spaces stay."""
+    return text.translate(_CONTROLS)
+
+
+class PrintableLogFilter(logging.Filter):
+    """Log records leave with their message made printable, whatever the arguments held."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        safe = printable(message)
+        if safe != message:
+            record.msg, record.args = safe, None
+        return True
