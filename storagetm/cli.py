@@ -38,11 +38,14 @@ log = logging.getLogger("storagetm")
 
 EPILOG = """\
 subcommands:
-  storagetm status [--json]   show what a running storagetm exports
-  storagetm stop              stop it (its exports are torn down)
+  storagetm status [--json] [--show-secrets]   show what a running storagetm exports
+  storagetm stop                               stop it (its exports are torn down)
 
-exit codes: 0 ok, 1 failure, 2 usage error, 3 kernel lacks nvmet/configfs,
-            4 no storagetm running, 5 nothing to export
+secrets: --dhchap-secret=@FILE, --tls-key=@FILE or the systemd credentials storagetm.*
+         keep them off the command line, which every user can read
+
+exit codes: 0 ok, 1 failure, 2 usage error (or not root), 3 kernel lacks nvmet/configfs,
+            4 no storagetm running, 6 the system did not fit in RAM
 """
 
 

@@ -13,7 +13,8 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     KERNEL = 3  # nvmet/configfs missing or unusable
     NOT_RUNNING = 4  # status/stop: no daemon is running
-    NOTHING_TO_EXPORT = 5
+    # 5 is not used: it was documented as "nothing to export" and never returned. With no disk
+    # to export storagetm waits: disks, media and named devices may still appear.
     INSUFFICIENT_MEMORY = 6  # the system did not fit in RAM
 
 

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from storagetm import kernel
-from storagetm.cli import main
+from storagetm.cli import EPILOG, main
 from storagetm.errors import ExitCode, KernelError
 
 
@@ -58,3 +59,16 @@ def test_status_when_not_running(capsys: pytest.CaptureFixture[str], monkeypatch
     monkeypatch.setattr(state, "STATE_FILE", tmp_path / "state.json")
     assert main(["status"]) == ExitCode.NOT_RUNNING
     assert "storagetm is not running" in capsys.readouterr().err
+
+
+def exit_codes_in(text: str) -> set[int]:
+    """The codes of an 'exit codes: 0 ok, 1 failure, …' list."""
+    return {int(code) for code in re.findall(r"(?:^|[,:])\s*(\d+) [a-z]", text)}
+
+
+def test_documented_exit_codes_are_the_ones_used() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    listed = re.search(r"^Exit codes: (.*?)\n\n", readme, re.MULTILINE | re.DOTALL)
+    assert listed is not None
+    epilog = EPILOG.split("exit codes:", 1)[1]
+    assert exit_codes_in(listed.group(0)) == exit_codes_in(epilog) == {int(code) for code in ExitCode}
