@@ -5,6 +5,7 @@ CRC-32 (little-endian), then a colon, as nvme-cli's gen-dhchap-key and gen-tls-k
 from __future__ import annotations
 
 import base64
+import binascii
 import os
 import re
 import struct
@@ -56,7 +57,10 @@ def check(text: str, pattern: re.Pattern[str], lengths: tuple[int, ...], what: s
     text = text.strip()
     if not pattern.match(text):
         raise UsageError(f"invalid {what}", hint=f"use {example}")
-    raw = base64.b64decode(text.split(":")[2])
+    try:
+        raw = base64.b64decode(text.split(":")[2], validate=True)
+    except binascii.Error:
+        raise UsageError(f"invalid {what}: not valid base64", hint="copy it again, or make a new one") from None
     key, crc = raw[:-4], raw[-4:]
     if len(key) not in lengths or struct.pack("<I", zlib.crc32(key)) != crc:
         raise UsageError(f"invalid {what}: bad length or checksum", hint="copy it again, or make a new one")
