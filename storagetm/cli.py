@@ -53,7 +53,7 @@ def _port(value: str) -> int:
     try:
         return parse_port(value)
     except OptionError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+        raise argparse.ArgumentTypeError(f"{exc}, not {value!r}") from exc
 
 
 def _nqn(value: str) -> str:
@@ -125,7 +125,7 @@ def serve_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dhchap-ctrl-secret", nargs="?", const="generate", type=_secret_or_generate, metavar="DHHC-1:…",
-        help="bidirectional: the target proves itself too (generated if no value)",
+        help="bidirectional: the target proves itself too (generated if no value); implies --auth",
     )  # fmt: skip
     parser.add_argument("--allow-host", action="append", type=_host_nqn, metavar="HOSTNQN",
                         help="host NQN allowed to connect (repeatable; implies --auth)")  # fmt: skip
@@ -162,7 +162,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         nqn_base=args.nqn,
         port=args.port or Settings.port,
         snapshot_size=args.snapshot_size or Settings.snapshot_size,
-        auth=bool(args.auth or args.dhchap_secret or args.allow_host),
+        auth=bool(args.auth or args.dhchap_secret or args.dhchap_ctrl_secret or args.allow_host),
         dhchap_secret=args.dhchap_secret or "",
         dhchap_ctrl_secret=args.dhchap_ctrl_secret or "",
         allow_hosts=tuple(args.allow_host or ()),
@@ -171,10 +171,11 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         tls_key=args.tls_key or "",
         realtime=args.realtime,
     )
-    try:
-        settings = parse_modes(",".join(args.modes or []), settings)
-    except OptionError as exc:
-        raise UsageError(f"invalid --mode: {exc}") from None
+    for value in args.modes or []:
+        try:
+            settings = parse_modes(value, settings)
+        except OptionError as exc:
+            raise UsageError(f"invalid --mode: {exc}") from None
     problems: list[str] = []
     if args.kernel_cmdline:
         settings, problems = apply_kernel_cmdline(settings, read_kernel_cmdline())

@@ -56,6 +56,8 @@ def plan(disks: list[Disk], settings: Settings, facts: SystemFacts, nqn_base: st
         reason = exclusion(disk, facts, lift_guards=settings.lift_guards)
         if reason is None and not selected:
             reason = Reason.NOT_SELECTED
+        if reason is None and settings.refusals:
+            reason = Reason.BAD_OPTION
         if reason is not None:
             # Partitions and virtual devices (our own dm/zram among them) would only clutter the screen.
             if reason not in (Reason.PARTITION, Reason.VIRTUAL) or named:
@@ -72,6 +74,9 @@ def plan(disks: list[Disk], settings: Settings, facts: SystemFacts, nqn_base: st
     for spec in settings.devices:
         if not any(disk.matches(spec) for disk in disks):
             problems.append(f"no disk matches {spec!r} (yet); it is exported if it appears")
+    for spec, mode in dict(reversed(settings.disk_modes)).items():  # the first mode given for a disk counts
+        if not any(disk.matches(spec) for disk in disks):
+            problems.append(f"no disk matches {spec!r} of the mode option (yet); it is {mode.label} if it appears")
     return Plan(exports, skipped, problems)
 
 
@@ -113,7 +118,8 @@ class Daemon:
         self.startup_problems = list(startup_problems or [])
         self.announcer = announcer or (Announcer() if settings.announce else None)
         self.disks: dict[str, Disk] = {}
-        self.state = state.RunState(pid=os.getpid())
+        # Bad options: drawn first on the screen; with a refusal nothing is exported.
+        self.state = state.RunState(pid=os.getpid(), alerts=self.startup_problems, refused=list(settings.refusals))
         self.exporter: Exporter | None = None
         self.stop_requested = False
         self.meter = stats.ActivityMeter()
@@ -127,7 +133,7 @@ class Daemon:
         assert self.exporter is not None
         result = plan(list(self.disks.values()), self.settings, self.facts(), self.state.nqn_base)
         errors = self.exporter.apply(result.exports)
-        problems = self.startup_problems + result.problems + [e.one_line() for e in errors]
+        problems = result.problems + [e.one_line() for e in errors]
         for problem in problems:
             if problem not in self.state.problems:
                 log.warning("%s", problem)

@@ -28,6 +28,7 @@ class Reason(enum.Enum):
     ROOT = "holds the running system's root file system"
     BOOT_MEDIUM = "the medium this system booted from"
     NOT_SELECTED = "not selected"
+    BAD_OPTION = "nothing is exported while a boot option is not valid"
 
 
 # Reasons that `--all` given twice lifts, as upstream does.

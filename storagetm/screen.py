@@ -99,34 +99,53 @@ def activity_line(activity: DiskActivity) -> str:
             f"  {human_size(int(activity.read_rate))}/s   written {human_size(activity.written_bytes)}")  # fmt: skip
 
 
+def connect_lines(state: RunState, io_port: int) -> list[str]:
+    """What to type on the other machine to connect."""
+    if not state.addresses:
+        return ["No network address yet: plug in a cable (DHCP, or link-local on a cable)."]
+    lines: list[str] = []
+    if state.tls.enabled:
+        # nvme-cli takes no key on connect: the keys go into the kernel keyring first.
+        lines.append("On the other machine, as root, with tlshd (ktls-utils) running, first add the key")
+        lines.append("for nqn.2014-08.org.nvmexpress.discovery and for each disk's NQN below:")
+        lines.append(f"  nvme check-tls-key -i -n {state.tls.hosts[0]} -d {state.tls.key} -c NQN")
+    lines.append("Then type one of:" if state.tls.enabled else "On the other machine, as root, type one of:")
+    for address in state.addresses:
+        lines.append(f"  nvme connect-all -t tcp -a {address.for_command}{_connect_args(state, io_port)}")
+    if any(a.link_local and a.family == "ipv6" for a in state.addresses):
+        lines.append("  (for fe80:: use the other machine's interface after % and -f if its name differs)")
+    if state.auth.ctrl_secret:
+        # nvme-cli's discovery commands take no controller secret: the target proves
+        # itself only on `nvme connect`, one disk at a time.
+        lines.append("  To have the target prove itself too, connect each disk (NQN below) with:")
+        lines.append(f"  nvme connect -t tcp -a {state.addresses[0].for_command}{_connect_args(state, io_port)}"
+                     f" --dhchap-ctrl-secret={state.auth.ctrl_secret} -n NQN")  # fmt: skip
+    if len(state.auth.hosts) > 1:
+        lines.append(f"  (allowed host NQNs: {', '.join(state.auth.hosts)})")
+    return lines
+
+
+def alert_lines(state: RunState) -> list[str]:
+    """Bad boot options, first on the screen: storagetm runs with less than was asked for
+    (read-only, or nothing exported) until the operator fixes them."""
+    lines = [row for alert in state.alerts for row in textwrap.wrap(f"!! {alert}", WIDTH, subsequent_indent="   ")]
+    if state.refused:
+        options = ", ".join(dict.fromkeys(state.refused))
+        lines += textwrap.wrap(f"!! NOTHING IS EXPORTED: fix {options} on the kernel command line (edit the boot "
+                               "entry) and boot again.", WIDTH, subsequent_indent="   ")  # fmt: skip
+    return lines
+
+
 def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = False, rows: int = 25) -> str:
     """The operator's screen. With `dashboard`, also live I/O per disk and the initiators
     connected, trimmed to `rows` lines (80x25 by default)."""
     blank = [] if dashboard else [""]  # the dashboard has no room for empty lines
-    lines = [TITLE + SECURE_BOOT[state.secure_boot]]
-    lines += [wrapped for warning in warnings(state) for wrapped in textwrap.wrap(warning, WIDTH)]
-    lines += blank
-    if not state.addresses:
-        lines.append("No network address yet: plug in a cable (DHCP, or link-local on a cable).")
-    else:
-        if state.tls.enabled:
-            # nvme-cli takes no key on connect: the keys go into the kernel keyring first.
-            lines.append("On the other machine, as root, with tlshd (ktls-utils) running, first add the key")
-            lines.append("for nqn.2014-08.org.nvmexpress.discovery and for each disk's NQN below:")
-            lines.append(f"  nvme check-tls-key -i -n {state.tls.hosts[0]} -d {state.tls.key} -c NQN")
-        lines.append("Then type one of:" if state.tls.enabled else "On the other machine, as root, type one of:")
-        for address in state.addresses:
-            lines.append(f"  nvme connect-all -t tcp -a {address.for_command}{_connect_args(state, io_port)}")
-        if any(a.link_local and a.family == "ipv6" for a in state.addresses):
-            lines.append("  (for fe80:: use the other machine's interface after % and -f if its name differs)")
-        if state.auth.ctrl_secret:
-            # nvme-cli's discovery commands take no controller secret: the target proves
-            # itself only on `nvme connect`, one disk at a time.
-            lines.append("  To have the target prove itself too, connect each disk (NQN below) with:")
-            lines.append(f"  nvme connect -t tcp -a {state.addresses[0].for_command}{_connect_args(state, io_port)}"
-                         f" --dhchap-ctrl-secret={state.auth.ctrl_secret} -n NQN")  # fmt: skip
-        if len(state.auth.hosts) > 1:
-            lines.append(f"  (allowed host NQNs: {', '.join(state.auth.hosts)})")
+    lines = alert_lines(state)
+    lines += [TITLE + SECURE_BOOT[state.secure_boot]]
+    if not state.refused:  # with nothing exported, there is nothing to warn about or connect to
+        lines += [wrapped for warning in warnings(state) for wrapped in textwrap.wrap(warning, WIDTH)]
+        lines += blank
+        lines += connect_lines(state, io_port)
     if state.announced:
         lines.append(f"Announced over mDNS as {state.announced} (_nvme-disc._tcp, port {DISCOVERY_TRSVCID})")
     lines += blank
@@ -148,7 +167,7 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
             lines.append(f"    {export.nqn}")
         if dashboard and len(exports) > room:
             lines.append(f"  … and {len(exports) - room} more: storagetm status")
-    else:
+    elif not state.refused:  # else the alert at the top says why
         lines.append("No disks exported yet.")
     if state.not_exported:
         skipped = ", ".join(f"{item['name']} ({item['reason']})" for item in state.not_exported)

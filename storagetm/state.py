@@ -52,6 +52,8 @@ class RunState:
     announced: str = ""  # the mDNS name the discovery service is announced under
     tls: TLSConfig = field(default_factory=TLSConfig)
     secure_boot: bool | None = None  # None: not booted with UEFI, or unknown
+    alerts: list[str] = field(default_factory=list)  # bad options, each with what storagetm does instead
+    refused: list[str] = field(default_factory=list)  # bad options for which nothing is exported
 
     def without_secrets(self) -> RunState:
         """A copy for showing: the secrets and the TLS key replaced by a placeholder."""
@@ -72,6 +74,8 @@ class RunState:
             "announced": self.announced,
             "tls": _plain(self.tls) | {"enabled": self.tls.enabled},
             "secure_boot": self.secure_boot,
+            "alerts": self.alerts,
+            "refused": self.refused,
         }
 
     def _export_json(self, nqn: str, export: Export) -> dict[str, Any]:
@@ -125,6 +129,8 @@ class RunState:
             addresses=[address(a) for a in data.get("addresses", [])],
             not_exported=list(data.get("not_exported", [])),
             problems=list(data.get("problems", [])),
+            alerts=list(data.get("alerts", [])),
+            refused=list(data.get("refused", [])),
             initiators=list(data.get("initiators", [])),
             announced=str(data.get("announced", "")),
             secure_boot=data.get("secure_boot") if isinstance(data.get("secure_boot"), bool) else None,

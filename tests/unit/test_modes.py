@@ -35,8 +35,11 @@ def test_kernel_mode_options() -> None:
     settings, problems = apply_kernel_cmdline(
         Settings(all_disks=True), "storagetm.mode=bogus storagetm.snapshot_size=1x"
     )
-    assert settings.mode is Mode.READ_WRITE and len(problems) == 2
-    assert "invalid storagetm.mode='bogus'" in problems[0] and "invalid storagetm.snapshot_size='1x'" in problems[1]
+    assert settings.mode_for(disk("sda", "A")) is Mode.READ_ONLY and len(problems) == 2  # fails closed
+    assert problems[0].startswith("storagetm.mode='bogus' is not valid: unknown mode 'bogus'")
+    assert problems[0].endswith("— exporting every disk read-only; fix the boot option")
+    assert problems[1].startswith("storagetm.snapshot_size='1x' is not valid")
+    assert problems[1].endswith("— using the default; fix the boot option")
 
 
 def test_sizes() -> None:

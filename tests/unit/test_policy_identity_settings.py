@@ -96,8 +96,12 @@ def test_kernel_cmdline_bad_values_named_rest_applies() -> None:
         Settings(all_disks=True), "quiet storagetm.disks=sdb,SERIAL1 storagetm.port=abc storagetm.bogus=1"
     )
     assert settings.devices == ("sdb", "SERIAL1") and not settings.all_disks and settings.port == 4420
-    assert problems[0].startswith("invalid storagetm.port='abc'")
-    assert problems[1].startswith("unknown kernel option storagetm.bogus")
+    assert problems[0] == ("storagetm.port='abc' is not valid: expects a TCP port number 1-65535 — using the default; "
+                           "fix the boot option")  # fmt: skip
+    # An unknown option may be a mistyped one that limits access: nothing is exported.
+    assert problems[1].startswith("unknown option storagetm.bogus (known: disks, nqn, port, mode")
+    assert problems[1].endswith("— exporting nothing; fix or remove it")
+    assert settings.refusals == ("storagetm.bogus",)
 
 
 def test_explicit_selection_only() -> None:
