@@ -99,7 +99,7 @@ def _modes_failing_closed(_name: str, value: str, settings: Settings) -> tuple[S
                 settings = replace(settings, mode=Mode.READ_ONLY, mode_unsure=True)
     if settings.mode_unsure:
         return settings, "exporting every disk read-only"
-    return settings, f"exporting {', '.join(unsure)} read-only"
+    return settings, f"exporting {', '.join(map(_printable, unsure))} read-only"
 
 
 def _disks(value: str, settings: Settings) -> Settings:
@@ -255,9 +255,13 @@ def _shown(value: str, limit: int = 40) -> str:
     return repr(value) if len(value) <= limit else repr(value[:limit]) + "…"
 
 
+def _printable(text: str) -> str:
+    """Text as typed if it is safe to draw (no control characters, not a screen long), else quoted."""
+    return text if text.isprintable() and len(text) <= 40 else _shown(text)
+
+
 def _option_name(typed: str) -> str:
-    """An option name as typed, safe to draw: no control characters, not a screen long."""
-    return PREFIX + (typed if typed.isprintable() and len(typed) <= 40 else _shown(typed))
+    return PREFIX + _printable(typed)
 
 
 def _apply_option(option: KernelOption, typed: str, value: str | None, settings: Settings) -> tuple[Settings, str]:
