@@ -129,7 +129,7 @@ def test_every_feature_works_under_lockdown() -> None:
         assert "storagetm.auth=1 storagetm.tls=1" + EDIT in cmdline
         assert "[integrity]" in target.sh("cat /sys/kernel/security/lockdown")
         target.wait_for(r"Exported disks \(3\)", BOOT_TIMEOUT)
-        status = json.loads(target.sh("storagetm status --json"))
+        status = json.loads(target.sh("storagetm status --json --show-secrets"))
         assert status["secure_boot"] is True
         modes = {e["disk"]["serial"]: e["mode"] for e in status["exports"]}
         assert modes == {"LOCKRW01": "rw", "LOCKRO01": "ro", "LOCKSN01": "snapshot"}
