@@ -7,13 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${STORAGETM_CACHE:-/var/cache/storagetm}
-MKOSI_DIR=$(ls -d "$CACHE"/mkosi-*/ 2>/dev/null | sort | tail -n 1)
-[ -n "$MKOSI_DIR" ] || { echo "build-image: mkosi not found; run ci/setup-host.sh first" >&2; exit 1; }
-mkdir -p "$CACHE/out" "$CACHE/cache" "$CACHE/pkgcache" "$CACHE/workspace" mkosi.output
-
-mkosi() {
-    PYTHONPATH="$MKOSI_DIR/usr/lib/python3/dist-packages" python3 -m mkosi "$@"
-}
+mkdir -p mkosi.output
 
 profile=${1:-}
 case "$profile" in
@@ -23,14 +17,7 @@ case "$profile" in
 esac
 
 start=$(date +%s)
-mkosi --force "${profile_args[@]}" \
-    --output-directory "$CACHE/out" \
-    --cache-directory "$CACHE/cache" \
-    --package-cache-directory "$CACHE/pkgcache" \
-    --workspace-directory "$CACHE/workspace" \
-    --sandbox-tree "$CACHE/sandbox" \
-    --tools-tree-sandbox-tree "$CACHE/sandbox" \
-    build
+ci/mkosi.sh --force "${profile_args[@]}" build
 install -m 0644 "$CACHE/out/$name.efi" "mkosi.output/$name.efi"
 if [ -n "$profile" ]; then
     echo "build-image: $profile image done in $(( $(date +%s) - start )) s"
