@@ -17,7 +17,11 @@ from pathlib import Path
 from storagetm.disks import Disk
 from storagetm.errors import UsageError
 
-NQN_MAX = 223
+NQN_MAX = 223  # bytes, nvmet's NVMF_NQN_SIZE
+# Bytes kept for ".<disk identity>": readable identities up to 79 bytes; a longer one becomes a
+# 32-digit hash (subsystem_nqn), which always fits.
+IDENTITY_ROOM = 80
+PREFIX_MAX = NQN_MAX - IDENTITY_ROOM
 DEFAULT_NQN_BASE = "nqn.2023-10.io.systemd:storagetm"
 MODEL_MAX, SERIAL_MAX, FIRMWARE_MAX = 40, 20, 8
 _NQN_RE = re.compile(r"^nqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9][a-z0-9.-]*[a-z0-9](:[^\s\x00-\x1f\x7f-\x9f]*)?$")
@@ -27,15 +31,27 @@ _UUID_NAMESPACE = uuid.UUID("4f1d6a40-4f5e-4c5b-9d55-73746f726167")
 
 
 def valid_nqn(nqn: str) -> bool:
-    return len(nqn.encode()) <= NQN_MAX and bool(_NQN_RE.match(nqn))
+    """The NVMe form, at most 223 bytes, and usable as a configfs directory name (no `/`)."""
+    return len(nqn.encode()) <= NQN_MAX and "/" not in nqn and _NQN_RE.fullmatch(nqn) is not None
 
 
 def check_nqn_prefix(prefix: str) -> str:
-    if not valid_nqn(prefix) or len(prefix) > NQN_MAX - 80:
+    """A prefix that leaves room in nvmet's 223 bytes for `.<disk identity>` (IDENTITY_ROOM)."""
+    hint = "use the form nqn.YYYY-MM.reverse.domain[:name], e.g. nqn.2024-01.com.example:lab"
+    if "/" in prefix:
+        raise UsageError(f"invalid NQN prefix {prefix!r}: '/' cannot be in an NQN (nvmet names directories "
+                         "after NQNs)", hint=hint)  # fmt: skip
+    if any(char in prefix for char in "\n\r\t"):
+        raise UsageError(f"invalid NQN prefix {prefix!r}: it holds a newline or tab", hint=hint)
+    size = len(prefix.encode())
+    if size > PREFIX_MAX:
         raise UsageError(
-            f"invalid NQN prefix {prefix!r}",
-            hint="use the form nqn.YYYY-MM.reverse.domain[:name], e.g. nqn.2024-01.com.example:lab",
+            f"NQN prefix is {size} bytes, at most {PREFIX_MAX} fit: each disk's NQN is PREFIX.<disk identity> "
+            f"and nvmet takes at most {NQN_MAX} bytes",
+            hint="use a shorter prefix, e.g. nqn.2024-01.com.example:lab",
         )
+    if not valid_nqn(prefix):
+        raise UsageError(f"invalid NQN prefix {prefix!r}", hint=hint)
     return prefix
 
 

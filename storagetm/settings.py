@@ -119,8 +119,8 @@ def _disks(value: str, settings: Settings) -> Settings:
 def _nqn(value: str, settings: Settings) -> Settings:
     try:
         return replace(settings, nqn_base=check_nqn_prefix(value))
-    except Exception as exc:
-        raise OptionError("expects an NQN prefix like nqn.2024-01.com.example:lab") from exc
+    except UsageError as exc:
+        raise OptionError(f"{exc.message}; expects an NQN prefix like nqn.2024-01.com.example:lab") from None
 
 
 def parse_port(value: str) -> int:

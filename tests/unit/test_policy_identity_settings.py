@@ -4,6 +4,8 @@ import os
 import zlib
 from pathlib import Path
 
+import pytest
+
 from storagetm.daemon import plan
 from storagetm.disks import Disk
 from storagetm.identity import check_nqn_prefix, host_identity, identity_for, valid_nqn
@@ -76,7 +78,6 @@ def test_model_and_serial_truncated_as_nvmet_requires() -> None:
 
 
 def test_bad_nqn_prefix_rejected() -> None:
-    import pytest
 
     from storagetm.errors import UsageError
 
@@ -125,3 +126,30 @@ def test_screen_shows_link_local_with_zone_and_disks() -> None:
     assert "nvme connect-all -t tcp -a fe80::1%enp1s0 -f enp1s0\n" in text
     assert "fe80::2" not in text and "127.0.0.1" not in text
     assert export.nqn in text and "READ AND WRITE" in text
+
+
+@pytest.mark.parametrize(
+    ("prefix", "reason"),
+    [
+        ("nqn.2024-01.com.example:lab/x", "'/' cannot be in an NQN"),
+        ("nqn.2024-01.com.example:lab\n", "holds a newline"),
+        ("nqn.2024-01.com.example:" + "x" * 150, "is 174 bytes, at most 143 fit"),
+        ("nqn.2024-01.com.example:" + "é" * 70, "is 164 bytes, at most 143 fit"),  # 70 characters, 164 bytes
+    ],
+)
+def test_nqn_prefix_refused_with_its_reason(prefix: str, reason: str) -> None:
+    from storagetm.errors import UsageError
+
+    with pytest.raises(UsageError, match=reason):
+        check_nqn_prefix(prefix)
+    settings, problems = apply_kernel_cmdline(Settings(), f'storagetm.nqn="{prefix}"')
+    assert settings.nqn_base is None and len(problems) == 1 and reason in problems[0]
+
+
+def test_longest_prefix_leaves_room_for_every_identity() -> None:
+    from storagetm.identity import NQN_MAX, PREFIX_MAX
+
+    prefix = check_nqn_prefix("nqn.2024-01.com.example:" + "x" * (PREFIX_MAX - 24))
+    long_disk = disk("sda", model="M" * 40, serial="S" * 40)
+    nqn = identity_for(prefix, long_disk).nqn
+    assert len(nqn.encode()) <= NQN_MAX and valid_nqn(nqn)
