@@ -21,6 +21,7 @@ from storagetm.modes import Mode, parse_size
 from storagetm.tls import check_key
 
 PREFIX = "storagetm."
+SNAPSHOT_SIZE_MAX = (1 << 63) - 1  # bytes: the largest file (loff_t) a store can be
 KERNEL_WHITESPACE = frozenset(" \t\n\v\f\r")  # the kernel's isspace(); not Unicode's spaces
 
 
@@ -141,6 +142,10 @@ def parse_snapshot_size(value: str) -> int:
         raise OptionError(str(exc)) from None
     if size < 1 << 20:
         raise OptionError(f"snapshot size {value!r} is below 1M")
+    # Whether it fits this machine's RAM is only known at export time (modes.check_room).
+    if size > SNAPSHOT_SIZE_MAX:
+        raise OptionError(f"snapshot size {value!r} is above 8E, more than a file can hold; "
+                          "the store is in RAM: give e.g. 512M or 2G")  # fmt: skip
     return size
 
 

@@ -7,7 +7,7 @@ from storagetm.exports import Export
 from storagetm.identity import identity_for
 from storagetm.modes import Mode, parse_size, parse_snapshot_status
 from storagetm.screen import render
-from storagetm.settings import OptionError, Settings, apply_kernel_cmdline, parse_modes
+from storagetm.settings import OptionError, Settings, apply_kernel_cmdline, parse_modes, parse_snapshot_size
 from storagetm.state import RunState
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
@@ -70,3 +70,22 @@ def test_screen_tells_the_truth_per_mode() -> None:
     assert "can READ sdb and write to a RAM copy; the disks themselves are not changed" in text
     assert "READ AND WRITE" not in text
     assert "[read-only]" in text and "[snapshot, 1.0 GiB RAM]" in text
+
+
+@pytest.mark.parametrize("value", ["99999999999T", "8388608T"])  # 8388608T is 2^63 bytes
+def test_absurd_snapshot_size_refused_at_parse_time(value: str) -> None:
+    with pytest.raises(OptionError, match=f"snapshot size '{value}' is above 8E"):
+        parse_snapshot_size(value)
+    settings, problems = apply_kernel_cmdline(Settings(), f"storagetm.snapshot_size={value}")
+    assert settings.snapshot_size == Settings.snapshot_size and len(problems) == 1
+    assert "is above 8E" in problems[0] and problems[0].endswith("— using the default; fix the boot option")
+    assert parse_snapshot_size("8388607T") == (1 << 63) - (1 << 40)
+
+
+def test_absurd_snapshot_size_is_a_usage_error_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from storagetm.cli import main
+
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error
+        main(["--snapshot-size", "99999999999T", "--list-devices"])
+    assert exited.value.code == 2
+    assert "is above 8E" in capsys.readouterr().err
