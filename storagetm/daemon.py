@@ -124,6 +124,7 @@ class Daemon:
         self.stop_requested = False
         self.meter = stats.ActivityMeter()
         self.saved_state = ""
+        self.state_write_failed = False  # logged once until a write succeeds
         self.status_sent = ""
 
     # ---- one reconcile pass ------------------------------------------------
@@ -158,13 +159,29 @@ class Daemon:
             for nqn, backing in self.state.backings.items()
             if backing.cow and (usage := modes.snapshot_usage(backing.dm_name)) is not None
         }
-        self.saved_state = state.save(self.state, unless=self.saved_state)
+        self._save_state()
         self.screen.show(self.state, self.settings.port)
         n = len(self.state.exports)
         status = f"Exporting {n} disk{'s' if n != 1 else ''}"
         if status != self.status_sent:  # each message wakes PID 1, which shares the CPU with us
             sd_notify(STATUS=status)
             self.status_sent = status
+
+    def _save_state(self) -> None:
+        """A failed write (ENOSPC in /run, say) costs `storagetm status` its news, never the
+        exports: one error until a write succeeds again, and the next publish retries."""
+        try:
+            self.saved_state = state.save(self.state, unless=self.saved_state)
+        except OSError as exc:
+            if not self.state_write_failed:
+                log.error("cannot write the state file %s: %s; the exports go on, `storagetm status` shows "
+                          "old news until it can (free space in /run)", exc.filename or state.STATE_FILE,
+                          exc.strerror or exc)  # fmt: skip
+            self.state_write_failed = True
+            return
+        if self.state_write_failed:
+            log.info("state file written again")
+        self.state_write_failed = False
 
     # ---- main loop ---------------------------------------------------------
 

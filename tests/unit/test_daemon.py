@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -101,3 +102,29 @@ def test_realtime_refused_is_one_warning_and_the_daemon_goes_on(monkeypatch: pyt
     assert [r.getMessage() for r in caplog.records] == [
         "cannot raise storagetm to real-time priority: Operation not permitted; disk events wait their turn"
     ]
+
+
+def test_failed_state_write_is_one_error_and_the_daemon_goes_on(monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """/run full: the exports stay, the error is logged once until a write succeeds again."""
+    results: list[OSError | None] = [OSError(28, "No space left on device", "/run/storagetm/.state.json.1")] * 3
+    results.append(None)
+
+    def save(*_args: object, **_kwargs: object) -> str:
+        failure = results.pop(0)
+        if failure is not None:
+            raise failure
+        return "saved"
+
+    monkeypatch.setattr(state, "save", save)
+    caplog.set_level(logging.INFO, logger="storagetm")
+    screen = RecordingScreen()
+    daemon = Daemon(Settings(), screen=screen, facts=SystemFacts, announcer=None)
+    for _ in range(4):
+        daemon.publish()
+    assert screen.shown == [0, 0, 0, 0] and daemon.saved_state == "saved"
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", "cannot write the state file /run/storagetm/.state.json.1: No space left on device; the exports "
+                  "go on, `storagetm status` shows old news until it can (free space in /run)"),
+        ("INFO", "state file written again"),
+    ]  # fmt: skip
