@@ -86,6 +86,7 @@ class Exporter:
     owned_hosts: set[str] = field(default_factory=set)
     tls: TLSConfig = field(default_factory=TLSConfig)
     insert_tls_key: Callable[[str, str, str], None] = insert_key
+    system: modes.System = field(default_factory=modes.System)
 
     # ---- TLS -----------------------------------------------------------------
 
@@ -204,7 +205,7 @@ class Exporter:
         backing: modes.Backing | None = None
         try:
             backing = modes.prepare(export.disk.devnode, export.disk.size, export.mode, identity.nqn,
-                                    export.snapshot_size)  # fmt: skip
+                                    export.snapshot_size, self.system)  # fmt: skip
             subsystem = self.root.create_subsystem(identity.nqn)
             subsystem.set("attr", "allow_any_host", "0" if self.auth.enabled else "1")
             for hostnqn in self.auth.hosts:
@@ -228,7 +229,10 @@ class Exporter:
             if subsystem is not None:
                 subsystem.delete()
             if backing is not None:
-                modes.release(backing)
+                try:
+                    modes.release(backing, self.system)
+                except modes.BackingError as exc:
+                    log.warning("%s, ignoring", exc.one_line())
             _unlock(fd)
             raise
         self.owned_subsystems[identity.nqn] = _Held(export, fd, backing)
@@ -263,7 +267,7 @@ class Exporter:
         if held is not None:
             if held.backing is not None:
                 try:
-                    modes.release(held.backing)
+                    modes.release(held.backing, self.system)
                 except modes.BackingError as exc:
                     log.warning("%s, ignoring", exc.one_line())
             _unlock(held.fd)

@@ -7,31 +7,40 @@
   read-only block device does not stop bio writes (it only warns), so writes must be
   refused by a layer that errors them.
 - snapshot:   a device-mapper `snapshot` of the disk with a non-persistent copy-on-write
-  store in RAM: a sparse file of the set size on tmpfs behind a loop device (512-byte
-  sectors; zram would force 4 KiB logical blocks on the snapshot, and the initiator would
-  see a different disk geometry). The initiator reads back its own writes, the disk itself
-  is only ever read. When the store is full, device-mapper invalidates the snapshot:
-  further I/O fails with EIO, the disk stays untouched.
+  store in RAM: a sparse file of the set size behind a loop device (512-byte sectors; zram
+  would force 4 KiB logical blocks on the snapshot, and the initiator would see a different
+  disk geometry), on a tmpfs of its own of the same size (COW_DIR/<dm name>), so no store
+  can fill /run. A store is made only if the RAM available, less what the other stores may
+  still take, holds it. The initiator reads back its own writes, the disk itself is only
+  ever read. When the store is full, device-mapper invalidates the snapshot: further I/O
+  fails with EIO, the disk stays untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import logging
+import os
 import re
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from storagetm.errors import StorageTMError
 
 SECTOR = 512
 DM_PREFIX = "storagetm-"
-COW_DIR = Path("/run/storagetm/cow")  # tmpfs: RAM
+COW_DIR = Path("/run/storagetm/cow")  # each store: a tmpfs of its own below it
+RAM_RESERVE = 64 << 20  # bytes of available RAM no store may take: for the system and nvmet
+PACKAGES = {"dmsetup": "dmsetup", "losetup": "mount", "mount": "mount", "umount": "mount", "modprobe": "kmod"}
 # 16 KiB: reads split at 4 KiB chunks ran at 0.92× a read-only export's speed, at 16 KiB at
 # par, and a scattered 4 KiB write still takes only 16 KiB of the store (docs/design.md).
 SNAPSHOT_CHUNK_SECTORS = 32
+
+log = logging.getLogger(__name__)
 
 
 class Mode(enum.Enum):
@@ -73,89 +82,182 @@ class Backing:
     dm_name: str = ""
     cow: str = ""  # loop device of the copy-on-write store (snapshot mode)
     loop: str = ""  # loop device put under a regular file for device-mapper
+    store: str = ""  # the store's own tmpfs mount (snapshot mode)
 
 
-def _run(*argv: str) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+Run = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
+
+
+def run_command(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=False)
+
+
+def read_mem_available(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """Bytes of RAM the kernel can hand out without swapping (MemAvailable)."""
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def statvfs_free(store: Path) -> int:
+    """Bytes a mounted store may still take: RAM promised to it and not yet used."""
+    if not os.path.ismount(store):
+        return 0
+    st = os.statvfs(store)
+    return st.f_bavail * st.f_frsize
+
+
+@dataclass(frozen=True)
+class System:
+    """What the modes ask of the machine; unit tests pass fakes."""
+
+    run: Run = run_command
+    mem_available: Callable[[], int] = read_mem_available
+    store_free: Callable[[Path], int] = statvfs_free
+    cow_dir: Path = COW_DIR
+
+
+def _run(system: System, mode: Mode, *argv: str) -> str:
+    try:
+        result = system.run(argv)
+    except FileNotFoundError:
+        package = PACKAGES.get(argv[0], argv[0])
+        raise BackingError(f"{mode.label} mode needs {argv[0]} (package {package}), which is not installed",
+                           hint=f"install it, e.g. apt install {package}") from None  # fmt: skip
+    except OSError as exc:
+        raise BackingError(f"{mode.label} mode: cannot run {argv[0]}: {exc.strerror}") from None
     if result.returncode != 0:
-        raise BackingError(f"{' '.join(argv[:3])} failed: {result.stderr.strip() or result.returncode}",
+        raise BackingError(f"{mode.label} mode: {' '.join(argv[:3])} failed: "
+                           f"{result.stderr.strip() or result.returncode}",
                            hint="is the dm-flakey/dm-snapshot/loop module available?")  # fmt: skip
     return result.stdout
+
+
+def _undo(system: System, *argv: str) -> None:
+    """One rollback or teardown step: a failure is logged and the next step goes on."""
+    try:
+        result = system.run(argv)
+    except OSError as exc:
+        log.warning("%s: %s, ignoring", " ".join(argv[:2]), exc.strerror)
+        return
+    if result.returncode != 0:
+        log.warning("%s failed: %s, ignoring", " ".join(argv), result.stderr.strip() or result.returncode)
 
 
 def dm_name_for(nqn: str, mode: Mode) -> str:
     return f"{DM_PREFIX}{mode.value}-{nqn.rsplit('.', 1)[-1][:80]}"
 
 
-def prepare(source: str, size: int, mode: Mode, nqn: str, snapshot_size: int) -> Backing:
-    """Create the device to export for `source` in `mode` (nothing for read-write)."""
+def prepare(source: str, size: int, mode: Mode, nqn: str, snapshot_size: int, system: System | None = None) -> Backing:
+    """Create the device to export for `source` in `mode` (nothing for read-write).
+    Configure or roll back: if a step fails, what the earlier ones made is removed."""
     if mode is Mode.READ_WRITE:
         return Backing(source)
-    loop = ""
-    if Path(source).is_file():
-        loop = _run("losetup", "--find", "--show", source).strip()
-    try:
-        backing = _prepare_dm(loop or source, size, mode, nqn, snapshot_size)
-    except BackingError:
-        if loop:
-            _run("losetup", "--detach", loop)
-        raise
-    return Backing(backing.path, backing.dm_name, backing.cow, loop)
-
-
-def _prepare_dm(source: str, size: int, mode: Mode, nqn: str, snapshot_size: int) -> Backing:
-    sectors = size // SECTOR
+    system = system or System()
+    if mode is Mode.SNAPSHOT:
+        check_room(system, snapshot_size)
     name = dm_name_for(nqn, mode)
     if Path(f"/dev/mapper/{name}").exists():
-        _remove_dm(name)
-    _run("modprobe", "dm_flakey" if mode is Mode.READ_ONLY else "dm_snapshot")
+        _remove_dm(system, name)
+    with contextlib.ExitStack() as undo:
+        loop = ""
+        if Path(source).is_file():
+            loop = _run(system, mode, "losetup", "--find", "--show", source).strip()
+            undo.callback(_undo, system, "losetup", "--detach", loop)
+        backing = _prepare_dm(system, undo, loop or source, size, mode, name, snapshot_size)
+        undo.pop_all()
+    return replace(backing, loop=loop)
+
+
+def _prepare_dm(system: System, undo: contextlib.ExitStack, source: str, size: int, mode: Mode, name: str,
+                snapshot_size: int) -> Backing:  # fmt: skip
+    sectors = size // SECTOR
+    _run(system, mode, "modprobe", "dm_flakey" if mode is Mode.READ_ONLY else "dm_snapshot")
+    # A failed `dmsetup create` removes the device it made itself (libdevmapper reverts).
     if mode is Mode.READ_ONLY:
-        _run("dmsetup", "create", name, "--table", f"0 {sectors} flakey {source} 0 0 1 1 error_writes")
+        _run(system, mode, "dmsetup", "create", name, "--table", f"0 {sectors} flakey {source} 0 0 1 1 error_writes")
         return Backing(f"/dev/mapper/{name}", dm_name=name)
-    cow = _cow_create(name, snapshot_size)
-    try:
-        _run("dmsetup", "create", name, "--table", f"0 {sectors} snapshot {source} {cow} N {SNAPSHOT_CHUNK_SECTORS}")
-    except BackingError:
-        _cow_remove(cow)
-        raise
-    return Backing(f"/dev/mapper/{name}", dm_name=name, cow=cow)
+    store, cow = _store_create(system, undo, name, snapshot_size)
+    _run(system, mode, "dmsetup", "create", name, "--table",
+         f"0 {sectors} snapshot {source} {cow} N {SNAPSHOT_CHUNK_SECTORS}")  # fmt: skip
+    return Backing(f"/dev/mapper/{name}", dm_name=name, cow=cow, store=str(store))
 
 
-def release(backing: Backing) -> None:
+def release(backing: Backing, system: System | None = None) -> None:
+    system = system or System()
     if backing.dm_name:
-        _remove_dm(backing.dm_name)
+        _remove_dm(system, backing.dm_name)
     if backing.cow:
-        _cow_remove(backing.cow)
+        _undo(system, "losetup", "--detach", backing.cow)
+    if backing.store:
+        _store_remove(system, Path(backing.store))
     if backing.loop:
-        subprocess.run(["losetup", "--detach", backing.loop], capture_output=True, check=False)
+        _undo(system, "losetup", "--detach", backing.loop)
 
 
-def _remove_dm(name: str) -> None:
+def _remove_dm(system: System, name: str) -> None:
     # udev may still hold the new device open for a moment (probing); retry briefly.
     for attempt in range(20):
-        result = subprocess.run(["dmsetup", "remove", name], capture_output=True, text=True, check=False)
+        try:
+            result = system.run(("dmsetup", "remove", name))
+        except OSError as exc:
+            raise BackingError(f"cannot remove {name}: cannot run dmsetup: {exc.strerror}") from None
         if result.returncode == 0 or "No such device" in result.stderr:
             return
         time.sleep(0.1 * (attempt + 1))
     raise BackingError(f"cannot remove {name}: {result.stderr.strip()}")
 
 
-def _cow_create(name: str, size: int) -> str:
-    """A RAM-backed block device of `size` bytes for a snapshot's exceptions."""
-    COW_DIR.mkdir(parents=True, exist_ok=True)
-    path = COW_DIR / f"{name}.cow"
-    with open(path, "wb") as f:
-        f.truncate(size)  # sparse: tmpfs pages are only used as the initiator writes
+def check_room(system: System, size: int) -> None:
+    """Refuse a store that RAM cannot hold: what is available, less what the other stores
+    may still take (their mounts' free space) and a reserve for the system itself."""
+    stores = [p for p in system.cow_dir.iterdir() if p.is_dir()] if system.cow_dir.is_dir() else []
+    promised = sum(system.store_free(store) for store in stores)
+    free = max(0, system.mem_available() - promised - RAM_RESERVE)
+    if size > free:
+        raise BackingError(f"snapshot store needs {size >> 20} MiB of RAM, only {free >> 20} MiB free",
+                           hint="give storagetm.snapshot_size= (--snapshot-size) a smaller size, "
+                                "or export it read-only")  # fmt: skip
+
+
+def _store_create(system: System, undo: contextlib.ExitStack, name: str, size: int) -> tuple[Path, str]:
+    """A RAM-backed block device of `size` bytes for a snapshot's exceptions: a sparse file
+    on a tmpfs of its own, `size` big, so a full store never fills /run (and the state file)."""
+    store = system.cow_dir / name
+    if store.is_dir():  # left by a storagetm that crashed and was not adopted
+        _store_remove(system, store)
     try:
-        return _run("losetup", "--find", "--show", str(path)).strip()
+        store.mkdir(parents=True, mode=0o700)
+    except OSError as exc:
+        raise BackingError(f"cannot make the snapshot store {store}: {exc.strerror}") from None
+    undo.callback(_store_rmdir, store)
+    _run(system, Mode.SNAPSHOT, "mount", "-t", "tmpfs", "-o", f"size={size},mode=0700,nosuid,nodev,noexec",
+         "storagetm-cow", str(store))  # fmt: skip
+    undo.callback(_undo, system, "umount", "--lazy", str(store))
+    path = store / "store.cow"
+    try:
+        with open(path, "wb") as f:
+            f.truncate(size)  # sparse: tmpfs pages are only used as the initiator writes
+        cow = _run(system, Mode.SNAPSHOT, "losetup", "--find", "--show", str(path)).strip()
+    except OSError as exc:
+        raise BackingError(f"cannot make the snapshot store {path}: {exc.strerror}") from None
     finally:
-        path.unlink()  # the loop device keeps it; gone from RAM when the loop device is detached
+        path.unlink(missing_ok=True)  # the loop device keeps it; its RAM goes when it is detached
+    undo.callback(_undo, system, "losetup", "--detach", cow)
+    return store, cow
+
+
+def _store_remove(system: System, store: Path) -> None:
+    # Lazy: if udev still holds the loop device, the file (and its RAM) goes when it lets go.
+    _undo(system, "umount", "--lazy", str(store))
+    _store_rmdir(store)
+
+
+def _store_rmdir(store: Path) -> None:
+    for directory in (store, store.parent):  # nothing stays behind in /run
         with contextlib.suppress(OSError):
-            COW_DIR.rmdir()  # nothing stays behind in /run
-
-
-def _cow_remove(loop: str) -> None:
-    subprocess.run(["losetup", "--detach", loop], capture_output=True, check=False)
+            directory.rmdir()
 
 
 @dataclass(frozen=True)
@@ -181,5 +283,8 @@ def parse_snapshot_status(line: str) -> SnapshotUsage | None:
 
 
 def snapshot_usage(dm_name: str) -> SnapshotUsage | None:
-    result = subprocess.run(["dmsetup", "status", dm_name], capture_output=True, text=True, check=False)
+    try:
+        result = subprocess.run(["dmsetup", "status", dm_name], capture_output=True, text=True, check=False)
+    except OSError:
+        return None
     return parse_snapshot_status(result.stdout.strip()) if result.returncode == 0 else None
