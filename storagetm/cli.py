@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from storagetm import __version__, state
 from storagetm.auth import secret_argument
 from storagetm.daemon import Daemon, explicit_files, plan
+from storagetm.disks import resolve_file
 from storagetm.errors import ExitCode, NotRunningError, StorageTMError, UsageError
 from storagetm.identity import check_nqn_prefix, default_nqn_base, host_identity, valid_nqn
 from storagetm.keys import HIDDEN, ON_COMMAND_LINE, on_command_line
@@ -158,7 +159,8 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
     settings = Settings(
         all_disks=args.all > 0,
         lift_guards=args.all > 1,
-        devices=tuple(args.devices),
+        # Files by their real path: named through a symlink or a relative path, they still match.
+        devices=tuple(resolve_file(spec) or spec for spec in args.devices),
         nqn_base=args.nqn,
         port=args.port or Settings.port,
         snapshot_size=args.snapshot_size or Settings.snapshot_size,

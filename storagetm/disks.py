@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import uuid
 from collections.abc import Iterable, Mapping
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from storagetm.errors import UsageError
 from storagetm.kernelfs import read_attribute
 from storagetm.text import printable
 
@@ -159,6 +161,41 @@ def disk_from_udev(device: UdevDevice, *, partition_uuids: bool = True) -> Disk:
         if partition_uuids and device.device_type == "disk"
         else (),
     )
+
+
+def resolve_file(spec: str) -> str | None:
+    """The absolute real path of a FILE argument; None if `spec` names a block device or
+    is a name, serial or /dev path that may still appear. A path nvmet cannot export is a
+    UsageError: a missing file, a directory, an empty file or a partial 512-byte block."""
+    is_path = "/" in spec or spec.startswith(".")
+    try:
+        st = os.stat(spec)
+    except FileNotFoundError:
+        if is_path and not spec.startswith("/dev/"):
+            raise UsageError(f"{spec}: no such file", hint="give an image file or a disk") from None
+        return None
+    except OSError as exc:
+        raise UsageError(f"{spec}: {exc.strerror}") from None
+    except ValueError:  # a NUL byte: no file has that name
+        return None
+    if stat.S_ISREG(st.st_mode):
+        _check_file_size(spec, st.st_size)
+        return os.path.realpath(spec)
+    if stat.S_ISBLK(st.st_mode) or not is_path:
+        return None
+    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+    raise UsageError(f"{spec}: is {kind}; storagetm exports image files and block devices",
+                     hint="give an image file or a disk")  # fmt: skip
+
+
+def _check_file_size(spec: str, size: int) -> None:
+    if size == 0:
+        raise UsageError(f"{spec}: is empty (0 bytes); an NVMe namespace needs at least one 512-byte block",
+                         hint=f"give it a size, e.g. truncate -s 1G {spec}")  # fmt: skip
+    if size % SECTOR:
+        padded = -(-size // SECTOR) * SECTOR
+        raise UsageError(f"{spec}: {size} bytes is not a multiple of 512 (NVMe namespaces are in 512-byte blocks)",
+                         hint=f"pad it with truncate -s {padded} {spec}")  # fmt: skip
 
 
 def disk_from_file(path: str) -> Disk:

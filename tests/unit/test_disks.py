@@ -6,8 +6,16 @@ import struct
 import uuid
 from pathlib import Path
 
-from storagetm.disks import disk_from_udev, gpt_partition_uuids, nvme_transport
+import pytest
 
+from storagetm.cli import serve_parser, settings_from
+from storagetm.daemon import explicit_files, plan
+from storagetm.disks import disk_from_udev, gpt_partition_uuids, nvme_transport
+from storagetm.errors import UsageError
+from storagetm.policy import SystemFacts
+from storagetm.settings import Settings
+
+BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
 ESP_TYPE = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
 
 
@@ -76,3 +84,55 @@ def test_nvme_transport_direct_and_through_native_multipath(tmp_path: Path) -> N
         (subsys / controller / "transport").write_text(transport)
     assert nvme_transport(str(subsys / "nvme1n1")) == "tcp"
     assert nvme_transport(str(tmp_path / "missing")) == ""
+
+
+def _settings_for(*argv: str) -> Settings:
+    return settings_from(serve_parser().parse_args(list(argv)))[0]
+
+
+def test_file_through_a_symlink_or_relative_path_is_exported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is exported under its real path, so its NQN is the same however it is named."""
+    real = tmp_path / "images" / "disk.img"
+    real.parent.mkdir()
+    real.write_bytes(b"\0" * 4096)
+    (tmp_path / "link.img").symlink_to(real)
+    monkeypatch.chdir(tmp_path)
+    nqns = set()
+    for spec in ("link.img", "images/disk.img", "./images/../link.img", str(real)):
+        settings = _settings_for(spec)
+        assert settings.devices == (str(real),)
+        result = plan(explicit_files(settings), settings, SystemFacts(), BASE)
+        assert [e.disk.devnode for e in result.exports.values()] == [str(real)], (spec, result)
+        assert result.problems == []
+        nqns |= set(result.exports)
+    assert len(nqns) == 1
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        (1000, "{f}: 1000 bytes is not a multiple of 512 (NVMe namespaces are in 512-byte blocks) "
+                       "(pad it with truncate -s 1024 {f})"),
+        (0, "{f}: is empty (0 bytes); an NVMe namespace needs at least one 512-byte block "
+              "(give it a size, e.g. truncate -s 1G {f})"),
+    ],
+)  # fmt: skip
+def test_file_of_no_whole_block_is_refused(tmp_path: Path, size: int, message: str) -> None:
+    path = tmp_path / "odd.img"
+    path.write_bytes(b"\0" * size)
+    with pytest.raises(UsageError) as raised:
+        _settings_for(str(path))
+    assert raised.value.one_line() == message.format(f=path)
+
+
+def test_directory_or_missing_file_is_refused_and_device_names_are_left_alone(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as raised:
+        _settings_for(str(tmp_path))
+    assert raised.value.one_line() == (f"{tmp_path}: is a directory; storagetm exports image files and block "
+                                       "devices (give an image file or a disk)")  # fmt: skip
+    with pytest.raises(UsageError) as raised:
+        _settings_for(str(tmp_path / "gone.img"))
+    assert raised.value.one_line() == f"{tmp_path}/gone.img: no such file (give an image file or a disk)"
+    # Disks that may still appear: a /dev path, a kernel name, a serial.
+    assert _settings_for("/dev/disk/by-id/usb-NOT-YET", "sdq", "SERIAL9").devices == (
+        "/dev/disk/by-id/usb-NOT-YET", "sdq", "SERIAL9")  # fmt: skip
