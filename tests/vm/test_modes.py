@@ -100,15 +100,29 @@ def test_snapshot_takes_writes_in_ram_and_source_stays(modes_pair: tuple[Pair, d
     status = json.loads(pair.target.sh("storagetm status --json"))
     usage = next(e["snapshot_usage"] for e in status["exports"] if e["mode"] == "snapshot")
     assert usage["used"] > 0 and usage["total"] == 8 << 20 and not usage["invalid"]
-    # The store's file is unlinked once its loop device holds it; nothing is left in /run.
-    assert "cow" not in pair.target.sh("ls -A /run/storagetm").split()
+    # The store is a tmpfs of its own, the store's size, so it cannot fill /run; its file is
+    # unlinked once the loop device holds it.
+    store = next(e["backing"]["store"] for e in status["exports"] if e["mode"] == "snapshot")
+    assert store.startswith("/run/storagetm/cow/"), store
+    assert f"storagetm-cow {store} tmpfs" in mounts(pair) and "size=8192k" in mounts(pair), mounts(pair)
+    assert pair.target.sh(f"ls -A {store}") == ""
     table = pair.target.sh("dmsetup table storagetm-snapshot-snap0001").split()
     assert table[2:3] + table[5:] == ["snapshot", "N", "32"], table  # 16 KiB chunks (docs/design.md, Modes)
+
+
+def mounts(pair: Pair) -> str:
+    """The target's mounts below /run/storagetm, as `/proc/mounts` lines."""
+    return pair.target.sh("grep ' /run/storagetm' /proc/mounts || true")
+
+
+def run_used(pair: Pair) -> int:
+    return int(pair.target.sh("df -B1 --output=used /run | tail -n 1"))
 
 
 def test_full_snapshot_fails_cleanly(modes_pair: tuple[Pair, dict[str, str]]) -> None:
     pair, sums = modes_pair
     dev = "/dev/" + remote(pair, "SNAP0001").block
+    run_before = run_used(pair)
     out, rc = pair.initiator.run(f"dd if=/dev/urandom of={dev} bs=1M count=24 oflag=direct conv=fsync", timeout=300)
     assert rc != 0, out
     deadline = time.monotonic() + 30
@@ -120,6 +134,8 @@ def test_full_snapshot_fails_cleanly(modes_pair: tuple[Pair, dict[str, str]]) ->
         assert time.monotonic() < deadline, (usage, pair.target.sh("dmsetup status"))
         time.sleep(1)
     pair.target.wait_for(r"snapshot FULL", 30)
+    # The full store is its own tmpfs: /run (the state file's) did not take its 8 MiB.
+    assert run_used(pair) - run_before < 4 << 20, (run_before, run_used(pair))
     # Nothing crashed: the daemon answers and the other disks still read back.
     assert json.loads(pair.target.sh("storagetm status --json"))["pid"] > 0
     rw = "/dev/" + remote(pair, "RWDISK01").block
@@ -127,11 +143,47 @@ def test_full_snapshot_fails_cleanly(modes_pair: tuple[Pair, dict[str, str]]) ->
     assert sha256_file(pair.disks["SNAP0001"].path) == sums["SNAP0001"]
 
 
+def nothing_left(pair: Pair) -> None:
+    """No device-mapper device, store loop device or store mount of storagetm's remains."""
+    assert pair.target.sh("dmsetup ls").strip() in ("", "No devices found")
+    assert "store.cow" not in pair.target.sh("losetup --list --noheadings")
+    assert mounts(pair) == ""
+    assert "cow" not in pair.target.sh("ls -A /run/storagetm 2>/dev/null || true").split()
+
+
+# A dmsetup whose `create` fails: the store's tmpfs and loop device exist by then.
+FAILING_DMSETUP = (
+    "mkdir -p /tmp/faultbin && printf '%s\\n' '#!/bin/sh' "
+    "'[ \"$1\" = create ] && { echo injected failure >&2; exit 1; }' 'exec /usr/sbin/dmsetup \"$@\"' "
+    "> /tmp/faultbin/dmsetup && chmod +x /tmp/faultbin/dmsetup"
+)
+
+
+def test_snapshot_refused_or_failing_leaves_nothing(modes_pair: tuple[Pair, dict[str, str]]) -> None:
+    """On the real kernel: a store RAM cannot hold is refused before anything is made, and a
+    `dmsetup create` that fails after the store's tmpfs and loop device exist rolls them back.
+    storagetm runs by hand for each, then the service is started again."""
+    pair, _ = modes_pair
+    disconnect_all(pair.initiator)
+    pair.target.sh("systemctl stop storagetm")
+    nothing_left(pair)
+    out, _ = pair.target.run("timeout 15 storagetm --snapshot --snapshot-size 100000G SNAP0001", timeout=60)
+    assert "snapshot store needs 102400000 MiB of RAM, only" in out, out
+    nothing_left(pair)
+    pair.target.sh(FAILING_DMSETUP)
+    out, _ = pair.target.run("PATH=/tmp/faultbin:$PATH timeout 15 storagetm --snapshot SNAP0001", timeout=60)
+    assert "snapshot mode: dmsetup create" in out and "injected failure" in out, out
+    nothing_left(pair)
+    since = len(pair.target.console())
+    pair.target.sh("systemctl start storagetm")
+    pair.target.wait_for(r"Exported disks \(3\)", BOOT_TIMEOUT, since=since)
+
+
 def test_sources_unchanged_after_shutdown(modes_pair: tuple[Pair, dict[str, str]]) -> None:
     pair, sums = modes_pair
     disconnect_all(pair.initiator)
     pair.target.sh("storagetm stop")
-    assert pair.target.sh("dmsetup ls").strip() in ("", "No devices found")
+    nothing_left(pair)
     pair.target.stop()
     time.sleep(0.5)
     for serial in ("RO000001", "SNAP0001"):
