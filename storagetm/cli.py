@@ -19,7 +19,7 @@ from storagetm.errors import ExitCode, NotRunningError, StorageTMError, UsageErr
 from storagetm.identity import check_nqn_prefix, default_nqn_base, host_identity, valid_nqn
 from storagetm.keys import HIDDEN, ON_COMMAND_LINE, on_command_line
 from storagetm.memory import check_system_complete
-from storagetm.policy import system_facts
+from storagetm.policy import held_by_another, system_facts
 from storagetm.screen import Screen, active_consoles, human_size, render
 from storagetm.settings import (
     KERNEL_OPTIONS,
@@ -184,12 +184,23 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
     return settings, problems
 
 
+def exported_now() -> set[str]:
+    """What a running storagetm exports: its own dm-snapshot holds those disks exclusively."""
+    try:
+        current = state.load()
+    except OSError:  # not root: the state file holds the secrets
+        return set()
+    if current is None or not state.pid_alive(current.pid):
+        return set()
+    return {export.disk.devnode for export in current.exports.values()}
+
+
 def list_devices(settings: Settings, as_json: bool) -> int:
     disks = BlockDevices().enumerate() + explicit_files(settings)
     base = settings.nqn_base or default_nqn_base(host_identity())
     selection = settings if (settings.all_disks or settings.devices) else Settings(all_disks=True)
-    result = plan(disks, selection, system_facts(), base)
-    reasons = {d.devnode: r.value for d, r in result.not_exported}
+    result = plan(disks, selection, system_facts(), base, exported=exported_now(), held=held_by_another)
+    reasons = {d.devnode: result.why(d, r) for d, r in result.not_exported}
     exported = {e.disk.devnode: nqn for nqn, e in result.exports.items()}
     rows: list[dict[str, str | int | bool]] = []
     for disk in disks:

@@ -9,7 +9,7 @@ import os
 import selectors
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,16 @@ from storagetm.errors import ExitCode, StorageTMError
 from storagetm.exports import Export, Exporter, listeners
 from storagetm.identity import default_nqn_base, host_id, host_identity, identity_for
 from storagetm.notify import sd_notify
-from storagetm.policy import Reason, SystemFacts, exclusion, loader_partuuid, system_facts
+from storagetm.policy import (
+    Reason,
+    SystemFacts,
+    exclusion,
+    held_by_another,
+    loader_partuuid,
+    nothing_held,
+    system_facts,
+    usage,
+)
 from storagetm.screen import Screen
 from storagetm.settings import Settings
 from storagetm.udev import BlockDevices, udev_settled
@@ -44,26 +53,53 @@ class Plan:
     exports: dict[str, Export]
     not_exported: list[tuple[Disk, Reason]]
     problems: list[str] = field(default_factory=list)
+    details: dict[str, str] = field(default_factory=dict)  # device node -> how it is in use
+
+    def why(self, disk: Disk, reason: Reason) -> str:
+        """The reason as shown: for a disk in use, how ("mounted at /home")."""
+        return self.details.get(disk.devnode, reason.value)
 
 
-def plan(disks: list[Disk], settings: Settings, facts: SystemFacts, nqn_base: str) -> Plan:
+def plan(
+    disks: list[Disk],
+    settings: Settings,
+    facts: SystemFacts,
+    nqn_base: str,
+    *,
+    exported: Collection[str] = (),
+    held: Callable[[str], str] = nothing_held,
+) -> Plan:
+    """`exported`: device nodes exported now; they stay so even if the system has since mounted
+    them (withdrawing would fail the initiator's I/O), and our own dm-snapshot holds them.
+    `held`: tells whether another program has a disk to itself (policy.held_by_another)."""
     exports: dict[str, Export] = {}
     skipped: list[tuple[Disk, Reason]] = []
     problems: list[str] = []
+    details: dict[str, str] = {}
+    unknown_root_refused = False
     for disk in sort_disks(disks):
         named = any(disk.matches(spec) for spec in settings.devices)
         selected = settings.all_disks or named
         reason = exclusion(disk, facts, lift_guards=settings.lift_guards)
         if reason is None and not selected:
             reason = Reason.NOT_SELECTED
+        if reason is None and facts.root_unknown and not (named or disk.is_file or settings.lift_guards):
+            reason = Reason.ROOT_UNKNOWN
+            unknown_root_refused = True
         if reason is None and settings.refusals:
             reason = Reason.BAD_OPTION
+        if reason is None and disk.devnode not in exported and (use := usage(disk, facts, held)):
+            if settings.lift_guards:
+                problems.append(f"exporting {disk.devnode} although it is {use}: --all was given twice")
+            else:
+                reason = Reason.IN_USE
+                details[disk.devnode] = use
         if reason is not None:
             # Partitions and virtual devices (our own dm/zram among them) would only clutter the screen.
             if reason not in (Reason.PARTITION, Reason.VIRTUAL) or named:
                 skipped.append((disk, reason))
             if selected and not settings.all_disks:
-                problems.append(f"not exporting {disk.devnode}: {reason.value}")
+                problems.append(refusal(disk, reason, details.get(disk.devnode, "")))
             continue
         identity = identity_for(nqn_base, disk)
         if identity.nqn in exports:
@@ -71,13 +107,24 @@ def plan(disks: list[Disk], settings: Settings, facts: SystemFacts, nqn_base: st
                             f"{exports[identity.nqn].disk.devnode}")  # fmt: skip
             continue
         exports[identity.nqn] = Export(disk, identity, settings.mode_for(disk), settings.snapshot_size)
+    if unknown_root_refused:
+        problems.insert(0, f"{facts.root_unknown}; not exporting any disk: name the disks to export, "
+                           "or give --all twice")  # fmt: skip
     for spec in settings.devices:
         if not any(disk.matches(spec) for disk in disks):
             problems.append(f"no disk matches {spec!r} (yet); it is exported if it appears")
     for spec, mode in dict(reversed(settings.disk_modes)).items():  # the first mode given for a disk counts
         if not any(disk.matches(spec) for disk in disks):
             problems.append(f"no disk matches {spec!r} of the mode option (yet); it is {mode.label} if it appears")
-    return Plan(exports, skipped, problems)
+    return Plan(exports, skipped, problems, details)
+
+
+def refusal(disk: Disk, reason: Reason, detail: str) -> str:
+    """One line for a disk the user named that is not exported."""
+    if reason is Reason.IN_USE:
+        return (f"not exporting {disk.devnode}: {detail}; exported read-write it would be corrupted — "
+                "stop using it first (--all given twice exports it anyway, with every other disk)")
+    return f"not exporting {disk.devnode}: {reason.value}"
 
 
 def serve_at_realtime_priority() -> None:
@@ -108,6 +155,7 @@ class Daemon:
         facts: Callable[[], SystemFacts] | None = None,
         startup_problems: list[str] | None = None,
         announcer: Announcer | None = None,
+        held: Callable[[str], str] = held_by_another,
     ) -> None:
         self.settings = settings
         self.screen = screen
@@ -116,6 +164,7 @@ class Daemon:
         # The loader's partition UUID is read once: it is fixed for the boot, and efivarfs is slow.
         self.facts = facts or functools.partial(system_facts, loader_partuuid())
         self.startup_problems = list(startup_problems or [])
+        self.held = held
         self.announcer = announcer or (Announcer() if settings.announce else None)
         self.disks: dict[str, Disk] = {}
         # Bad options: drawn first on the screen; with a refusal nothing is exported.
@@ -132,7 +181,9 @@ class Daemon:
     def export_wanted(self) -> None:
         """Plan and apply the exports for the disks known now; the screen is not redrawn."""
         assert self.exporter is not None
-        result = plan(list(self.disks.values()), self.settings, self.facts(), self.state.nqn_base)
+        exported = {export.disk.devnode for export in self.exporter.exports.values()}
+        result = plan(list(self.disks.values()), self.settings, self.facts(), self.state.nqn_base,
+                      exported=exported, held=self.held)  # fmt: skip
         errors = self.exporter.apply(result.exports)
         problems = result.problems + [e.one_line() for e in errors]
         for problem in problems:
@@ -141,7 +192,7 @@ class Daemon:
         self.state.exports = self.exporter.exports
         self.state.backings = self.exporter.backings
         self.state.ports = dict(self.exporter.owned_ports)
-        self.state.not_exported = [{"name": d.name, "device": d.devnode, "reason": r.value}
+        self.state.not_exported = [{"name": d.name, "device": d.devnode, "reason": result.why(d, r)}
                                    for d, r in result.not_exported]  # fmt: skip
         self.state.problems = problems
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import enum
+import errno
+import fcntl
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from storagetm.disks import Disk
 from storagetm.firmware import EFIVARS
+from storagetm.mounts import Backing, HostPaths, disks_in_use, path_backing, whole_disks_behind
 
 EFI_LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 # The file-system label our ISO and ESP carry: a second guard when the firmware
@@ -29,20 +32,28 @@ class Reason(enum.Enum):
     BOOT_MEDIUM = "the medium this system booted from"
     NOT_SELECTED = "not selected"
     BAD_OPTION = "nothing is exported while a boot option is not valid"
+    ROOT_UNKNOWN = "may hold the root file system (storagetm cannot tell which disk does)"
+    IN_USE = "in use on this system"  # the plan says how: mounted at …, active swap, …
 
 
-# Reasons that `--all` given twice lifts, as upstream does.
-GUARDS = frozenset({Reason.ROOT, Reason.BOOT_MEDIUM})
+# Reasons that `--all` given twice lifts, as upstream does (in-use disks: with a warning each).
+GUARDS = frozenset({Reason.ROOT, Reason.BOOT_MEDIUM, Reason.ROOT_UNKNOWN, Reason.IN_USE})
+SYSTEM_MOUNTS = ("/", "/usr")
+HELD_EXCLUSIVELY = "in use by another program (held exclusively)"
+LOCKED = "in use by another program (locked)"
 VIRTUAL_PREFIXES = ("loop", "zram", "ram", "dm-", "md", "nbd")
 
 
 @dataclass(frozen=True)
 class SystemFacts:
-    """Device numbers of the disks that hold the root file system and the boot medium."""
+    """Device numbers of the disks that hold the root file system and the boot medium, and
+    of the disks this system uses (mounted or swap): read again for every plan."""
 
     root_disks: frozenset[int] = frozenset()
     boot_disks: frozenset[int] = frozenset()
     boot_partuuid: str = ""
+    root_unknown: str = ""  # "cannot tell which disk holds /: …" when the root's disks cannot be told
+    in_use: Mapping[int, str] = field(default_factory=dict)  # whole disk -> "mounted at /home", "active swap"
 
 
 def intrinsic_reason(disk: Disk) -> Reason | None:
@@ -81,59 +92,49 @@ def exclusion(disk: Disk, facts: SystemFacts, *, lift_guards: bool) -> Reason | 
     return reason
 
 
+def usage(disk: Disk, facts: SystemFacts, held: Callable[[str], str]) -> str:
+    """How this system uses the disk ("mounted at /home", "active swap", …), or "" if it does not."""
+    if disk.is_file:
+        return ""
+    return facts.in_use.get(disk.devnum, "") or held(disk.devnode)
+
+
 # ---- finding the root and boot disks -------------------------------------------------
 
 
-def _sys_dev(devnum: int, sysfs: Path) -> Path:
-    return sysfs / "dev" / "block" / f"{os.major(devnum)}:{os.minor(devnum)}"
-
-
-def _read_devnum(path: Path) -> int | None:
-    try:
-        major, minor = path.read_text().strip().split(":")
-        return os.makedev(int(major), int(minor))
-    except (OSError, ValueError):
-        return None
-
-
-def whole_disks_behind(devnum: int, sysfs: Path = Path("/sys")) -> set[int]:
-    """The whole disks under a block device, through partitions, dm, LUKS, md and LVM."""
-    result: set[int] = set()
-    todo = [devnum]
-    seen: set[int] = set()
-    while todo:
-        current = todo.pop()
-        if current in seen or os.major(current) == 0:
-            continue
-        seen.add(current)
-        node = _sys_dev(current, sysfs)
-        if not node.exists():
-            continue
-        node = node.resolve()
-        if (node / "partition").exists():
-            parent = _read_devnum(node.parent / "dev")
-            if parent is not None:
-                todo.append(parent)
-            continue
-        slaves = sorted((node / "slaves").glob("*")) if (node / "slaves").is_dir() else []
-        if slaves:
-            for slave in slaves:
-                slave_dev = _read_devnum(slave / "dev")
-                if slave_dev is not None:
-                    todo.append(slave_dev)
-        else:
-            result.add(current)
+def root_disks(mountpoints: Iterable[str] = SYSTEM_MOUNTS, paths: HostPaths | None = None) -> Backing:
+    """The disks behind `/` and `/usr`, read from the mount table: st_dev says nothing on
+    btrfs, ZFS or overlayfs (major 0)."""
+    paths = paths or HostPaths()
+    result = Backing()
+    for mountpoint in mountpoints:
+        found = path_backing(mountpoint, paths)
+        if found.unknown:
+            found = Backing(found.disks, f"cannot tell which disk holds {mountpoint}: {found.unknown}")
+        result |= found
     return result
 
 
-def root_disks(mountpoints: Iterable[str] = ("/", "/usr"), sysfs: Path = Path("/sys")) -> frozenset[int]:
-    disks: set[int] = set()
-    for mountpoint in mountpoints:
-        try:
-            disks |= whole_disks_behind(os.stat(mountpoint).st_dev, sysfs)
-        except OSError:
-            continue
-    return frozenset(disks)
+def held_by_another(devnode: str) -> str:
+    """Why another program has the disk to itself, or "". An exclusive open fails with EBUSY
+    while anything is mounted from the disk or its partitions, or dm/md/ZFS sits on it."""
+    try:
+        fd = os.open(devnode, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        return HELD_EXCLUSIVELY if exc.errno == errno.EBUSY else ""
+    try:
+        # Partitioning tools take this lock while they rewrite the table; udev's is shared.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return LOCKED
+    finally:
+        os.close(fd)
+    return ""
+
+
+def nothing_held(_devnode: str) -> str:
+    return ""
 
 
 def loader_partuuid(efivars: Path = EFIVARS) -> str:
@@ -156,8 +157,11 @@ def partuuid_disk(partuuid: str, dev: Path = Path("/dev"), sysfs: Path = Path("/
     return frozenset(whole_disks_behind(st.st_rdev, sysfs))
 
 
-def system_facts(partuuid: str | None = None) -> SystemFacts:
+def system_facts(partuuid: str | None = None, paths: HostPaths | None = None) -> SystemFacts:
     """`partuuid`: the loader's, if already read; it does not change while the system runs."""
+    paths = paths or HostPaths()
     if partuuid is None:
         partuuid = loader_partuuid()
-    return SystemFacts(root_disks=root_disks(), boot_disks=partuuid_disk(partuuid), boot_partuuid=partuuid)
+    root = root_disks(paths=paths)
+    return SystemFacts(root_disks=root.disks, boot_disks=partuuid_disk(partuuid, sysfs=paths.sysfs),
+                       boot_partuuid=partuuid, root_unknown=root.unknown, in_use=disks_in_use(paths))  # fmt: skip
