@@ -122,8 +122,7 @@ def plan(
 def refusal(disk: Disk, reason: Reason, detail: str) -> str:
     """One line for a disk the user named that is not exported."""
     if reason is Reason.IN_USE:
-        return (f"not exporting {disk.devnode}: {detail}; exported read-write it would be corrupted — "
-                "stop using it first (--all given twice exports it anyway, with every other disk)")
+        return f"not exporting {disk.devnode}: {detail}; stop using it first, or give --all twice (exports every disk)"
     return f"not exporting {disk.devnode}: {reason.value}"
 
 
