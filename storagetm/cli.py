@@ -108,7 +108,7 @@ def serve_parser() -> argparse.ArgumentParser:
                         help="block devices (path, by-id name or serial) or regular files to export")  # fmt: skip
     parser.add_argument("-a", "--all", action="count", default=0,
                         help="export every disk, now and hotplugged later; twice: also the root "
-                        "disk and the boot medium")  # fmt: skip
+                        "disk, the boot medium and disks in use (mounted, swap)")  # fmt: skip
     parser.add_argument("--nqn", type=_nqn, metavar="PREFIX", help="NQN prefix (default: derived from this host)")
     parser.add_argument("--port", type=_port, default=None, help="TCP port for I/O (default 4420)")
     parser.add_argument("--read-only", dest="modes", action="append_const", const="ro",
