@@ -164,6 +164,7 @@ class Daemon:
         self.facts = facts or functools.partial(system_facts, loader_partuuid())
         self.startup_problems = list(startup_problems or [])
         self.held = held
+        self.in_use_refused = False  # set by each plan
         self.announcer = announcer or (Announcer() if settings.announce else None)
         self.disks: dict[str, Disk] = {}
         # Bad options: drawn first on the screen; with a refusal nothing is exported.
@@ -194,6 +195,7 @@ class Daemon:
         self.state.not_exported = [{"name": d.name, "device": d.devnode, "reason": result.why(d, r)}
                                    for d, r in result.not_exported]  # fmt: skip
         self.state.problems = problems
+        self.in_use_refused = any(reason is Reason.IN_USE for _, reason in result.not_exported)
 
     def sample_activity(self) -> None:
         """Per-disk bytes read/written since export, current rates, and connected initiators."""
@@ -340,16 +342,19 @@ class Daemon:
     def _on_disk_events(self, devices: BlockDevices) -> bool:
         """Export what the events call for; True if the set of disks changed (the caller
         has the screen redrawn)."""
-        changed = False
+        changed = seen = False
         for event in devices.events():
             log.debug("udev %s %s", event.action, event.disk.devnode)
+            seen = True
             if event.action == "remove":
                 changed |= self.disks.pop(event.disk.devnode, None) is not None
             else:
                 changed |= self.disks.get(event.disk.devnode) != event.disk
                 self.disks[event.disk.devnode] = event.disk
-        if changed:
+        # A disk refused as in use is looked at again on any event: an unmount changes no udev property.
+        if changed or (seen and self.in_use_refused):
             self.export_wanted()
+            changed = True
         return changed
 
     def _on_signal(self, signum: int, _frame: object) -> None:

@@ -11,11 +11,17 @@ from pathlib import Path
 import pytest
 
 from storagetm import cli
-from storagetm.daemon import plan
+from storagetm.configfs import Root
+from storagetm.daemon import Daemon, plan
 from storagetm.disks import Disk
+from storagetm.exports import Exporter, listeners
 from storagetm.mounts import Backing, HostPaths, disks_in_use, parse_mountinfo
 from storagetm.policy import HELD_EXCLUSIVELY, LOCKED, Reason, SystemFacts, held_by_another, root_disks, system_facts
+from storagetm.screen import Screen
 from storagetm.settings import Settings
+from storagetm.udev import DiskEvent
+from tests.unit.fake_configfs import FakeConfigfs
+from tests.unit.test_daemon import QueuedEvents
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
 SYSTEM = """\
@@ -220,3 +226,29 @@ def test_mountinfo_fields_and_escapes() -> None:
     (mount,) = parse_mountinfo("36 35 98:0 /mnt1 /mnt/a\\040b rw,noatime master:1 shared:2 - ext3 /dev/root rw")
     assert (mount.devnum, mount.mountpoint, mount.fstype, mount.source) == (os.makedev(98, 0), "/mnt/a b", "ext3",
                                                                              "/dev/root")  # fmt: skip
+
+
+def test_daemon_exports_a_freed_disk_on_its_next_event_and_keeps_a_later_mounted_one(tmp_path: Path) -> None:
+    """An unmount changes no udev property: any event has a refused disk looked at again.
+    Once exported, a disk that becomes busy is not withdrawn."""
+    image = tmp_path / "vdb"
+    image.write_bytes(bytes(1 << 20))
+    vdb = Disk(name="vdb", devnode=str(image), devnum=os.makedev(254, 16), devtype="disk", size=1 << 20,
+               serial="VDB1")  # fmt: skip
+    busy = {str(image): "mounted at /mnt"}
+    fake = FakeConfigfs(tmp_path / "configfs")
+    daemon = Daemon(Settings(all_disks=True), screen=Screen(terminal=False), root=Root(fake.root, fake),
+                    facts=SystemFacts, announcer=None, held=lambda devnode: busy.get(devnode, ""))  # fmt: skip
+    daemon.exporter = Exporter(daemon.root)  # type: ignore[arg-type]
+    daemon.exporter.open_ports(listeners(4420, ipv6=False))
+    daemon.state.nqn_base = BASE
+    assert daemon._on_disk_events(QueuedEvents([DiskEvent("add", vdb)])) is True  # type: ignore[arg-type]
+    assert daemon.state.exports == {}
+    assert daemon.state.not_exported == [{"name": "vdb", "device": str(image), "reason": "mounted at /mnt"}]
+    busy.clear()
+    assert daemon._on_disk_events(QueuedEvents([DiskEvent("change", vdb)])) is True  # type: ignore[arg-type]
+    assert len(daemon.state.exports) == 1
+    busy[str(image)] = HELD_EXCLUSIVELY
+    daemon._on_disk_events(QueuedEvents([DiskEvent("change", vdb)]))  # type: ignore[arg-type]
+    assert len(daemon.state.exports) == 1
+    daemon.exporter.teardown()
