@@ -56,7 +56,7 @@ def test_disks_in_use_are_listed_with_why_and_not_exported(pair: Pair) -> None:
     nqns = exported_serials(pair)
     assert sorted(nqns) == sorted(DISKS)
     pair.target.sh("systemctl stop storagetm")
-    assert pair.target.sh(f"ls -A {SUBSYSTEMS}") == ""
+    assert pair.target.sh(f"ls -A {SUBSYSTEMS}").split() == []
     mnt, swap, held = (device(pair, serial) for serial in ("MNT00001", "SWAP0001", "HELD0001"))
     pair.target.sh(f"mkfs.ext4 -q -F {mnt} && mkdir -p /mnt/ext4 && mount {mnt} /mnt/ext4")
     pair.target.sh(f"mkswap {swap} >/dev/null && swapon {swap}")
