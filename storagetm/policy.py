@@ -12,6 +12,7 @@ from pathlib import Path
 
 from storagetm.disks import Disk
 from storagetm.firmware import EFIVARS
+from storagetm.modes import DM_PREFIX
 from storagetm.mounts import Backing, HostPaths, disks_in_use, path_backing, whole_disks_behind
 
 EFI_LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
@@ -115,13 +116,14 @@ def root_disks(mountpoints: Iterable[str] = SYSTEM_MOUNTS, paths: HostPaths | No
     return result
 
 
-def held_by_another(devnode: str) -> str:
+def held_by_another(devnode: str, sysfs: Path = Path("/sys")) -> str:
     """Why another program has the disk to itself, or "". An exclusive open fails with EBUSY
     while anything is mounted from the disk or its partitions, or dm/md/ZFS sits on it."""
     try:
         fd = os.open(devnode, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
-        return HELD_EXCLUSIVELY if exc.errno == errno.EBUSY else ""
+        busy = exc.errno == errno.EBUSY and not held_by_our_dm(devnode, sysfs)
+        return HELD_EXCLUSIVELY if busy else ""
     try:
         # Partitioning tools take this lock while they rewrite the table; udev's is shared.
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -131,6 +133,20 @@ def held_by_another(devnode: str) -> str:
     finally:
         os.close(fd)
     return ""
+
+
+def held_by_our_dm(devnode: str, sysfs: Path) -> bool:
+    """Only storagetm's own dm devices hold the disk: left by an instance that died while
+    exporting it, and replaced when it is exported again (modes.prepare)."""
+    holders = sorted((sysfs / "class" / "block" / os.path.basename(devnode) / "holders").glob("*"))
+    return bool(holders) and all(_text(holder / "dm" / "name").startswith(DM_PREFIX) for holder in holders)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def nothing_held(_devnode: str) -> str:

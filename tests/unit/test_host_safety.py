@@ -184,13 +184,21 @@ def test_disk_held_exclusively_is_not_exported_unless_already_exported() -> None
     assert "sdc" in exported(SystemFacts(), Settings(all_disks=True), held=held, exported={"/dev/sdc"})
 
 
-def test_held_by_another_asks_for_an_exclusive_open(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_held_by_another_asks_for_an_exclusive_open(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def busy(path: str, flags: int) -> int:
         assert flags & os.O_EXCL
         raise OSError(errno.EBUSY, "Device or resource busy")
 
     monkeypatch.setattr(os, "open", busy)
-    assert held_by_another("/dev/sda") == HELD_EXCLUSIVELY
+    sysfs = tmp_path / "sys"
+    assert held_by_another("/dev/sda", sysfs) == HELD_EXCLUSIVELY
+    # Held only by a dm-snapshot a killed storagetm left: exporting again replaces it.
+    (sysfs / "class" / "block" / "sda" / "holders" / "dm-3" / "dm").mkdir(parents=True)
+    (sysfs / "class" / "block" / "sda" / "holders" / "dm-3" / "dm" / "name").write_text("storagetm-snapshot-x\n")
+    assert held_by_another("/dev/sda", sysfs) == ""
+    (sysfs / "class" / "block" / "sda" / "holders" / "dm-4" / "dm").mkdir(parents=True)
+    (sysfs / "class" / "block" / "sda" / "holders" / "dm-4" / "dm" / "name").write_text("vg-home\n")
+    assert held_by_another("/dev/sda", sysfs) == HELD_EXCLUSIVELY
     monkeypatch.undo()
     assert held_by_another("/dev/storagetm-no-such-disk") == ""
 
