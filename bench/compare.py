@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from storagetm.exports import DISCOVERY_NQN, DISCOVERY_TRSVCID
 from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, image, initiator_vm, prepare_initiator
 from tests.vm.initiator import connected, disconnect_all
-from tests.vm.machine import VM, Disk, make_disk
+from tests.vm.machine import VM, Disk, make_disk, qemu_binary
 
 BENCH_IMAGE = "storagetm-bench.efi"
 TARGET_LL = "fe80::5054:ff:fe00:1%enp0s3"  # the target's EUI-64 link-local address (MAC below)
@@ -512,7 +512,7 @@ def main() -> int:
         results = bench.run(args.boots)
     finally:
         initiator.stop()
-    qemu = subprocess.getoutput("qemu-system-x86_64 --version").split()[3]
+    qemu = subprocess.getoutput(f"{qemu_binary()} --version").split()[3]
     meta = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{subprocess.getoutput('nproc')} cores, {subprocess.getoutput('uname -m')}, QEMU {qemu}",

@@ -11,6 +11,7 @@ MKOSI_SHA256=ef56c81324fd47d65490e944ec4697bb3f6fb21326d0d071bfc2fb5ba5383252
 HOST_PACKAGES=(qemu-system-x86 qemu-utils ovmf xorriso mtools dosfstools fdisk zstd
                binutils python3-venv ca-certificates imagemagick e2fsprogs
                dnsmasq-base iproute2 fonts-dejavu-core btrfs-progs)
+QEMU_PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data)
 SIGNED_BOOT_PACKAGES=(shim-signed shim-helpers-amd64-signed systemd-boot-efi-amd64-signed)
 SIGNED_BOOT_FILES=(usr/lib/shim/shimx64.efi.signed usr/lib/shim/mmx64.efi.signed
                    usr/lib/systemd/boot/efi/systemd-bootx64.efi.signed)
@@ -83,6 +84,37 @@ install_mkosi() {
     touch "$dir/.installed"
 }
 
+# QEMU 10 from bookworm-backports for the VM suite (QEMU 7.2's TCG crashed guest kernels under
+# NVMe/TCP load; README, "Tests"): unpacked into the cache and run through a wrapper with its
+# own firmware files and modules, so the host's QEMU and libraries stay as they are (every
+# library it needs is bookworm's own).
+bpo_apt() {
+    local apt=$CACHE/apt-bookworm-backports
+    mkdir -p "$apt/lists/partial" "$apt/archives/partial"
+    echo "deb $(debian_mirror) bookworm-backports main" > "$apt/sources.list"
+    apt-get -q -o Dir::Etc::SourceList="$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null \
+        -o Dir::State::Lists="$apt/lists" -o Dir::Cache="$apt" -o Dir::Cache::Archives="$apt/archives" \
+        -o APT::Sandbox::User=root "$@"
+}
+
+install_qemu() {
+    local dir=$CACHE/qemu-bpo wrapper=$CACHE/qemu/qemu-system-x86_64 deb
+    if [ -f "$dir/.installed" ] && [ -x "$wrapper" ]; then return; fi
+    log "fetching QEMU from bookworm-backports: ${QEMU_PACKAGES[*]}"
+    rm -rf "$dir" && mkdir -p "$dir/root" "$(dirname "$wrapper")"
+    bpo_apt update
+    (cd "$dir" && bpo_apt download "${QEMU_PACKAGES[@]}")
+    for deb in "$dir"/*.deb; do dpkg-deb -x "$deb" "$dir/root"; done
+    cat > "$wrapper.new" <<WRAPPER
+#!/bin/sh
+# QEMU from bookworm-backports, unpacked by ci/setup-host.sh: its own firmware files and modules.
+QEMU_MODULE_DIR=$dir/root/usr/lib/x86_64-linux-gnu/qemu exec $dir/root/usr/bin/qemu-system-x86_64 -L $dir/root/usr/share/qemu "\$@"
+WRAPPER
+    chmod 0755 "$wrapper.new" && mv "$wrapper.new" "$wrapper"
+    "$wrapper" --version | head -n 1
+    (cd "$dir" && ls ./*.deb) > "$dir/.installed"
+}
+
 # The Secure Boot chain the boot media carry: Debian's shim (signed by Microsoft's UEFI CA),
 # its MokManager, and Debian's signed systemd-boot. Unpacked, never installed on the host;
 # make-media.sh takes the .efi.signed files from here.
@@ -130,6 +162,7 @@ main() {
     install_python_tools
     install_mkosi
     install_signed_boot
+    install_qemu
     write_apt_sandbox
     log "ready (cache in $CACHE)"
 }

@@ -118,7 +118,8 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", dest="modes", action="append", metavar="[DISK=]MODE",
                         help="rw, ro or snapshot, for all disks or one disk (path, by-id name or serial)")  # fmt: skip
     parser.add_argument("--snapshot-size", type=_snapshot_size, default=None, metavar="SIZE",
-                        help="copy-on-write RAM per disk in snapshot mode (default 1G)")  # fmt: skip
+                        help="copy-on-write RAM per disk in snapshot mode (default 1G, less if RAM "
+                        "is short)")  # fmt: skip
     parser.add_argument("--auth", action="store_true",
                         help="require NVMe in-band authentication (DH-HMAC-CHAP); a secret is generated")  # fmt: skip
     parser.add_argument(

@@ -32,7 +32,7 @@ from storagetm.policy import (
     usage,
 )
 from storagetm.screen import Screen
-from storagetm.settings import Settings
+from storagetm.settings import Settings, with_credentials
 from storagetm.udev import BlockDevices, udev_settled
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ class Daemon:
         assert self.exporter is not None
         identity = host_identity()
         self.state.nqn_base = self.settings.nqn_base or default_nqn_base(identity)
-        settings = self.settings
+        self.settings = settings = with_credentials(self.settings, auth.read_credential)
         self.state.auth = auth.resolve(settings.auth, settings.dhchap_secret, settings.dhchap_ctrl_secret,
                                        settings.allow_hosts, previous.auth if previous else None)  # fmt: skip
         # With both, TLS keys are made for the same host NQN the secret is for.

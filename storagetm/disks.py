@@ -168,6 +168,8 @@ def resolve_file(spec: str) -> str | None:
     is a name, serial or /dev path that may still appear. A path nvmet cannot export is a
     UsageError: a missing file, a directory, an empty file or a partial 512-byte block."""
     is_path = "/" in spec or spec.startswith(".")
+    if not is_path and os.path.exists(f"/sys/class/block/{spec}"):
+        return None  # a disk's kernel name, even where a file of that name lies in the directory
     try:
         st = os.stat(spec)
     except FileNotFoundError:

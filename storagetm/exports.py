@@ -38,7 +38,7 @@ class Export:
     disk: Disk
     identity: Identity
     mode: modes.Mode = modes.Mode.READ_WRITE
-    snapshot_size: int = 1 << 30  # copy-on-write store limit in snapshot mode
+    snapshot_size: int = 0  # copy-on-write store limit in snapshot mode; 0: the default, as RAM allows
 
     @property
     def nqn(self) -> str:

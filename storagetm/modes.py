@@ -35,6 +35,10 @@ SECTOR = 512
 DM_PREFIX = "storagetm-"
 COW_DIR = Path("/run/storagetm/cow")  # each store: a tmpfs of its own below it
 RAM_RESERVE = 64 << 20  # bytes of available RAM no store may take: for the system and nvmet
+# A store of no size asked for (0): this much, or what RAM can hold if that is less, but not
+# below the minimum (a laptop with 1 GiB of RAM still gets snapshot mode).
+DEFAULT_STORE_SIZE = 1 << 30
+MIN_STORE_SIZE = 16 << 20
 PACKAGES = {"dmsetup": "dmsetup", "losetup": "mount", "mount": "mount", "umount": "mount", "modprobe": "kmod"}
 # 16 KiB: reads split at 4 KiB chunks ran at 0.92× a read-only export's speed, at 16 KiB at
 # par, and a scattered 4 KiB write still takes only 16 KiB of the store (docs/design.md).
@@ -156,7 +160,7 @@ def prepare(source: str, size: int, mode: Mode, nqn: str, snapshot_size: int, sy
         return Backing(source)
     system = system or System()
     if mode is Mode.SNAPSHOT:
-        check_room(system, snapshot_size)
+        snapshot_size = store_size(system, snapshot_size)
     name = dm_name_for(nqn, mode)
     if Path(f"/dev/mapper/{name}").exists():
         _remove_dm(system, name)
@@ -185,15 +189,26 @@ def _prepare_dm(system: System, undo: contextlib.ExitStack, source: str, size: i
 
 
 def release(backing: Backing, system: System | None = None) -> None:
+    """Remove what `prepare` made, every step even when one fails (a busy loop device is
+    detached once free, a store is unmounted lazily); then the first error is raised."""
     system = system or System()
+    steps: list[Callable[[], None]] = []
     if backing.dm_name:
-        _remove_dm(system, backing.dm_name)
+        steps.append(lambda: _remove_dm(system, backing.dm_name))
     if backing.cow:
-        _undo(system, "losetup", "--detach", backing.cow)
+        steps.append(lambda: _undo(system, "losetup", "--detach", backing.cow))
     if backing.store:
-        _store_remove(system, Path(backing.store))
+        steps.append(lambda: _store_remove(system, Path(backing.store)))
     if backing.loop:
-        _undo(system, "losetup", "--detach", backing.loop)
+        steps.append(lambda: _undo(system, "losetup", "--detach", backing.loop))
+    errors: list[Exception] = []
+    for step in steps:
+        try:
+            step()
+        except (OSError, StorageTMError) as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def _remove_dm(system: System, name: str) -> None:
@@ -209,12 +224,29 @@ def _remove_dm(system: System, name: str) -> None:
     raise BackingError(f"cannot remove {name}: {result.stderr.strip()}")
 
 
-def check_room(system: System, size: int) -> None:
-    """Refuse a store that RAM cannot hold: what is available, less what the other stores
-    may still take (their mounts' free space) and a reserve for the system itself."""
+def store_size(system: System, asked: int) -> int:
+    """The size of a new store: `asked`, or with 0 (none asked for) the default, cut down to
+    what RAM can hold. Refused when RAM cannot hold what was asked, or the minimum."""
+    if asked:
+        check_room(system, asked)
+        return asked
+    size = min(DEFAULT_STORE_SIZE, room(system)) // SECTOR * SECTOR
+    if size < MIN_STORE_SIZE:
+        check_room(system, MIN_STORE_SIZE)
+    return max(size, MIN_STORE_SIZE)
+
+
+def room(system: System) -> int:
+    """RAM a new store may take: what is available, less what the other stores may still
+    take (their mounts' free space) and a reserve for the system itself."""
     stores = [p for p in system.cow_dir.iterdir() if p.is_dir()] if system.cow_dir.is_dir() else []
     promised = sum(system.store_free(store) for store in stores)
-    free = max(0, system.mem_available() - promised - RAM_RESERVE)
+    return max(0, system.mem_available() - promised - RAM_RESERVE)
+
+
+def check_room(system: System, size: int) -> None:
+    """Refuse a store that RAM cannot hold."""
+    free = room(system)
     if size > free:
         raise BackingError(f"snapshot store needs {size >> 20} MiB of RAM, only {free >> 20} MiB free",
                            hint="give storagetm.snapshot_size= (--snapshot-size) a smaller size, "

@@ -147,6 +147,15 @@ def source_devnum(source: str, paths: HostPaths) -> int | None:
 
 
 def backing(mount: Mount, mounts: list[Mount], paths: HostPaths, seen: frozenset[Mount] = frozenset()) -> Backing:
+    """The disks behind a mount. sysfs changes under the walk (a loop device detached, a btrfs
+    unmounted between two reads): then it cannot tell, which fails closed, and never raises."""
+    try:
+        return _backing(mount, mounts, paths, seen)
+    except OSError as exc:
+        return Backing(unknown=f"{mount.fstype} on {mount.mountpoint} changed while it was read ({exc.strerror})")
+
+
+def _backing(mount: Mount, mounts: list[Mount], paths: HostPaths, seen: frozenset[Mount]) -> Backing:
     if mount in seen:
         return Backing(unknown=f"{mount.fstype} on {mount.mountpoint} is layered over itself")
     seen = seen | {mount}

@@ -66,7 +66,7 @@ def mode_text(state: RunState, export: Export) -> str:
         return export.mode.label
     usage = state.snapshot_usage.get(export.nqn)
     if usage is None:
-        return f"snapshot, {human_size(export.snapshot_size)} RAM"
+        return f"snapshot, {human_size(export.snapshot_size)} RAM" if export.snapshot_size else "snapshot"
     if usage.invalid:
         return "snapshot FULL: I/O now fails"
     return f"snapshot {usage.percent:.0f}% of {human_size(usage.total)} used"
@@ -215,7 +215,11 @@ class Screen:
         return out
 
     def show(self, state: RunState, io_port: int = IO_TRSVCID) -> None:
-        text = render(state, io_port, dashboard=self.terminal)
+        # Standard output often ends in a journal or a log file that others can read: the
+        # secrets go only to the consoles (the screen in front of the machine) and to root's
+        # `storagetm status --show-secrets`.
+        shown = state if self.consoles else state.without_secrets()
+        text = render(shown, io_port, dashboard=self.terminal)
         if text == self.last:
             return
         self.last = text

@@ -12,13 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from storagetm.auth import check_secret
+from storagetm.auth import CREDENTIAL_CTRL_SECRET, CREDENTIAL_SECRET, check_secret
 from storagetm.disks import Disk
 from storagetm.errors import UsageError
 from storagetm.exports import IO_TRSVCID
 from storagetm.identity import check_nqn_prefix, valid_nqn
 from storagetm.modes import Mode, parse_size
-from storagetm.tls import check_key
+from storagetm.tls import CREDENTIAL_KEY, check_key
 
 PREFIX = "storagetm."
 SNAPSHOT_SIZE_MAX = (1 << 63) - 1  # bytes: the largest file (loff_t) a store can be
@@ -39,7 +39,7 @@ class Settings:
     mode: Mode = Mode.READ_WRITE  # for every disk without a per-disk mode
     disk_modes: tuple[tuple[str, Mode], ...] = ()  # (disk spec, mode); the first that matches counts
     mode_unsure: bool = False  # a bad default mode was given: every disk read-only, whatever else says
-    snapshot_size: int = 1 << 30  # copy-on-write store per disk in snapshot mode (RAM, compressed)
+    snapshot_size: int = 0  # copy-on-write store per disk in snapshot mode (RAM); 0: 1G, less if RAM is short
     auth: bool = False  # DH-HMAC-CHAP: only hosts with the secret get in
     dhchap_secret: str = ""  # "" with auth: generate one
     dhchap_ctrl_secret: str = ""  # "generate", a secret, or "" for one-way authentication
@@ -242,7 +242,8 @@ KERNEL_OPTIONS = (
     KernelOption("port", _port, "TCP port for I/O (default 4420); discovery stays on 8009"),
     KernelOption("mode", parse_modes, "rw (default), ro or snapshot; per disk: ro,sdb=rw,SERIAL=snapshot",
                  _modes_failing_closed),  # fmt: skip
-    KernelOption("snapshot_size", _snapshot_size, "copy-on-write RAM per disk in snapshot mode (default 1G)"),
+    KernelOption("snapshot_size", _snapshot_size,
+                 "copy-on-write RAM per disk in snapshot mode (default 1G, less if RAM is short)"),  # fmt: skip
     KernelOption("auth", _auth, "1 to require DH-HMAC-CHAP with a generated secret, or the secret itself",
                  _refuse, secret=True),  # fmt: skip
     KernelOption("auth_ctrl", _auth_ctrl, "1 or a secret: bidirectional authentication (the target proves "
@@ -349,3 +350,15 @@ def read_kernel_cmdline(path: Path = Path("/proc/cmdline")) -> str:
         return path.read_text(errors="replace")  # a stray non-UTF-8 byte must not stop the daemon
     except OSError:
         return ""
+
+
+def with_credentials(settings: Settings, read: Callable[[str], str]) -> Settings:
+    """A secret or key given as a systemd credential turns its protection on, as the option
+    would: a credential meant to protect the disks must never be ignored (fail closed)."""
+    if read(CREDENTIAL_SECRET):
+        settings = replace(settings, auth=True)
+    if read(CREDENTIAL_CTRL_SECRET):
+        settings = replace(settings, auth=True, dhchap_ctrl_secret=settings.dhchap_ctrl_secret or "generate")
+    if read(CREDENTIAL_KEY):
+        settings = replace(settings, tls=True)
+    return settings

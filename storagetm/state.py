@@ -4,6 +4,7 @@ adopt it and never touches anything else), and what `storagetm status` reports."
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -118,7 +119,7 @@ class RunState:
                     disk(e["disk"]),
                     Identity(**e["identity"]),
                     Mode(e.get("mode", "rw")),
-                    int(e.get("snapshot_size", 1 << 30)),
+                    int(e.get("snapshot_size", 0)),
                 )  # fmt: skip
                 for e in data.get("exports", [])
             },
@@ -146,6 +147,16 @@ class RunState:
         )
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """A full tmpfs takes part of a write and returns its length: never keep half a state."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
 def save(state: RunState, path: Path | None = None, unless: str = "") -> str:
     """Write atomically (temp file, fsync, rename), unless the text is `unless` (what was
     written last: the dashboard republishes every second); return the text. The file holds
@@ -162,7 +173,7 @@ def save(state: RunState, path: Path | None = None, unless: str = "") -> str:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
         try:
             os.fchmod(fd, FILE_MODE)
-            os.write(fd, text.encode())
+            _write_all(fd, text.encode())
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -144,11 +144,21 @@ class Keyring:
             raise OSError(ctypes.get_errno(), f"the kernel has no {self.name} keyring")
         if int(lib.keyctl_link(keyring, KEY_SPEC_SESSION_KEYRING)) < 0:
             _raise_errno(f"cannot link the {self.name} keyring")
+        # The psk type finds a key whose description merely starts with the one asked for
+        # (...-n1 finds ...-n10): revoke only an exact match, never another disk's key.
         old = int(lib.keyctl_search(keyring, b"psk", description.encode(), 0))
-        if old > 0 and int(lib.keyctl_revoke(old)) < 0:
+        if old > 0 and self._description(old) == description and int(lib.keyctl_revoke(old)) < 0:
             _raise_errno("cannot revoke the previous key")
         if int(lib.add_key(b"psk", description.encode(), payload, len(payload), keyring)) <= 0:
             _raise_errno("cannot add the key")
+
+
+    def _description(self, key: int) -> str:
+        """The key's description: keyctl_describe gives "type;uid;gid;perm;description"."""
+        buffer = ctypes.create_string_buffer(4096)
+        if int(self._lib().keyctl_describe(key, buffer, len(buffer))) < 0:
+            return ""
+        return buffer.value.decode(errors="replace").split(";", 4)[-1]
 
 
 def _raise_errno(what: str) -> None:

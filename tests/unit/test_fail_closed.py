@@ -4,11 +4,12 @@ and never shows a secret it rejected."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from storagetm.auth import check_secret, generate_secret
+from storagetm.auth import CREDENTIAL_CTRL_SECRET, CREDENTIAL_SECRET, check_secret, generate_secret
 from storagetm.cli import main, serve_parser, settings_from
 from storagetm.configfs import Root
 from storagetm.daemon import Daemon, plan
@@ -18,9 +19,9 @@ from storagetm.exports import Exporter, listeners
 from storagetm.modes import Mode
 from storagetm.policy import Reason, SystemFacts
 from storagetm.screen import Screen, render
-from storagetm.settings import Settings, apply_kernel_cmdline, parse_port, split_kernel_cmdline
+from storagetm.settings import Settings, apply_kernel_cmdline, parse_port, split_kernel_cmdline, with_credentials
 from storagetm.state import RunState
-from storagetm.tls import check_key
+from storagetm.tls import CREDENTIAL_KEY, check_key
 from tests.unit.fake_configfs import FakeConfigfs
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
@@ -200,3 +201,17 @@ def test_alerts_are_drawn_before_the_title() -> None:
     text = render(RunState(alerts=["storagetm.port='x' is not valid: … — using the default; fix the boot option"]))
     assert text.splitlines()[0].startswith("!! storagetm.port='x'")
     assert text.splitlines()[1].startswith("storagetm: target disk mode")
+
+
+def test_a_credential_alone_turns_its_protection_on() -> None:
+    """A secret or key handed over as a systemd credential is never ignored: without the
+    matching option it turns authentication / the controller secret / TLS on."""
+    def only(name: str) -> Callable[[str], str]:
+        return lambda asked: "given" if asked == name else ""
+
+    plain = Settings(all_disks=True)
+    assert with_credentials(plain, only("")) == plain
+    assert with_credentials(plain, only(CREDENTIAL_SECRET)).auth
+    ctrl = with_credentials(plain, only(CREDENTIAL_CTRL_SECRET))
+    assert ctrl.auth and ctrl.dhchap_ctrl_secret == "generate"
+    assert with_credentials(plain, only(CREDENTIAL_KEY)).tls

@@ -260,3 +260,17 @@ def test_daemon_exports_a_freed_disk_on_its_next_event_and_keeps_a_later_mounted
     daemon._on_disk_events(QueuedEvents([DiskEvent("change", vdb)]))  # type: ignore[arg-type]
     assert len(daemon.state.exports) == 1
     daemon.exporter.teardown()
+
+
+def test_sysfs_changing_during_the_walk_fails_closed(host: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop device detached between two reads raises in the walk: it cannot tell, so
+    `--all` exports nothing, and the daemon's loop sees no exception."""
+    host.mount("1 0 0:31 /@ / rw,relatime - btrfs /dev/sda2 rw,subvol=/@")
+    host.btrfs("0b1d0000-0000-4000-8000-000000000003", "sda2")
+
+    def vanished(self: Path) -> list[Path]:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(Path, "iterdir", vanished)
+    found = root_disks(paths=host.paths)
+    assert found.unknown and "changed while it was read" in found.unknown

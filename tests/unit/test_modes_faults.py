@@ -14,7 +14,7 @@ from storagetm.configfs import Root
 from storagetm.disks import Disk
 from storagetm.exports import Export, Exporter, listeners
 from storagetm.identity import identity_for
-from storagetm.modes import BackingError, Mode, System
+from storagetm.modes import DEFAULT_STORE_SIZE, MIN_STORE_SIZE, RAM_RESERVE, BackingError, Mode, System, store_size
 from tests.unit.fake_configfs import FakeConfigfs
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
@@ -167,3 +167,29 @@ def test_exporter_refuses_a_snapshot_that_does_not_fit_and_exports_the_rest(tmp_
                                               "smaller size, or export it read-only)"]  # fmt: skip
     assert list(exporter.exports) == [ro.nqn]
     assert [p.name for p in (fake.root / "subsystems").iterdir()] == [ro.nqn]
+
+
+def test_a_store_of_no_size_asked_for_takes_what_ram_holds() -> None:
+    """The default (1 GiB) is cut down to what RAM can hold, not refused: a laptop with 1 GiB
+    of RAM still gets snapshot mode; a size asked for is refused instead."""
+    def system(available: int) -> System:
+        return System(mem_available=lambda: available, cow_dir=Path("/nonexistent"))
+
+    assert store_size(system(4 << 30), 0) == DEFAULT_STORE_SIZE
+    assert store_size(system(600 << 20), 0) == (600 << 20) - RAM_RESERVE
+    with pytest.raises(BackingError, match="needs 16 MiB of RAM"):
+        store_size(system(RAM_RESERVE + (8 << 20)), 0)
+    with pytest.raises(BackingError, match="needs 1024 MiB of RAM"):
+        store_size(system(600 << 20), 1 << 30)
+    assert MIN_STORE_SIZE == 16 << 20
+
+
+def test_release_goes_on_past_a_failing_step(tmp_path: Path) -> None:
+    """A dm device that stays busy must not leave its loop devices and store behind."""
+    machine = FakeMachine(tmp_path)
+    backing = modes.prepare(image(tmp_path), MiB, Mode.SNAPSHOT, NQN, 16 * MiB, machine.system())
+    machine.fail, machine.calls = "dmsetup remove", []
+    with pytest.raises(BackingError, match="cannot remove"):
+        modes.release(backing, machine.system())
+    assert machine.calls[-3:] == ["losetup --detach /dev/loop1", f"umount --lazy {backing.store}",
+                                  "losetup --detach /dev/loop0"]  # fmt: skip

@@ -8,6 +8,7 @@ import json
 import os
 import stat
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from storagetm.errors import ConfigfsError, ExitCode
 from storagetm.exports import Exporter
 from storagetm.keys import on_command_line
 from storagetm.network import Address
+from storagetm.screen import Screen
 from storagetm.state import RunState
 from storagetm.tls import TLSConfig, generate_key
 from tests.unit.fake_configfs import FakeConfigfs
@@ -65,6 +67,22 @@ def test_state_file_is_root_only_from_the_start_whatever_the_umask(
         os.umask(old_umask)
     assert seen == [(0o600, 0o700)]
     assert (mode(state_file), mode(state_file.parent)) == (0o600, 0o700)
+
+
+def test_a_short_write_never_leaves_half_a_state(state_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full tmpfs takes part of a write: the rest is written, or (nothing taken) the old
+    state stays as it was instead of a truncated one replacing it."""
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    saved = secret_state()
+    state.save(saved)
+    assert state.load() == saved
+    before = state_file.read_bytes()
+    monkeypatch.setattr(os, "write", lambda fd, data: 0)
+    with pytest.raises(OSError, match="No space left"):
+        state.save(replace(saved, pid=4242))
+    assert state_file.read_bytes() == before
+    assert [p.name for p in state_file.parent.iterdir()] == [state_file.name]  # no temp file behind
 
 
 def test_a_state_directory_left_world_readable_becomes_0700(state_file: Path) -> None:
@@ -183,3 +201,13 @@ def test_a_failed_secret_write_to_configfs_does_not_show_the_secret(tmp_path: Pa
     fake.fail_on["attr_model"] = errno.EINVAL  # other values are still shown
     with pytest.raises(ConfigfsError, match="attr_model to 'Disk'"):
         Root(fake.root, fake).create_subsystem("nqn.2014-08.org.example:a").set("attr", "model", "Disk")
+
+
+def test_the_screen_on_standard_output_hides_the_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --console the screen goes to standard output, often a journal others read."""
+    shown = secret_state()
+    Screen().show(shown)
+    out = capsys.readouterr().out
+    assert "nvme connect-all" in out
+    for secret in (shown.auth.secret, shown.auth.ctrl_secret, shown.tls.key):
+        assert secret not in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,8 +100,8 @@ def test_key_length_must_match_its_hash() -> None:
 class FakeKeyutils:
     """libkeyutils as the kernel's .nvme keyring answers it; records what is asked."""
 
-    def __init__(self, keyring: int = 0x2C0F009B, existing: int = 0) -> None:
-        self.keyring, self.existing = keyring, existing
+    def __init__(self, keyring: int = 0x2C0F009B, existing: int = 0, existing_description: str = "") -> None:
+        self.keyring, self.existing, self.existing_description = keyring, existing, existing_description
         self.calls: list[tuple[object, ...]] = []
 
     def find_key_by_type_and_desc(self, key_type: bytes, description: bytes, destination: int) -> int:
@@ -112,6 +113,11 @@ class FakeKeyutils:
 
     def keyctl_search(self, keyring: int, key_type: bytes, description: bytes, destination: int) -> int:
         return self.existing or -1
+
+    def keyctl_describe(self, key: int, buffer: Any, length: int) -> int:
+        text = f"psk;0;0;3f010000;{self.existing_description}".encode()
+        buffer.value = text
+        return len(text) + 1
 
     def keyctl_revoke(self, key: int) -> int:
         self.calls.append(("revoke", key))
@@ -129,11 +135,21 @@ def test_insert_key_puts_the_psk_into_the_keyring_and_runs_no_program(monkeypatc
         raise AssertionError("a program was run")
 
     monkeypatch.setattr(subprocess, "Popen", no_program)
-    lib = FakeKeyutils(existing=0x77)
-    tls.insert_key(HOST, DISCOVERY_NQN, NVME_CLI_KEY, tls.Keyring(library=lib))
     identity, psk = tls.derive_psk(NVME_CLI_KEY, HOST, DISCOVERY_NQN)
+    lib = FakeKeyutils(existing=0x77, existing_description=identity)
+    tls.insert_key(HOST, DISCOVERY_NQN, NVME_CLI_KEY, tls.Keyring(library=lib))
     assert lib.calls == [("link", lib.keyring, tls.KEY_SPEC_SESSION_KEYRING), ("revoke", 0x77),
                          ("add", b"psk", identity.encode(), psk, 32, lib.keyring)]  # fmt: skip
+
+
+def test_another_disks_key_whose_name_starts_alike_is_not_revoked() -> None:
+    """The kernel's psk type matches a key whose description begins with the one searched
+    for: the key of subsystem ...-n10 answers a search for ...-n1 and must stay."""
+    identity, psk = tls.derive_psk(NVME_CLI_KEY, HOST, "nqn.2023-10.io.systemd:storagetm.x.disk1")
+    lib = FakeKeyutils(existing=0x77, existing_description=identity + "0")
+    tls.insert_key(HOST, "nqn.2023-10.io.systemd:storagetm.x.disk1", NVME_CLI_KEY, tls.Keyring(library=lib))
+    assert ("revoke", 0x77) not in lib.calls
+    assert lib.calls[-1] == ("add", b"psk", identity.encode(), psk, 32, lib.keyring)
 
 
 def test_no_nvme_keyring_is_one_line_without_the_key() -> None:

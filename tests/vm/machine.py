@@ -34,6 +34,15 @@ ANSI = re.compile(r"\x1b\[[0-9;:?]*[A-Za-z]")
 PANIC = re.compile(r"BUG:|Oops|Kernel panic|RIP:|Workqueue:")  # an oops, as the console shows it
 
 
+def qemu_binary() -> str:
+    """STORAGETM_QEMU, else the QEMU that ci/setup-host.sh unpacked into the cache, else the host's."""
+    chosen = os.environ.get("STORAGETM_QEMU")
+    if chosen:
+        return chosen
+    cached = Path(os.environ.get("STORAGETM_CACHE", "/var/cache/storagetm")) / "qemu" / "qemu-system-x86_64"
+    return str(cached) if cached.exists() else "qemu-system-x86_64"
+
+
 class VMError(AssertionError):
     pass
 
@@ -76,6 +85,8 @@ class VM:
     memory: int = 1024
     uuid: str = "6a1f7c2e-0b7d-4f4e-9a51-3d2c1b0a9f88"
     secure_boot: bool = False  # OVMF with Secure Boot enforced and Microsoft's keys
+    qemu: str = field(default_factory=qemu_binary)
+    cpu: str = field(default_factory=lambda: os.environ.get("STORAGETM_QEMU_CPU", "max"))
     wrapper: list[str] = field(default_factory=list)  # e.g. ip netns exec NS: QEMU's network namespace
     proc: subprocess.Popen[bytes] | None = None
     qmp: Any = None
@@ -109,7 +120,7 @@ class VM:
             machine = ["-machine", "q35"]
         code = OVMF_SECURE_CODE if self.secure_boot else OVMF_CODE
         cmd = [
-            "qemu-system-x86_64", "-accel", "tcg", *machine, "-cpu", "max", "-smp", "1",
+            self.qemu, "-accel", "tcg", *machine, "-cpu", self.cpu, "-smp", "1",
             "-m", str(self.memory), "-nographic", "-no-reboot", "-uuid", self.uuid,
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",

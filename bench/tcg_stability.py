@@ -1,0 +1,83 @@
+"""How often a TCG guest crashes under NVMe/TCP load, for one QEMU binary and CPU model: the
+initiator's kernel panics (double faults, impossible RFLAGS) that made the VM suite flaky.
+
+    python3 -m bench.tcg_stability --label qemu-7.2-max [--qemu PATH] [--cpu max] [--minutes 10]
+
+One target exports three disks; the initiator reads them whole (O_DIRECT into sha256sum,
+every byte over the link) in turns until the time is up. A panic (or a hung shell) is counted, both VMs are
+booted again, and the reading goes on. Prints GiB read and crashes, and writes
+bench/results/tcg-stability-LABEL.json. Run the configurations one after another on an
+otherwise idle machine; never two at once (both cores saturate). Not part of CI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.vm.conftest import BOOT_TIMEOUT, boot_pair, prepare_initiator
+from tests.vm.initiator import CONNECT_ALL, connected, wait_address
+from tests.vm.machine import PANIC, VM, VMError, qemu_binary
+
+KINDS = {"STRESS01": "virtio", "STRESS02": "nvme", "STRESS03": "sata"}
+SIZE = 64 << 20
+
+
+def attach(initiator: VM, target: VM) -> list[str]:
+    initiator.wait_shell(BOOT_TIMEOUT)
+    prepare_initiator(initiator)
+    initiator.sh(f"{CONNECT_ALL} -a {wait_address(target, '169.254.')}")
+    return [remote.block for remote in connected(initiator)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--label", required=True)
+    parser.add_argument("--qemu", default=qemu_binary())
+    parser.add_argument("--cpu", default="max")
+    parser.add_argument("--minutes", type=float, default=10)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix=f"storagetm-stability-{args.label}-"))
+    os.environ["STORAGETM_QEMU"], os.environ["STORAGETM_QEMU_CPU"] = args.qemu, args.cpu  # every VM below
+    crashes: list[dict[str, object]] = []
+    read_bytes = rounds = 0
+    deadline = time.monotonic() + args.minutes * 60
+    while time.monotonic() < deadline:
+        # A new pair after each crash: the initiator serves the link, which the target cannot rejoin.
+        pair = boot_pair(workdir / f"boot-{len(crashes)}", KINDS, disk_size=SIZE)
+        try:
+            pair.target.wait_for(r"Exported disks \(3\)", BOOT_TIMEOUT)
+            blocks = attach(pair.initiator, pair.target)
+            while time.monotonic() < deadline:
+                for block in blocks:
+                    # O_DIRECT: every round crosses the link, none is served from the page cache.
+                    pair.initiator.sh(f"dd if=/dev/{block} bs=1M iflag=direct status=none | sha256sum", timeout=120)
+                    read_bytes += SIZE
+                rounds += 1
+        except VMError as exc:
+            panic = [f"{vm.name}: {ln}" for vm in (pair.initiator, pair.target)
+                     for ln in vm.console().splitlines() if PANIC.search(ln)]  # fmt: skip
+            crashes.append({"after_gib": read_bytes / (1 << 30), "what": (panic or [str(exc)])[:3]})
+            print(f"{args.label}: crash after {read_bytes / (1 << 30):.2f} GiB: {crashes[-1]['what']}", flush=True)
+        finally:
+            pair.initiator.stop()
+            pair.target.stop()
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"), "label": args.label, "qemu": args.qemu, "cpu": args.cpu,
+        "minutes": args.minutes, "rounds": rounds, "gib_read": read_bytes / (1 << 30), "crashes": crashes,
+    }  # fmt: skip
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"tcg-stability-{args.label}.json").write_text(json.dumps(result, indent=1))
+    print(f"{args.label}: {result['gib_read']:.2f} GiB read in {args.minutes:.0f} min, {len(crashes)} crash(es)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
