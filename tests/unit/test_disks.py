@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import uuid
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from storagetm.cli import serve_parser, settings_from
 from storagetm.daemon import explicit_files, plan
-from storagetm.disks import disk_from_udev, gpt_partition_uuids, nvme_transport
+from storagetm.disks import disk_from_udev, gpt_partition_uuids, nvme_transport, resolve_file
 from storagetm.errors import UsageError
 from storagetm.policy import SystemFacts
 from storagetm.settings import Settings
@@ -136,3 +137,13 @@ def test_directory_or_missing_file_is_refused_and_device_names_are_left_alone(tm
     # Disks that may still appear: a /dev path, a kernel name, a serial.
     assert _settings_for("/dev/disk/by-id/usb-NOT-YET", "sdq", "SERIAL9").devices == (
         "/dev/disk/by-id/usb-NOT-YET", "sdq", "SERIAL9")  # fmt: skip
+
+
+def test_a_disks_kernel_name_is_not_taken_for_a_file_of_that_name(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`storagetm sda` in a directory that holds a dump named `sda` means the disk."""
+    name = sorted(os.listdir("/sys/class/block"))[0]  # any block device this machine has
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_bytes(b"\0" * 1024)
+    assert resolve_file(name) is None
+    assert resolve_file(f"./{name}") == str(tmp_path / name)
