@@ -10,6 +10,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from storagetm.kernelfs import read_attribute
+
 # File systems with no local disk under them.
 RAM_TYPES = frozenset({"rootfs", "tmpfs", "ramfs"})
 NETWORK_TYPES = frozenset({"nfs", "nfs4", "cifs", "smb3", "9p", "virtiofs", "ceph"})
@@ -67,9 +69,20 @@ def parse_mountinfo(text: str) -> list[Mount]:
     return mounts
 
 
-def read_mounts(paths: HostPaths) -> list[Mount]:
-    """Raises OSError if the mount table cannot be read."""
-    return parse_mountinfo(paths.mountinfo.read_text())
+@dataclass(frozen=True)
+class MountTable:
+    """The mounts, read once for every question a plan asks of them; `unreadable` says why
+    there are none if the table could not be read."""
+
+    mounts: tuple[Mount, ...] = ()
+    unreadable: str = ""
+
+
+def read_mounts(paths: HostPaths) -> MountTable:
+    try:
+        return MountTable(tuple(parse_mountinfo(read_attribute(paths.mountinfo))))
+    except OSError as exc:
+        return MountTable(unreadable=f"{paths.mountinfo} cannot be read ({exc.strerror})")
 
 
 def mount_of(path: str, mounts: list[Mount]) -> Mount | None:
@@ -228,24 +241,20 @@ def _overlay_backing(mount: Mount, mounts: list[Mount], paths: HostPaths, seen: 
 # ---- what the running system uses -------------------------------------------------------
 
 
-def path_backing(path: str, paths: HostPaths) -> Backing:
+def path_backing(path: str, paths: HostPaths, table: MountTable | None = None) -> Backing:
     """The disks holding the file system `path` is on."""
-    try:
-        mounts = read_mounts(paths)
-    except OSError as exc:
-        return Backing(unknown=f"{paths.mountinfo} cannot be read ({exc.strerror})")
-    return _path_backing(path, mounts, paths, frozenset())
+    table = table or read_mounts(paths)
+    if table.unreadable:
+        return Backing(unknown=table.unreadable)
+    return _path_backing(path, list(table.mounts), paths, frozenset())
 
 
-def disks_in_use(paths: HostPaths) -> dict[int, str]:
+def disks_in_use(paths: HostPaths, table: MountTable | None = None) -> dict[int, str]:
     """Whole disks with a mounted file system or active swap on them (or on a partition, or
     on dm/md over them), with what uses them. Mounts whose disks cannot be told are left out:
     the root file system's are refused elsewhere, and an exclusive open still finds most."""
     usage: dict[int, str] = {}
-    try:
-        mounts = read_mounts(paths)
-    except OSError:
-        mounts = []
+    mounts = list((table or read_mounts(paths)).mounts)
     for mount in mounts:
         if os.major(mount.devnum) != 0 or mount.fstype == "btrfs":
             for disk in backing(mount, mounts, paths).disks:
@@ -260,7 +269,7 @@ def disks_in_use(paths: HostPaths) -> dict[int, str]:
 def active_swap(paths: HostPaths) -> list[str]:
     """Swap partitions in use (swap files are on a mounted file system, found as such)."""
     try:
-        lines = paths.swaps.read_text().splitlines()[1:]
+        lines = read_attribute(paths.swaps).splitlines()[1:]
     except OSError:
         return []
     return [_unescape(fields[0]) for line in lines if len(fields := line.split()) >= 2 and fields[1] == "partition"]

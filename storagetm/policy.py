@@ -13,7 +13,7 @@ from pathlib import Path
 from storagetm.disks import Disk
 from storagetm.firmware import EFIVARS
 from storagetm.modes import DM_PREFIX
-from storagetm.mounts import Backing, HostPaths, disks_in_use, path_backing, whole_disks_behind
+from storagetm.mounts import Backing, HostPaths, MountTable, disks_in_use, path_backing, read_mounts, whole_disks_behind
 
 EFI_LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 # The file-system label our ISO and ESP carry: a second guard when the firmware
@@ -103,13 +103,16 @@ def usage(disk: Disk, facts: SystemFacts, held: Callable[[str], str]) -> str:
 # ---- finding the root and boot disks -------------------------------------------------
 
 
-def root_disks(mountpoints: Iterable[str] = SYSTEM_MOUNTS, paths: HostPaths | None = None) -> Backing:
+def root_disks(
+    mountpoints: Iterable[str] = SYSTEM_MOUNTS, paths: HostPaths | None = None, table: MountTable | None = None
+) -> Backing:
     """The disks behind `/` and `/usr`, read from the mount table: st_dev says nothing on
     btrfs, ZFS or overlayfs (major 0)."""
     paths = paths or HostPaths()
+    table = table or read_mounts(paths)
     result = Backing()
     for mountpoint in mountpoints:
-        found = path_backing(mountpoint, paths)
+        found = path_backing(mountpoint, paths, table)
         if found.unknown:
             found = Backing(found.disks, f"cannot tell which disk holds {mountpoint}: {found.unknown}")
         result |= found
@@ -178,6 +181,8 @@ def system_facts(partuuid: str | None = None, paths: HostPaths | None = None) ->
     paths = paths or HostPaths()
     if partuuid is None:
         partuuid = loader_partuuid()
-    root = root_disks(paths=paths)
+    table = read_mounts(paths)  # once for both questions: every plan (every disk event) reads it
+    root = root_disks(paths=paths, table=table)
     return SystemFacts(root_disks=root.disks, boot_disks=partuuid_disk(partuuid, sysfs=paths.sysfs),
-                       boot_partuuid=partuuid, root_unknown=root.unknown, in_use=disks_in_use(paths))  # fmt: skip
+                       boot_partuuid=partuuid, root_unknown=root.unknown,
+                       in_use=disks_in_use(paths, table))  # fmt: skip
