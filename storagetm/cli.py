@@ -188,12 +188,10 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
 def exported_now() -> set[str]:
     """What a running storagetm exports: its own dm-snapshot holds those disks exclusively."""
     try:
-        current = state.load()
+        current = state.running()
     except OSError:  # not root: the state file holds the secrets
         return set()
-    if current is None or not state.pid_alive(current.pid):
-        return set()
-    return {export.disk.devnode for export in current.exports.values()}
+    return {export.disk.devnode for export in current.exports.values()} if current else set()
 
 
 def list_devices(settings: Settings, as_json: bool) -> int:
@@ -249,11 +247,11 @@ def serve(argv: Sequence[str]) -> int:
 def running_state(command: str) -> state.RunState:
     """The running daemon's state; one clear error if there is none or it is not ours to read."""
     try:
-        current = state.load()
+        current = state.running()
     except PermissionError:
         raise UsageError(f"storagetm {command} needs root: the state file holds the secrets",
                          hint=f"run it as root, e.g. sudo storagetm {command}") from None  # fmt: skip
-    if current is None or not state.pid_alive(current.pid):
+    if current is None:
         raise NotRunningError("storagetm is not running", hint="start it with `storagetm --all`")
     return current
 

@@ -58,10 +58,19 @@ def check(text: str, pattern: re.Pattern[str], lengths: tuple[int, ...], what: s
     if not pattern.match(text):
         raise UsageError(f"invalid {what}", hint=f"use {example}")
     try:
-        raw = base64.b64decode(text.split(":")[2], validate=True)
+        raw = _decoded(text)
     except binascii.Error:
         raise UsageError(f"invalid {what}: not valid base64", hint="copy it again, or make a new one") from None
     key, crc = raw[:-4], raw[-4:]
     if len(key) not in lengths or struct.pack("<I", zlib.crc32(key)) != crc:
         raise UsageError(f"invalid {what}: bad length or checksum", hint="copy it again, or make a new one")
     return text
+
+
+def key_bytes(text: str) -> bytes:
+    """The key itself, of a text that `check` accepted (its base64 without the CRC)."""
+    return _decoded(text)[:-4]
+
+
+def _decoded(text: str) -> bytes:
+    return base64.b64decode(text.split(":")[2], validate=True)

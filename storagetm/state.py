@@ -208,6 +208,13 @@ def load(path: Path | None = None) -> RunState | None:
         return None
 
 
+def running(path: Path | None = None) -> RunState | None:
+    """The state of the storagetm that is running, or None if none is (a killed one's state
+    stays behind for adoption). PermissionError if it cannot be read: the file is root's."""
+    current = load(path)
+    return current if current is not None and pid_alive(current.pid) else None
+
+
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False

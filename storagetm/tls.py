@@ -10,7 +10,6 @@ same way on both sides (`nvme check-tls-key --insert`), so both sides agree.
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import hashlib
 import hmac
@@ -42,7 +41,7 @@ def generate_key() -> str:
 
 def check_key(key: str) -> str:
     key = keys.check(key, KEY_RE, (32, 48), "TLS key", "NVMeTLSkey-1:01:<base64>: as `nvme gen-tls-key` makes it")
-    if len(_configured(key)) != _hash(key)().digest_size:  # nvme-cli refuses these too
+    if len(keys.key_bytes(key)) != _hash(key)().digest_size:  # nvme-cli refuses these too
         raise UsageError("invalid TLS key: 01 keys have 32 bytes, 02 keys 48", hint="make one with nvme gen-tls-key")
     return key
 
@@ -50,10 +49,6 @@ def check_key(key: str) -> str:
 def key_argument(value: str) -> str:
     """--tls-key=KEY or =@FILE."""
     return check_key(keys.from_argument(value, "TLS key"))
-
-
-def _configured(key: str) -> bytes:
-    return base64.b64decode(key.split(":")[2])[:-4]
 
 
 def _hash(key: str) -> Callable[[], Any]:
@@ -81,7 +76,7 @@ def derive_psk(key: str, hostnqn: str, subnqn: str) -> tuple[str, bytes]:
     """The identity `NVMe0R0<h> <hostnqn> <subnqn>` and the TLS PSK tlshd finds under it:
     the configured key turned into the retained key for the host, then into the PSK for
     the pair (identity version 0, as `nvme check-tls-key` uses by default)."""
-    digest, configured = _hash(key), _configured(key)
+    digest, configured = _hash(key), keys.key_bytes(key)
     identity = f"NVMe0R{key.split(':')[1]} {hostnqn} {subnqn}"
     retained = _hkdf(digest, configured, _label(len(configured), "HostNQN", hostnqn), len(configured))
     return identity, _hkdf(digest, retained, _label(len(configured), "nvme-tls-psk", identity), len(configured))
@@ -151,7 +146,6 @@ class Keyring:
             _raise_errno("cannot revoke the previous key")
         if int(lib.add_key(b"psk", description.encode(), payload, len(payload), keyring)) <= 0:
             _raise_errno("cannot add the key")
-
 
     def _description(self, key: int) -> str:
         """The key's description: keyctl_describe gives "type;uid;gid;perm;description"."""
