@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from storagetm.exports import DISCOVERY_NQN, DISCOVERY_TRSVCID
+from storagetm.model import DISCOVERY_NQN, DISCOVERY_TRSVCID
 from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, image, initiator_vm, prepare_initiator
 from tests.vm.initiator import connected, disconnect_all
 from tests.vm.machine import VM, Disk, make_disk, qemu_binary

@@ -9,7 +9,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from storagetm.exports import DISCOVERY_NQN, DISCOVERY_TRSVCID
+from storagetm.model import DISCOVERY_NQN, DISCOVERY_TRSVCID
 from storagetm.text import printable
 
 log = logging.getLogger(__name__)

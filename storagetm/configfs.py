@@ -177,6 +177,19 @@ class Subsystem(Node):
         except OSError as exc:
             raise ConfigfsError(f"cannot allow host {host.name} on {self.nqn}: {_describe(exc)}") from exc
 
+    def disallow_host(self, hostnqn: str) -> None:
+        link = f"{self.path}/allowed_hosts/{hostnqn}"
+        try:
+            self.ops.unlink(link)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigfsError(f"cannot disallow host {hostnqn} on {self.nqn}: {_describe(exc)}") from exc
+
+    def remove(self) -> None:
+        """Remove the subsystem itself (its namespaces and links must be gone)."""
+        self._rmdir()
+
     def allowed_hosts(self) -> list[str]:
         return [_basename(p) for p in self._children("allowed_hosts")]
 
@@ -191,10 +204,39 @@ class Subsystem(Node):
         self._rmdir()
 
 
+class Referral(Node):
+    """A discovery log entry pointing at another discovery service. Its attributes can be
+    written only while it is disabled."""
+
+    def enable(self, on: bool = True) -> None:
+        try:
+            self.ops.write(f"{self.path}/enable", "1" if on else "0")
+        except OSError as exc:
+            raise ConfigfsError(f"cannot {'enable' if on else 'disable'} referral {self.path}: {_describe(exc)}") from exc
+
+    def delete(self) -> None:
+        if not self.exists():
+            return
+        self.enable(False)
+        self._rmdir()
+
+
 class Port(Node):
     @property
     def port_id(self) -> int:
         return int(self.name)
+
+    def referral(self, name: str) -> Referral:
+        return Referral(f"{self.path}/referrals/{name}", self.ops)
+
+    def create_referral(self, name: str) -> Referral:
+        referral = self.referral(name)
+        referral._mkdir()
+        return referral
+
+    def remove(self) -> None:
+        """Remove the port itself (its links and referrals must be gone)."""
+        self._rmdir()
 
     def linked_subsystems(self) -> list[str]:
         return [_basename(p) for p in self._children("subsystems")]

@@ -15,11 +15,14 @@ from pathlib import Path
 
 from storagetm import auth, firmware, kernel, modes, network, state, stats, tls
 from storagetm.announce import Announcer
+from storagetm.backing.layer import DM, STORE, BackingLayer
 from storagetm.configfs import Root
+from storagetm.desired import desired_state
 from storagetm.disks import Disk, disk_from_file, sort_disks
 from storagetm.errors import ExitCode, StorageTMError
-from storagetm.exports import Export, Exporter, listeners
+from storagetm.fabrics.nvmet import NvmetFabric
 from storagetm.identity import default_nqn_base, host_id, host_identity, identity_for
+from storagetm.model import Backing, Export, Want
 from storagetm.notify import sd_notify
 from storagetm.policy import (
     Reason,
@@ -31,6 +34,8 @@ from storagetm.policy import (
     system_facts,
     usage,
 )
+from storagetm.reconcile.journal import Journal, fault_from_environment
+from storagetm.reconcile.reconciler import Reconciler
 from storagetm.screen import Screen
 from storagetm.settings import Settings, with_credentials
 from storagetm.udev import BlockDevices, udev_settled
@@ -155,6 +160,9 @@ class Daemon:
         startup_problems: list[str] | None = None,
         announcer: Announcer | None = None,
         held: Callable[[str], str] = held_by_another,
+        journal: Journal | None = None,
+        backing: BackingLayer | None = None,
+        keyring: tls.Keyring | None = None,
     ) -> None:
         self.settings = settings
         self.screen = screen
@@ -169,47 +177,89 @@ class Daemon:
         self.disks: dict[str, Disk] = {}
         # Bad options: drawn first on the screen; with a refusal nothing is exported.
         self.state = state.RunState(pid=os.getpid(), alerts=self.startup_problems, refused=list(settings.refusals))
-        self.exporter: Exporter | None = None
+        self.journal = journal or Journal(fault=fault_from_environment(os.environ.get("STORAGETM_TEST_KILL_AT")))
+        self.backing = backing or BackingLayer()
+        self.keyring = keyring or tls.Keyring()
+        self.reconciler: Reconciler | None = None
+        self.fabric: NvmetFabric | None = None
+        self.wanted: dict[str, Export] = {}  # what the export policy chose, before any failure
         self.stop_requested = False
         self.meter = stats.ActivityMeter()
         self.saved_state = ""
         self.state_write_failed = False  # logged once until a write succeeds
         self.status_sent = ""
+        self.ipv6 = True
 
     # ---- one reconcile pass ------------------------------------------------
 
+    def attach(self, root: Root) -> None:
+        """The fabric and the reconciler, on this configfs root."""
+        self.root = root
+        self.fabric = NvmetFabric(root, self.keyring)
+        self.reconciler = Reconciler([*self.backing.drivers(), *self.fabric.drivers()], self.journal)
+
     def export_wanted(self) -> None:
         """Plan and apply the exports for the disks known now; the screen is not redrawn."""
-        assert self.exporter is not None
-        exported = {export.disk.devnode for export in self.exporter.exports.values()}
+        exported = {export.disk.devnode for export in self.state.exports.values()}
         result = plan(list(self.disks.values()), self.settings, self.facts(), self.state.nqn_base,
                       exported=exported, held=self.held)  # fmt: skip
-        errors = self.exporter.apply(result.exports)
-        problems = result.problems + [e.one_line() for e in errors]
+        self.wanted = result.exports
+        failures = self.reconcile()
+        problems = result.problems + failures
         for problem in problems:
             if problem not in self.state.problems:
                 log.warning("%s", problem)
-        self.state.exports = self.exporter.exports
-        self.state.backings = self.exporter.backings
-        self.state.ports = dict(self.exporter.owned_ports)
         self.state.not_exported = [{"name": d.name, "device": d.devnode, "reason": result.why(d, r)}
                                    for d, r in result.not_exported]  # fmt: skip
         self.state.problems = problems
         self.in_use_refused = any(reason is Reason.IN_USE for _, reason in result.not_exported)
 
+    def want(self) -> Want:
+        return Want(dict(self.wanted), self.state.nqn_base, self.settings.port, self.ipv6, self.state.auth,
+                    self.state.tls, tuple(self.state.addresses), listen=not self.settings.refusals)  # fmt: skip
+
+    def reconcile(self) -> list[str]:
+        """Make the kernel hold what is wanted now; the problems, one line each. An export
+        whose objects could not all be made is not exported (the reconciler undid it)."""
+        assert self.reconciler is not None and self.fabric is not None
+        want = self.want()
+        failures = self.reconciler.apply(desired_state(want, self.backing, [self.fabric]))
+        failed = {failure.group for failure in failures}
+        self.state.exports = {nqn: export for nqn, export in want.exports.items() if nqn not in failed}
+        self.state.backings = {nqn: self._backing_view(export) for nqn, export in self.state.exports.items()}
+        self.state.ports = [] if "" in failed else want.listeners
+        return [failure.one_line() for failure in failures]
+
+    def _backing_view(self, export: Export) -> Backing:
+        if export.mode is modes.Mode.READ_WRITE:
+            return Backing(export.disk.devnode)
+        assert self.reconciler is not None
+        name = modes.dm_name_for(export.nqn, export.mode)
+        store = self.reconciler.owned.get((STORE, name))
+        return Backing(f"/dev/mapper/{name}", name if (DM, name) in self.reconciler.owned else "",
+                       store.facts.get("dir", "") if store else "")  # fmt: skip
+
+    def reconcile_addresses(self) -> None:
+        """The discovery port's referral follows the target's addresses."""
+        for problem in self.reconcile():
+            if problem not in self.state.problems:
+                log.warning("%s", problem)
+                self.state.problems.append(problem)
+
     def sample_activity(self) -> None:
         """Per-disk bytes read/written since export, current rates, and connected initiators."""
         self.state.activity = self.meter.sample({
-            nqn: (backing.path if (backing := self.state.backings.get(nqn)) else export.disk.devnode, export.disk.size)
+            nqn: (backing.path if (backing := self.state.backings.get(nqn)) else export.disk.devnode,
+                  export.disk.size)
             for nqn, export in self.state.exports.items()
         })  # fmt: skip
-        self.state.initiators = stats.initiators({listener.trsvcid for listener in self.state.ports.values()})
+        self.state.initiators = stats.initiators({listener.trsvcid for listener in self.state.ports})
 
     def publish(self) -> None:
         self.state.snapshot_usage = {
             nqn: usage
             for nqn, backing in self.state.backings.items()
-            if backing.cow and (usage := modes.snapshot_usage(backing.dm_name)) is not None
+            if backing.store and (usage := modes.snapshot_usage(backing.dm_name)) is not None
         }
         self._save_state()
         self.screen.show(self.state, self.settings.port)
@@ -251,7 +301,8 @@ class Daemon:
         old_wakeup = signal.set_wakeup_fd(wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self.exporter = Exporter(self.root)
+        self.attach(self.root)
+        assert self.reconciler is not None
         try:
             self._start(devices, previous)
             self._loop(devices, addr_sock, wake_r)
@@ -259,7 +310,8 @@ class Daemon:
             sd_notify(STOPPING="1", STATUS="Tearing down exports")
             if self.announcer is not None:
                 self.announcer.withdraw()
-            self.exporter.teardown()
+            self.wanted = {}
+            self.reconciler.teardown()
             state.STATE_FILE.unlink(missing_ok=True)
             signal.set_wakeup_fd(old_wakeup)
             addr_sock.close()
@@ -270,7 +322,9 @@ class Daemon:
         return ExitCode.OK
 
     def _start(self, devices: BlockDevices, previous: state.RunState | None) -> None:
-        assert self.exporter is not None
+        assert self.reconciler is not None
+        # What a killed instance made or was making: kept if still wanted, else removed.
+        self.reconciler.recover()
         identity = host_identity()
         self.state.nqn_base = self.settings.nqn_base or default_nqn_base(identity)
         self.settings = settings = with_credentials(self.settings, auth.read_credential)
@@ -281,17 +335,13 @@ class Daemon:
                                      previous.tls if previous else None)  # fmt: skip
         if self.state.tls.enabled:
             tls.ensure_handshake_daemon()
-            self.exporter.setup_tls(self.state.tls)
-        wanted = listeners(self.settings.port, network.ipv6_available())
-        self.exporter.open_ports(wanted, adopt=previous.ports if previous else None)
-        self.exporter.setup_hosts(self.state.auth, adopt=set(previous.auth.hosts) if previous else None)
-        if previous is not None:
-            self.exporter.adopt(previous.exports, previous.backings)
+        self.ipv6 = network.ipv6_available()
         for disk in devices.enumerate() + explicit_files(self.settings):
             self.disks[disk.devnode] = disk
         # Disks first: at boot every process competes for the CPU, and what follows is for the screen.
         self.export_wanted()
         self.state.addresses = network.local_addresses()
+        self.reconcile_addresses()
         self.state.secure_boot = firmware.secure_boot()
         if self.announcer is not None:
             self.state.announced = self.announcer.publish(host_id(identity))
@@ -335,6 +385,7 @@ class Daemon:
                 if addresses_changed:
                     addresses_changed = False
                     self.state.addresses = network.local_addresses()
+                    self.reconcile_addresses()
                 self.sample_activity()
                 self.publish()
         selector.close()

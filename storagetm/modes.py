@@ -78,17 +78,6 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * factor
 
 
-@dataclass(frozen=True)
-class Backing:
-    """The device nvmet exports for one disk, and what was made for it."""
-
-    path: str
-    dm_name: str = ""
-    cow: str = ""  # loop device of the copy-on-write store (snapshot mode)
-    loop: str = ""  # loop device put under a regular file for device-mapper
-    store: str = ""  # the store's own tmpfs mount (snapshot mode)
-
-
 Run = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
 
@@ -120,9 +109,11 @@ class System:
     mem_available: Callable[[], int] = read_mem_available
     store_free: Callable[[Path], int] = statvfs_free
     cow_dir: Path = COW_DIR
+    mounted: Callable[[Path], bool] = os.path.ismount
+    sys_block: Path = Path("/sys/block")
 
 
-def _run(system: System, mode: Mode, *argv: str) -> str:
+def run(system: System, mode: Mode, *argv: str) -> str:
     try:
         result = system.run(argv)
     except FileNotFoundError:
@@ -138,7 +129,7 @@ def _run(system: System, mode: Mode, *argv: str) -> str:
     return result.stdout
 
 
-def _undo(system: System, *argv: str) -> None:
+def undo(system: System, *argv: str) -> None:
     """One rollback or teardown step: a failure is logged and the next step goes on."""
     try:
         result = system.run(argv)
@@ -153,65 +144,7 @@ def dm_name_for(nqn: str, mode: Mode) -> str:
     return f"{DM_PREFIX}{mode.value}-{nqn.rsplit('.', 1)[-1][:80]}"
 
 
-def prepare(source: str, size: int, mode: Mode, nqn: str, snapshot_size: int, system: System | None = None) -> Backing:
-    """Create the device to export for `source` in `mode` (nothing for read-write).
-    Configure or roll back: if a step fails, what the earlier ones made is removed."""
-    if mode is Mode.READ_WRITE:
-        return Backing(source)
-    system = system or System()
-    if mode is Mode.SNAPSHOT:
-        snapshot_size = store_size(system, snapshot_size)
-    name = dm_name_for(nqn, mode)
-    if Path(f"/dev/mapper/{name}").exists():
-        _remove_dm(system, name)
-    with contextlib.ExitStack() as undo:
-        loop = ""
-        if Path(source).is_file():
-            loop = _run(system, mode, "losetup", "--find", "--show", source).strip()
-            undo.callback(_undo, system, "losetup", "--detach", loop)
-        backing = _prepare_dm(system, undo, loop or source, size, mode, name, snapshot_size)
-        undo.pop_all()
-    return replace(backing, loop=loop)
-
-
-def _prepare_dm(system: System, undo: contextlib.ExitStack, source: str, size: int, mode: Mode, name: str,
-                snapshot_size: int) -> Backing:  # fmt: skip
-    sectors = size // SECTOR
-    _run(system, mode, "modprobe", "dm_flakey" if mode is Mode.READ_ONLY else "dm_snapshot")
-    # A failed `dmsetup create` removes the device it made itself (libdevmapper reverts).
-    if mode is Mode.READ_ONLY:
-        _run(system, mode, "dmsetup", "create", name, "--table", f"0 {sectors} flakey {source} 0 0 1 1 error_writes")
-        return Backing(f"/dev/mapper/{name}", dm_name=name)
-    store, cow = _store_create(system, undo, name, snapshot_size)
-    _run(system, mode, "dmsetup", "create", name, "--table",
-         f"0 {sectors} snapshot {source} {cow} N {SNAPSHOT_CHUNK_SECTORS}")  # fmt: skip
-    return Backing(f"/dev/mapper/{name}", dm_name=name, cow=cow, store=str(store))
-
-
-def release(backing: Backing, system: System | None = None) -> None:
-    """Remove what `prepare` made, every step even when one fails (a busy loop device is
-    detached once free, a store is unmounted lazily); then the first error is raised."""
-    system = system or System()
-    steps: list[Callable[[], None]] = []
-    if backing.dm_name:
-        steps.append(lambda: _remove_dm(system, backing.dm_name))
-    if backing.cow:
-        steps.append(lambda: _undo(system, "losetup", "--detach", backing.cow))
-    if backing.store:
-        steps.append(lambda: _store_remove(system, Path(backing.store)))
-    if backing.loop:
-        steps.append(lambda: _undo(system, "losetup", "--detach", backing.loop))
-    errors: list[Exception] = []
-    for step in steps:
-        try:
-            step()
-        except (OSError, StorageTMError) as exc:
-            errors.append(exc)
-    if errors:
-        raise errors[0]
-
-
-def _remove_dm(system: System, name: str) -> None:
+def remove_dm(system: System, name: str) -> None:
     # udev may still hold the new device open for a moment (probing); retry briefly.
     for attempt in range(20):
         try:
@@ -253,40 +186,40 @@ def check_room(system: System, size: int) -> None:
                                 "or export it read-only")  # fmt: skip
 
 
-def _store_create(system: System, undo: contextlib.ExitStack, name: str, size: int) -> tuple[Path, str]:
-    """A RAM-backed block device of `size` bytes for a snapshot's exceptions: a sparse file
-    on a tmpfs of its own, `size` big, so a full store never fills /run (and the state file)."""
+def store_create(system: System, name: str, size: int) -> Path:
+    """A RAM-backed file of `size` bytes for a snapshot's exceptions, sparse, on a tmpfs of
+    its own `size` big, so a full store never fills /run (and the state files). Made whole
+    or not at all."""
     store = system.cow_dir / name
-    if store.is_dir():  # left by a storagetm that crashed and was not adopted
-        _store_remove(system, store)
+    if store.is_dir():  # left by a storagetm that crashed before it recorded the store
+        store_remove(system, store)
     try:
         store.mkdir(parents=True, mode=0o700)
     except OSError as exc:
         raise BackingError(f"cannot make the snapshot store {store}: {exc.strerror}") from None
-    undo.callback(_store_rmdir, store)
-    _run(system, Mode.SNAPSHOT, "mount", "-t", "tmpfs", "-o", f"size={size},mode=0700,nosuid,nodev,noexec",
-         "storagetm-cow", str(store))  # fmt: skip
-    undo.callback(_undo, system, "umount", "--lazy", str(store))
-    path = store / "store.cow"
-    try:
-        with open(path, "wb") as f:
-            f.truncate(size)  # sparse: tmpfs pages are only used as the initiator writes
-        cow = _run(system, Mode.SNAPSHOT, "losetup", "--find", "--show", str(path)).strip()
-    except OSError as exc:
-        raise BackingError(f"cannot make the snapshot store {path}: {exc.strerror}") from None
-    finally:
-        path.unlink(missing_ok=True)  # the loop device keeps it; its RAM goes when it is detached
-    undo.callback(_undo, system, "losetup", "--detach", cow)
-    return store, cow
+    with contextlib.ExitStack() as rollback:
+        rollback.callback(_store_rmdir, store)
+        run(system, Mode.SNAPSHOT, "mount", "-t", "tmpfs", "-o", f"size={size},mode=0700,nosuid,nodev,noexec",
+            "storagetm-cow", str(store))  # fmt: skip
+        rollback.callback(undo, system, "umount", "--lazy", str(store))
+        try:
+            with open(store / "store.cow", "wb") as f:
+                f.truncate(size)  # sparse: tmpfs pages are only used as the initiator writes
+        except OSError as exc:
+            raise BackingError(f"cannot make the snapshot store {store}: {exc.strerror}") from None
+        rollback.pop_all()
+    return store
 
 
-def _store_remove(system: System, store: Path) -> None:
+def store_remove(system: System, store: Path) -> None:
     # Lazy: if udev still holds the loop device, the file (and its RAM) goes when it lets go.
-    _undo(system, "umount", "--lazy", str(store))
+    undo(system, "umount", "--lazy", str(store))
     _store_rmdir(store)
 
 
 def _store_rmdir(store: Path) -> None:
+    with contextlib.suppress(OSError):
+        (store / "store.cow").unlink(missing_ok=True)  # on the store itself if it never got its tmpfs
     for directory in (store, store.parent):  # nothing stays behind in /run
         with contextlib.suppress(OSError):
             directory.rmdir()

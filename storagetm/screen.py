@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from storagetm.exports import DISCOVERY_TRSVCID, IO_TRSVCID, Export
+from storagetm.model import DISCOVERY_TRSVCID, IO_TRSVCID, Export
 from storagetm.modes import Mode
 from storagetm.state import RunState
 from storagetm.stats import DiskActivity

@@ -1,30 +1,27 @@
-"""The run-state file: what this storagetm instance made in configfs (so a restart can
-adopt it and never touches anything else), and what `storagetm status` reports."""
+"""The run-state file: the view `storagetm status` and the screen show, and the secrets a
+restart reuses (so connected initiators stay in). What storagetm made in the kernel is not
+here: the ownership record (reconcile/journal.py) holds that, written ahead."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import functools
 import json
 import os
-import stat
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from storagetm.auth import AuthConfig
 from storagetm.disks import Disk
-from storagetm.exports import Export, Listener
+from storagetm.model import Backing, Export, Listener
 from storagetm.identity import Identity
-from storagetm.modes import Backing, Mode, SnapshotUsage
+from storagetm.modes import Mode, SnapshotUsage
 from storagetm.network import Address
+from storagetm.statefile import write_atomic
 from storagetm.stats import DiskActivity
 from storagetm.tls import TLSConfig
 
 STATE_FILE = Path("/run/storagetm/state.json")
-DIRECTORY_MODE = 0o700  # the state holds the DH-HMAC-CHAP secrets and the TLS key
-FILE_MODE = 0o600
 FORMAT = 1
 
 
@@ -40,7 +37,7 @@ def _plain(value: Any) -> dict[str, Any]:
 class RunState:
     pid: int = 0
     nqn_base: str = ""
-    ports: dict[int, Listener] = field(default_factory=dict)
+    ports: list[Listener] = field(default_factory=list)
     exports: dict[str, Export] = field(default_factory=dict)
     backings: dict[str, Backing] = field(default_factory=dict)
     snapshot_usage: dict[str, SnapshotUsage] = field(default_factory=dict)
@@ -65,7 +62,7 @@ class RunState:
             "format": FORMAT,
             "pid": self.pid,
             "nqn_base": self.nqn_base,
-            "ports": [{"id": port_id, **_plain(lst)} for port_id, lst in sorted(self.ports.items())],
+            "ports": [_plain(listener) for listener in self.ports],
             "exports": [self._export_json(nqn, exp) for nqn, exp in sorted(self.exports.items())],
             "addresses": [_plain(a) | {"connect": a.for_command} for a in self.addresses],
             "not_exported": self.not_exported,
@@ -113,7 +110,7 @@ class RunState:
         return cls(
             pid=int(data.get("pid", 0)),
             nqn_base=str(data.get("nqn_base", "")),
-            ports={int(p["id"]): Listener(p["adrfam"], p["traddr"], int(p["trsvcid"])) for p in data.get("ports", [])},
+            ports=[Listener(p["adrfam"], p["traddr"], int(p["trsvcid"])) for p in data.get("ports", [])],
             exports={
                 e["nqn"]: Export(
                     disk(e["disk"]),
@@ -147,50 +144,14 @@ class RunState:
         )
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """A full tmpfs takes part of a write and returns its length: never keep half a state."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written == 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        view = view[written:]
-
-
 def save(state: RunState, path: Path | None = None, unless: str = "") -> str:
-    """Write atomically (temp file, fsync, rename), unless the text is `unless` (what was
-    written last: the dashboard republishes every second); return the text. The file holds
-    the secrets: it is made 0600 in a 0700 directory, whatever the umask."""
-    path = path or STATE_FILE
+    """Write atomically, unless the text is `unless` (what was written last: the dashboard
+    republishes every second); return the text. The file holds the secrets: 0600 in 0700."""
     # One line: with `indent` the json module falls back to its pure-Python encoder.
     text = json.dumps(state.to_json())
-    if text == unless:
-        return text
-    _private_directory(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.unlink(missing_ok=True)  # left by a killed instance with our pid
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        try:
-            os.fchmod(fd, FILE_MODE)
-            _write_all(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    if text != unless:
+        write_atomic(path or STATE_FILE, text.encode())
     return text
-
-
-def _private_directory(directory: Path) -> None:
-    """Make `directory` (0700), or make an existing one 0700: an older storagetm left it 0755."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(directory, DIRECTORY_MODE)
-    if stat.S_IMODE(os.lstat(directory).st_mode) != DIRECTORY_MODE:
-        os.chmod(directory, DIRECTORY_MODE)
 
 
 def load(path: Path | None = None) -> RunState | None:

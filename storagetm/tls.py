@@ -134,18 +134,39 @@ class Keyring:
     def add(self, description: str, payload: bytes) -> None:
         """Put a `psk` key into the keyring, replacing one with the same description."""
         lib = self._lib()
+        keyring = self._keyring()
+        self.revoke(description)
+        if int(lib.add_key(b"psk", description.encode(), payload, len(payload), keyring)) <= 0:
+            _raise_errno("cannot add the key")
+
+    def _keyring(self) -> int:
+        """The keyring, linked into our session keyring so that a search finds its keys."""
+        lib = self._lib()
         keyring = int(lib.find_key_by_type_and_desc(b"keyring", self.name.encode(), 0))
         if keyring <= 0:
             raise OSError(ctypes.get_errno(), f"the kernel has no {self.name} keyring")
         if int(lib.keyctl_link(keyring, KEY_SPEC_SESSION_KEYRING)) < 0:
             _raise_errno(f"cannot link the {self.name} keyring")
-        # The psk type finds a key whose description merely starts with the one asked for
-        # (...-n1 finds ...-n10): revoke only an exact match, never another disk's key.
-        old = int(lib.keyctl_search(keyring, b"psk", description.encode(), 0))
-        if old > 0 and self._description(old) == description and int(lib.keyctl_revoke(old)) < 0:
-            _raise_errno("cannot revoke the previous key")
-        if int(lib.add_key(b"psk", description.encode(), payload, len(payload), keyring)) <= 0:
-            _raise_errno("cannot add the key")
+        return keyring
+
+    def _exact(self, description: str) -> int:
+        """The key of exactly this description, or 0: the psk type finds a key whose
+        description merely starts with the one asked for (...-n1 finds ...-n10)."""
+        lib = self._lib()
+        found = int(lib.keyctl_search(self._keyring(), b"psk", description.encode(), 0))
+        return found if found > 0 and self._description(found) == description else 0
+
+    def find(self, description: str) -> bool:
+        try:
+            return bool(self._exact(description))
+        except OSError:
+            return False
+
+    def revoke(self, description: str) -> None:
+        """Revoke the key of exactly this description; none is no error."""
+        key = self._exact(description)
+        if key and int(self._lib().keyctl_revoke(key)) < 0:
+            _raise_errno("cannot revoke the key")
 
     def _description(self, key: int) -> str:
         """The key's description: keyctl_describe gives "type;uid;gid;perm;description"."""

@@ -1,7 +1,7 @@
 """A temp-dir configfs that behaves like the kernel's nvmet tree where storagetm cares:
 mkdir creates the attribute files and default groups, rmdir of a group with children
 fails (ENOTEMPTY) while attribute files go with it, and an enabled port (one with a
-linked subsystem) refuses attribute writes (EACCES)."""
+linked subsystem) or referral refuses attribute writes (EACCES)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ class FakeConfigfs:
             return "port"
         if len(rel) == 2 and rel[0] == "hosts":
             return "host"
+        if len(rel) == 4 and rel[0] == "ports" and rel[2] == "referrals":
+            return "referral"
         raise OSError(errno.EPERM, "Operation not permitted", str(path))
 
     def mkdir(self, name: str) -> None:
@@ -47,6 +49,7 @@ class FakeConfigfs:
             "namespace": (NAMESPACE_ATTRS, []),
             "port": (PORT_ATTRS, PORT_GROUPS),
             "host": (["dhchap_key", "dhchap_ctrl_key", "dhchap_hash", "dhchap_dhgroup"], []),
+            "referral": ([*PORT_ATTRS[:5], "addr_portid", "enable"], []),
         }[kind]
         for attr in attrs:
             (path / attr).write_text("0\n" if attr in ("enable", "attr_allow_any_host") else "\n")
@@ -71,7 +74,11 @@ class FakeConfigfs:
         path = Path(name)
         if path.name in self.fail_on:
             raise OSError(self.fail_on[path.name], os.strerror(self.fail_on[path.name]), str(path))
-        if path.name.startswith("addr_") and any((path.parent / "subsystems").iterdir()):
+        linked = path.parent / "subsystems"
+        if path.name.startswith("addr_") and linked.is_dir() and any(linked.iterdir()):
+            raise OSError(errno.EACCES, "Permission denied", str(path))
+        in_referral = path.parent.parent.name == "referrals"
+        if in_referral and path.name.startswith("addr_") and (path.parent / "enable").read_text().strip() == "1":
             raise OSError(errno.EACCES, "Permission denied", str(path))
         if not path.is_file():
             raise OSError(errno.ENOENT, "No such file or directory", str(path))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from storagetm.disks import Disk
-from storagetm.exports import Export
+from storagetm.model import Export
 from storagetm.identity import identity_for
 from storagetm.screen import Screen, render
 from storagetm.state import RunState

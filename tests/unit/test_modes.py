@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from storagetm.disks import Disk
-from storagetm.exports import Export
+from storagetm.model import Export
 from storagetm.identity import identity_for
 from storagetm.modes import Mode, parse_size, parse_snapshot_status
 from storagetm.screen import render

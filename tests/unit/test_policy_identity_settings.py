@@ -118,7 +118,7 @@ def test_screen_shows_link_local_with_zone_and_disks() -> None:
         '{"family":"inet6","local":"fe80::2","tentative":true}]}]'
     )
     d = disk("sdb")
-    from storagetm.exports import Export
+    from storagetm.model import Export
 
     export = Export(d, identity_for(BASE, d))
     text = render(RunState(addresses=addrs, exports={export.nqn: export}))

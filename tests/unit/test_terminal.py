@@ -11,7 +11,7 @@ import pytest
 
 from storagetm import cli, state
 from storagetm.disks import Disk, disk_from_udev
-from storagetm.exports import Export
+from storagetm.model import Export
 from storagetm.identity import identity_for, valid_nqn
 from storagetm.network import parse_ip_json
 from storagetm.policy import SystemFacts

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from storagetm.exports import DISCOVERY_NQN
+from storagetm.model import DISCOVERY_NQN
 from tests.vm.conftest import BOOT_TIMEOUT, LOGS, Pair, boot_pair, image, prepare_initiator
 from tests.vm.initiator import CONNECT_ALL, Remote, connected, disconnect_all, wait_address
 from tests.vm.machine import VM, sha256_file

@@ -1,0 +1,93 @@
+"""The values every part shares, and the protocol constants: what an export is, which
+ports there are, what is wanted. Importing this pulls in no kernel code, so the screen,
+`storagetm status` and the web page can use it without the reconciler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from storagetm.auth import AuthConfig
+from storagetm.disks import Disk
+from storagetm.identity import Identity
+from storagetm.modes import Mode
+from storagetm.network import Address
+from storagetm.tls import TLSConfig
+
+NSID = 1
+DISCOVERY_TRSVCID = 8009
+DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"  # the well-known one every port serves
+IO_TRSVCID = 4420
+
+
+@dataclass(frozen=True)
+class Export:
+    """One disk to export, with the identity the initiator will see."""
+
+    disk: Disk
+    identity: Identity
+    mode: Mode = Mode.READ_WRITE
+    snapshot_size: int = 0  # copy-on-write store limit in snapshot mode; 0: the default, as RAM allows
+
+    @property
+    def nqn(self) -> str:
+        return self.identity.nqn
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One TCP listening address: family, wildcard address and service id (port)."""
+
+    adrfam: str  # "ipv4" or "ipv6"
+    traddr: str  # wildcard: "0.0.0.0" or "::"
+    trsvcid: int
+
+
+def wildcard(ipv6: bool, trsvcid: int) -> Listener:
+    """An IPv6 wildcard also accepts IPv4 (dual-stack socket), and an IPv4 and an IPv6
+    wildcard on the same TCP port cannot both bind: one listener per port."""
+    return Listener("ipv6", "::", trsvcid) if ipv6 else Listener("ipv4", "0.0.0.0", trsvcid)
+
+
+@dataclass(frozen=True)
+class Want:
+    """Everything the exports should be, as one value: the input of the desired state."""
+
+    exports: dict[str, Export] = field(default_factory=dict)  # by NQN
+    nqn_base: str = ""
+    io_port: int = IO_TRSVCID
+    ipv6: bool = True
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    addresses: tuple[Address, ...] = ()  # the target's, for the discovery port's referral
+    listen: bool = True  # False while a bad option refuses every export: nothing listens either
+
+    @property
+    def io_listener(self) -> Listener:
+        return wildcard(self.ipv6, self.io_port)
+
+    @property
+    def discovery_listener(self) -> Listener | None:
+        """Port 8009 serves discovery only, unless it is the I/O port too."""
+        return None if self.io_port == DISCOVERY_TRSVCID else wildcard(self.ipv6, DISCOVERY_TRSVCID)
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return [self.io_listener] + ([d] if (d := self.discovery_listener) else [])
+
+
+@dataclass(frozen=True)
+class Device:
+    """The block device (or file) a fabric exports for one disk, and the backing object
+    that makes it (None: the disk itself)."""
+
+    path: str
+    made_by: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Backing:
+    """What `storagetm status` shows of the device an export is offered on."""
+
+    path: str
+    dm_name: str = ""
+    store: str = ""  # the snapshot store's own tmpfs

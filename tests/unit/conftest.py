@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from storagetm import state
+from storagetm.reconcile import journal
+
+
+@pytest.fixture(autouse=True)
+def _private_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No unit test writes the real /run/storagetm: the state file and the ownership record
+    go to the test's own directory."""
+    monkeypatch.setattr(state, "STATE_FILE", tmp_path / "run" / "state.json")
+    monkeypatch.setattr(journal, "JOURNAL_FILE", tmp_path / "run" / "owned.jsonl")
+    yield
