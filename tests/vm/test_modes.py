@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import BOOT_TIMEOUT, LOGS, TARGET_APPEND, Pair, boot_pair, prepare_initiator
-from tests.vm.initiator import CONNECT_ALL, Remote, connected, disconnect_all, wait_address
-from tests.vm.machine import Disk, sha256_file
+from testbed.initiator import CONNECT_ALL, Remote, connected, disconnect_all, wait_address
+from testbed.machine import Disk, sha256_file
+from testbed.pair import BOOT_TIMEOUT, LOGS, TARGET_APPEND, Pair, vm_pair
+from testbed.wait import until
 
 pytestmark = pytest.mark.vm
 
@@ -41,20 +42,12 @@ def modes_pair() -> Iterator[tuple[Pair, dict[str, str]]]:
             ext4_image(disks[serial].path, serial)
 
     kinds = {"RO000001": "virtio", "SNAP0001": "virtio", "RWDISK01": "nvme"}
-    pair = boot_pair(workdir, kinds, MODES_APPEND, prepare=with_file_systems)
-    sums = pair.sums
-    try:
-        pair.target.wait_shell(BOOT_TIMEOUT)
-        pair.initiator.wait_shell(BOOT_TIMEOUT)
-        prepare_initiator(pair.initiator)
+    with vm_pair(workdir, kinds, MODES_APPEND, prepare=with_file_systems) as pair:
         pair.initiator.sh("mkdir -p /mnt/x")
         pair.target.wait_for(r"Exported disks \(3\)", BOOT_TIMEOUT)
         address = wait_address(pair.target, "169.254.")
         pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
-        yield pair, sums
-    finally:
-        pair.initiator.stop()
-        pair.target.stop()
+        yield pair, pair.sums
 
 
 def remote(pair: Pair, serial: str) -> Remote:
@@ -125,14 +118,15 @@ def test_full_snapshot_fails_cleanly(modes_pair: tuple[Pair, dict[str, str]]) ->
     run_before = run_used(pair)
     out, rc = pair.initiator.run(f"dd if=/dev/urandom of={dev} bs=1M count=24 oflag=direct conv=fsync", timeout=300)
     assert rc != 0, out
-    deadline = time.monotonic() + 30
-    while True:
+    usage: dict[str, object] = {}
+
+    def invalid() -> bool:
+        nonlocal usage
         status = json.loads(pair.target.sh("storagetm status --json"))
         usage = next(e["snapshot_usage"] for e in status["exports"] if e["mode"] == "snapshot")
-        if usage["invalid"]:
-            break
-        assert time.monotonic() < deadline, (usage, pair.target.sh("dmsetup status"))
-        time.sleep(1)
+        return bool(usage["invalid"])
+
+    until(invalid, 30, lambda: str((usage, pair.target.sh("dmsetup status"))))
     pair.target.wait_for(r"snapshot FULL", 30)
     # The full store is its own tmpfs: /run (the state file's) did not take its 8 MiB.
     assert run_used(pair) - run_before < 4 << 20, (run_before, run_used(pair))

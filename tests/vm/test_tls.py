@@ -10,9 +10,9 @@ import re
 import pytest
 
 from storagetm.exports import DISCOVERY_NQN
-from tests.vm.capture import capture, marker, read_remote, write_marker
-from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, Pair
-from tests.vm.initiator import CONNECT_ALL, connected, disconnect_all, screen_rows_joined, wait_address
+from testbed.capture import capture, marker, read_remote, write_marker
+from testbed.initiator import CONNECT_ALL, connected, disconnect_all, screen_rows_joined, wait_address
+from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, Pair
 
 pytestmark = pytest.mark.vm
 
