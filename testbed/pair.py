@@ -40,6 +40,19 @@ class Pair:
     disks: dict[str, Disk]  # serial -> disk
     sums: dict[str, str]  # serial -> sha256 of the disk file at creation
 
+    def sum_now(self, serial: str) -> str:
+        """sha256 of the disk file as it is now, for a disk another test may have written to."""
+        return sha256_file(self.disks[serial].path)
+
+    def ensure_serving(self, timeout: float = BOOT_TIMEOUT) -> None:
+        """The target powered on and storagetm running. What stopped either (a test that powers
+        the target off, or stops storagetm) is undone: the target boots again (its console
+        starts afresh) and storagetm is started. Costs one shell command when nothing was."""
+        if self.target.proc is None:
+            self.target.start()
+            self.target.wait_shell(timeout)
+        self.target.sh("systemctl start storagetm", timeout=timeout)  # Type=notify: returns once ready
+
 
 def make_disks(workdir: Path, kinds: dict[str, str], size: int = DISK_SIZE) -> tuple[dict[str, Disk], dict[str, str]]:
     disks, sums = {}, {}

@@ -86,6 +86,14 @@ def test_disks_in_use_are_listed_with_why_and_not_exported(pair: Pair) -> None:
 
 
 def test_a_disk_freed_later_is_exported_on_its_next_event(pair: Pair) -> None:
-    """Runs after the test above: unmounted, the ext4 disk's next udev event exports it."""
+    """Mounted when storagetm starts, then unmounted: the disk's next udev event exports it."""
+    mnt = device(pair, "MNT00001")
+    pair.target.sh("systemctl stop storagetm")
+    pair.target.sh(f"mkfs.ext4 -q -F {mnt} && mkdir -p /mnt/ext4 && mount {mnt} /mnt/ext4")
+    try:
+        pair.target.sh("systemctl start storagetm")
+        assert "MNT00001" not in exported_serials(pair)
+    finally:
+        pair.target.run("umount /mnt/ext4")
     pair.target.sh("udevadm trigger --action=change /dev/disk/by-id/virtio-MNT00001")
     until(lambda: "MNT00001" in exported_serials(pair), 60, lambda: str(exported_serials(pair)))

@@ -61,7 +61,7 @@ def test_sigkill_restart_adopts_exports_and_reads_go_on(pair: Pair) -> None:
 
 
 def test_target_reboot_keeps_nqns_and_initiator_reconnects(pair: Pair) -> None:
-    """Runs last: power-cycles the target VM with the same disks and machine UUID."""
+    """Power-cycles the target VM with the same disks and machine UUID."""
     pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
     address = wait_address(pair.target, "fe80::")
     before = json.loads(pair.target.sh("storagetm status --json"))

@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,7 @@ def ext4_image(path: Path, label: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def modes_pair() -> Iterator[tuple[Pair, dict[str, str]]]:
+def booted_modes() -> Iterator[Pair]:
     workdir = LOGS / "test_modes"
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -45,9 +46,37 @@ def modes_pair() -> Iterator[tuple[Pair, dict[str, str]]]:
     with vm_pair(workdir, kinds, MODES_APPEND, prepare=with_file_systems) as pair:
         pair.initiator.sh("mkdir -p /mnt/x")
         pair.target.wait_for(r"Exported disks \(3\)", BOOT_TIMEOUT)
-        address = wait_address(pair.target, "169.254.")
-        pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
-        yield pair, pair.sums
+        yield pair
+
+
+def snapshot_usage(pair: Pair) -> dict[str, Any]:
+    status = json.loads(pair.target.sh("storagetm status --json"))
+    usage: dict[str, Any] = next(e["snapshot_usage"] for e in status["exports"] if e["mode"] == "snapshot")
+    return usage
+
+
+@pytest.fixture
+def modes_pair(booted_modes: Pair) -> tuple[Pair, dict[str, str]]:
+    """The pair with every disk exported in its mode and connected on the initiator, whatever
+    the tests before did (powered the target off, stopped storagetm, disconnected); and the
+    disk files' sums at creation."""
+    pair = booted_modes
+    pair.ensure_serving()
+    if len(connected(pair.initiator)) < 3:
+        pair.initiator.sh(f"{CONNECT_ALL} -a {wait_address(pair.target, '169.254.')}")
+    return pair, pair.sums
+
+
+@pytest.fixture
+def fresh_snapshot(modes_pair: tuple[Pair, dict[str, str]]) -> tuple[Pair, dict[str, str]]:
+    """modes_pair, with a snapshot store that is not full: if a test before filled it,
+    storagetm is restarted (a new snapshot, its store empty) and the initiator reconnected."""
+    pair, sums = modes_pair
+    if snapshot_usage(pair)["invalid"]:
+        disconnect_all(pair.initiator)
+        pair.target.sh("systemctl restart storagetm")
+        pair.initiator.sh(f"{CONNECT_ALL} -a {wait_address(pair.target, '169.254.')}")
+    return pair, sums
 
 
 def remote(pair: Pair, serial: str) -> Remote:
@@ -79,8 +108,8 @@ def test_read_only_refuses_every_write(modes_pair: tuple[Pair, dict[str, str]]) 
     assert sha256_file(pair.disks["RO000001"].path) == sums["RO000001"]
 
 
-def test_snapshot_takes_writes_in_ram_and_source_stays(modes_pair: tuple[Pair, dict[str, str]]) -> None:
-    pair, sums = modes_pair
+def test_snapshot_takes_writes_in_ram_and_source_stays(fresh_snapshot: tuple[Pair, dict[str, str]]) -> None:
+    pair, sums = fresh_snapshot
     dev = "/dev/" + remote(pair, "SNAP0001").block
     pair.initiator.sh(f"mount {dev} /mnt/x")  # replays the journal: writes
     assert MARKER in pair.initiator.sh("cat /mnt/x/evidence.txt")
@@ -112,22 +141,16 @@ def run_used(pair: Pair) -> int:
     return int(pair.target.sh("df -B1 --output=used /run | tail -n 1"))
 
 
-def test_full_snapshot_fails_cleanly(modes_pair: tuple[Pair, dict[str, str]]) -> None:
-    pair, sums = modes_pair
+def test_full_snapshot_fails_cleanly(fresh_snapshot: tuple[Pair, dict[str, str]]) -> None:
+    pair, sums = fresh_snapshot
     dev = "/dev/" + remote(pair, "SNAP0001").block
     run_before = run_used(pair)
+    since = len(pair.target.console())
     out, rc = pair.initiator.run(f"dd if=/dev/urandom of={dev} bs=1M count=24 oflag=direct conv=fsync", timeout=300)
     assert rc != 0, out
-    usage: dict[str, object] = {}
-
-    def invalid() -> bool:
-        nonlocal usage
-        status = json.loads(pair.target.sh("storagetm status --json"))
-        usage = next(e["snapshot_usage"] for e in status["exports"] if e["mode"] == "snapshot")
-        return bool(usage["invalid"])
-
-    until(invalid, 30, lambda: str((usage, pair.target.sh("dmsetup status"))))
-    pair.target.wait_for(r"snapshot FULL", 30)
+    until(lambda: snapshot_usage(pair)["invalid"], 30,
+          lambda: str((snapshot_usage(pair), pair.target.sh("dmsetup status"))))  # fmt: skip
+    pair.target.wait_for(r"snapshot FULL", 30, since=since)
     # The full store is its own tmpfs: /run (the state file's) did not take its 8 MiB.
     assert run_used(pair) - run_before < 4 << 20, (run_before, run_used(pair))
     # Nothing crashed: the daemon answers and the other disks still read back.
