@@ -37,15 +37,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from storagetm.model import DISCOVERY_NQN, DISCOVERY_TRSVCID
-from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, image, initiator_vm, prepare_initiator
-from tests.vm.initiator import connected, disconnect_all
-from tests.vm.machine import VM, Disk, make_disk, qemu_binary
+from testbed.initiator import connected, disconnect_all
+from testbed.machine import VM, Disk, make_disk, qemu_binary
+from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, image, running_initiator, target_vm
+from testbed.wait import until
 
 BENCH_IMAGE = "storagetm-bench.efi"
 TARGET_LL = "fe80::5054:ff:fe00:1%enp0s3"  # the target's EUI-64 link-local address (MAC below)
@@ -82,15 +80,6 @@ AUTOCONNECT_MASK = "/run/udev/rules.d/70-nvmf-autoconnect.rules"
 
 # Read-only and snapshot reads are compared with the anchors' plain read: they have no such modes.
 ANCHOR_KEY = {"read_ro_mib_s": "read_mib_s", "read_snapshot_mib_s": "read_mib_s"}
-
-
-def until(condition: Callable[[], bool], timeout: float, what: str, pause: float = 0.2) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise RuntimeError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(pause)
-    return time.monotonic() - started
 
 
 def dd_mib_s(initiator: VM, command: str) -> float:
@@ -319,13 +308,13 @@ class Bench:
 
     def boot(self, impl: Implementation, run: int) -> tuple[VM, float]:
         """Boot a target with `impl`; return it and the seconds until the initiator sees the disk."""
-        target = VM("target", self.workdir / f"{impl.name}-{run}", kernel=image(BENCH_IMAGE), append=impl.append,
-                    disks=[self.disk], link_socket=self.workdir / "link.sock", link_server=False,
-                    mac="52:54:00:00:00:01", extra=self.hotplug_ports())  # fmt: skip
+        target = target_vm(self.workdir / f"{impl.name}-{run}", self.workdir / "link.sock", kernel=image(BENCH_IMAGE),
+                           append=impl.append, disks=[self.disk], extra=self.hotplug_ports())  # fmt: skip
         started = time.monotonic()
         target.start()
         try:
-            until(lambda: impl.offered(self.initiator, target), BOOT_TIMEOUT, f"{impl.name}: disk offered")
+            until(lambda: impl.offered(self.initiator, target), BOOT_TIMEOUT,
+                  f"{impl.name}: disk not offered within {BOOT_TIMEOUT:.0f} s", pause=0.2)  # fmt: skip
         except BaseException:
             target.stop()
             raise
@@ -337,22 +326,26 @@ class Bench:
                 ("-device", f"pcie-root-port,id=hp{i},chassis={i + 1},slot={i + 1},addr=0x{0x10 + i:x}")]  # fmt: skip
 
     def hotplug(self, impl: NVMeTarget, target: VM, watch: DiscoveryWatch, run: int, index: int) -> float:
-        hot = self.workdir / f"{impl.name}-{run}-HOT{index}.img"
-        make_disk(hot, 16 << 20, f"HOT{index:05d}".encode())
-        target.qmp.cmd("blockdev-add", driver="file", filename=str(hot), **{"node-name": f"hotfile{index}"})
-        target.qmp.cmd("blockdev-add", driver="raw", file=f"hotfile{index}", **{"node-name": f"hot{index}"})
+        hot = Disk(self.workdir / f"{impl.name}-{run}-HOT{index}.img", "virtio", f"HOT{index:05d}")
+        make_disk(hot.path, 16 << 20, hot.serial.encode())
         before = watch.subsystems()
         watch.forget_events()
-        plugged = time.monotonic()
-        target.qmp.cmd("device_add", driver="virtio-blk-pci", bus=f"hp{index}", drive=f"hot{index}",
-                       serial=f"HOT{index:05d}", id=f"hotdisk{index}")  # fmt: skip
-        deadline = plugged + 120
-        while time.monotonic() < deadline:
-            watch.wait_event(max(1.0, deadline - time.monotonic()))
-            elapsed = time.monotonic() - plugged
-            if watch.subsystems() > before:
-                return elapsed
-        raise RuntimeError(f"{impl.name}: discovery log changed, but hot-plugged disk {index} not in it within 120 s")
+        plugged = target.hotplug(hot, bus=f"hp{index}")  # timed from its device_add
+        elapsed = 0.0
+
+        def in_log() -> bool:
+            nonlocal elapsed
+            watch.wait_event(max(1.0, plugged + 120 - time.monotonic()))
+            elapsed = time.monotonic() - plugged  # when the event came, before the log is read
+            return watch.subsystems() > before
+
+        until(
+            in_log,
+            plugged + 120 - time.monotonic(),
+            f"{impl.name}: discovery log changed, but hot-plugged disk {index} not in it within 120 s",
+            pause=0,
+        )
+        return elapsed
 
     def throughput(self, impl: Implementation, direction: str = "read") -> list[float]:
         size = self.size_mib << 20
@@ -369,7 +362,7 @@ class Bench:
     def mode_read(self, impl: NVMeTarget, target: VM, flag: str) -> list[float]:
         """storagetm restarted by hand in a mode; sequential read of the bench disk."""
         target.sh(f"systemd-run --unit=bench-mode storagetm {flag} /dev/disk/by-id/virtio-BENCH001")
-        until(lambda: impl.subsystems_seen(self.initiator) >= 1, 120, f"storagetm {flag}")
+        until(lambda: impl.subsystems_seen(self.initiator) >= 1, 120, f"storagetm {flag}: not within 120 s", pause=0.2)
         try:
             return self.throughput(impl)
         finally:
@@ -503,15 +496,9 @@ def main() -> int:
         print(report(json.loads((RESULTS / "compare.json").read_text())))
         return 0
     workdir = Path(tempfile.mkdtemp(prefix="storagetm-compare-"))
-    initiator = initiator_vm(workdir, workdir / "link.sock", image(BENCH_IMAGE))
-    initiator.start()
-    try:
-        initiator.wait_shell(BOOT_TIMEOUT)
-        prepare_initiator(initiator)
+    with running_initiator(workdir, workdir / "link.sock", image(BENCH_IMAGE)) as initiator:
         bench = Bench(workdir, initiator, args.size_mib, args.rounds, args.hotplugs)
         results = bench.run(args.boots)
-    finally:
-        initiator.stop()
     qemu = subprocess.getoutput(f"{qemu_binary()} --version").split()[3]
     meta = {
         "date": time.strftime("%Y-%m-%d"),

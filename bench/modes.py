@@ -18,11 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.vm.conftest import TARGET_APPEND, boot_pair, prepare_initiator
-from tests.vm.initiator import connected, wait_address
-from tests.vm.machine import VM
+from testbed.initiator import connected, wait_address
+from testbed.machine import VM
+from testbed.pair import TARGET_APPEND, vm_pair
 
 SERIALS = {"rw": "BENCHRW1", "ro": "BENCHRO1", "snapshot": "BENCHSN1"}
 
@@ -45,11 +43,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="storagetm-bench-"))
     kinds = {serial: "virtio" for serial in SERIALS.values()}
     append = f"{TARGET_APPEND} storagetm.mode=rw,{SERIALS['ro']}=ro,{SERIALS['snapshot']}=snapshot"
-    pair = boot_pair(workdir, kinds, append, disk_size=args.size_mib << 20)
-    try:
-        pair.target.wait_shell(300)
-        pair.initiator.wait_shell(300)
-        prepare_initiator(pair.initiator)
+    with vm_pair(workdir, kinds, append, disk_size=args.size_mib << 20, shell_timeout=300) as pair:
         pair.target.wait_for(r"Exported disks \(3\)", 300)
         address = wait_address(pair.target, "169.254.")
         pair.initiator.sh(f"nvme connect-all -t tcp -a {address}")
@@ -74,9 +68,6 @@ def main() -> int:
         for mode in SERIALS:
             print(f"| {mode} | {median[mode]:.1f} | {result['ratio_to_rw'][mode]:.2f} |")
         return 0
-    finally:
-        pair.initiator.stop()
-        pair.target.stop()
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.compare import TARGET_LL, until
+from bench.compare import TARGET_LL
 from ci.boot_menu import MENU_TIMEOUT
-from tests.vm.conftest import BOOT_TIMEOUT, initiator_vm, prepare_initiator
-from tests.vm.machine import VM, Disk, make_disk
+from testbed.machine import VM, Disk, boot_drive, make_disk
+from testbed.pair import BOOT_TIMEOUT, image, running_initiator, target_vm
+from testbed.wait import until
 
 KINDS = ("uki", "secure-boot-stick")
 
@@ -37,18 +36,16 @@ def offered(initiator: VM) -> bool:
 
 
 def boot_seconds(kind: str, workdir: Path, run: int, disk: Disk, stick: Path, initiator: VM) -> float:
-    target = VM("target", workdir / f"{kind}-{run}", disks=[disk], link_socket=workdir / "link.sock",
-                link_server=False, mac="52:54:00:00:00:01")  # fmt: skip
-    if kind == "uki":
-        target.kernel = Path("mkosi.output/storagetm.efi").resolve()
+    workdir, link = workdir / f"{kind}-{run}", workdir / "link.sock"
+    if kind == "uki":  # its own command line: no -append
+        target = target_vm(workdir, link, kernel=image("storagetm.efi"), disks=[disk])
     else:
-        target.secure_boot = True
-        target.extra = ["-drive", f"if=none,id=boot,format=raw,file={stick},snapshot=on",
-                        "-device", "usb-storage,bus=xhci.0,drive=boot,bootindex=0,serial=BOOTSTICK"]  # fmt: skip
+        target = target_vm(workdir, link, kernel=None, disks=[disk], extra=boot_drive(stick, snapshot=True),
+                           secure_boot=True)  # fmt: skip
     started = time.monotonic()
     target.start()
     try:
-        until(lambda: offered(initiator), BOOT_TIMEOUT, f"{kind}: disk offered", pause=0.5)
+        until(lambda: offered(initiator), BOOT_TIMEOUT, f"{kind}: disk not offered within {BOOT_TIMEOUT:.0f} s", 0.5)
         return time.monotonic() - started
     finally:
         target.stop()
@@ -60,21 +57,15 @@ def main() -> int:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="storagetm-bench-sb-"))
     stick = workdir / "storagetm.raw"
-    shutil.copy("mkosi.output/storagetm.raw", stick)
+    shutil.copy(image("storagetm.raw"), stick)
     disk = Disk(workdir / "BENCHSB1.img", "virtio", "BENCHSB1")
     make_disk(disk.path, 16 << 20, b"BENCHSB1")
-    initiator = initiator_vm(workdir, workdir / "link.sock")
-    initiator.start()
     samples: dict[str, list[float]] = {kind: [] for kind in KINDS}
-    try:
-        initiator.wait_shell(BOOT_TIMEOUT)
-        prepare_initiator(initiator)
+    with running_initiator(workdir, workdir / "link.sock") as initiator:
         for run in range(args.boots):
             for kind in KINDS if run % 2 == 0 else reversed(KINDS):
                 samples[kind].append(boot_seconds(kind, workdir, run, disk, stick, initiator))
                 print(f"{kind} boot {run}: {samples[kind][-1]:.1f} s", flush=True)
-    finally:
-        initiator.stop()
     median = {kind: statistics.median(values) for kind, values in samples.items()}
     without_menu = median["secure-boot-stick"] - MENU_TIMEOUT
     result = {

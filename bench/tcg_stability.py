@@ -19,11 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.vm.conftest import BOOT_TIMEOUT, boot_pair, prepare_initiator
-from tests.vm.initiator import CONNECT_ALL, connected, wait_address
-from tests.vm.machine import PANIC, VM, VMError, qemu_binary
+from testbed import VMError
+from testbed.initiator import CONNECT_ALL, connected, prepare_initiator, wait_address
+from testbed.machine import PANIC, VM, qemu_binary
+from testbed.pair import BOOT_TIMEOUT, vm_pair
 
 KINDS = {"STRESS01": "virtio", "STRESS02": "nvme", "STRESS03": "sata"}
 SIZE = 64 << 20
@@ -50,24 +49,22 @@ def main() -> int:
     deadline = time.monotonic() + args.minutes * 60
     while time.monotonic() < deadline:
         # A new pair after each crash: the initiator serves the link, which the target cannot rejoin.
-        pair = boot_pair(workdir / f"boot-{len(crashes)}", KINDS, disk_size=SIZE)
-        try:
-            pair.target.wait_for(r"Exported disks \(3\)", BOOT_TIMEOUT)
-            blocks = attach(pair.initiator, pair.target)
-            while time.monotonic() < deadline:
-                for block in blocks:
-                    # O_DIRECT: every round crosses the link, none is served from the page cache.
-                    pair.initiator.sh(f"dd if=/dev/{block} bs=1M iflag=direct status=none | sha256sum", timeout=120)
-                    read_bytes += SIZE
-                rounds += 1
-        except VMError as exc:
-            panic = [f"{vm.name}: {ln}" for vm in (pair.initiator, pair.target)
-                     for ln in vm.console().splitlines() if PANIC.search(ln)]  # fmt: skip
-            crashes.append({"after_gib": read_bytes / (1 << 30), "what": (panic or [str(exc)])[:3]})
-            print(f"{args.label}: crash after {read_bytes / (1 << 30):.2f} GiB: {crashes[-1]['what']}", flush=True)
-        finally:
-            pair.initiator.stop()
-            pair.target.stop()
+        with vm_pair(workdir / f"boot-{len(crashes)}", KINDS, disk_size=SIZE, shell_timeout=None) as pair:
+            try:
+                pair.target.wait_for(r"Exported disks \(3\)", BOOT_TIMEOUT)
+                blocks = attach(pair.initiator, pair.target)
+                while time.monotonic() < deadline:
+                    for block in blocks:
+                        # O_DIRECT: every round crosses the link, none is served from the page cache.
+                        pair.initiator.sh(f"dd if=/dev/{block} bs=1M iflag=direct status=none | sha256sum",
+                                          timeout=120)  # fmt: skip
+                        read_bytes += SIZE
+                    rounds += 1
+            except VMError as exc:
+                panic = [f"{vm.name}: {ln}" for vm in (pair.initiator, pair.target)
+                         for ln in vm.console().splitlines() if PANIC.search(ln)]  # fmt: skip
+                crashes.append({"after_gib": read_bytes / (1 << 30), "what": (panic or [str(exc)])[:3]})
+                print(f"{args.label}: crash after {read_bytes / (1 << 30):.2f} GiB: {crashes[-1]['what']}", flush=True)
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "label": args.label, "qemu": args.qemu, "cpu": args.cpu,
         "minutes": args.minutes, "rounds": rounds, "gib_read": read_bytes / (1 << 30), "crashes": crashes,

@@ -8,10 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.vm.conftest import boot_pair, prepare_initiator
-from tests.vm.initiator import connected, wait_address
+from testbed.initiator import connected, wait_address
+from testbed.pair import vm_pair
 
 DEMO_DISK_SIZE = 128 << 20  # a few seconds of copying each, so dd's progress shows
 
@@ -19,11 +17,8 @@ DEMO_DISK_SIZE = 128 << 20  # a few seconds of copying each, so dd's progress sh
 def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="storagetm-demo-"))
     print(f"demo: booting target and initiator VMs under TCG (logs in {workdir})", flush=True)
-    pair = boot_pair(workdir, {"DEMO0001": "nvme", "DEMO0002": "sata", "DEMO0003": "usb"}, disk_size=DEMO_DISK_SIZE)
-    try:
-        pair.target.wait_shell(300)
-        pair.initiator.wait_shell(300)
-        prepare_initiator(pair.initiator)
+    disks = {"DEMO0001": "nvme", "DEMO0002": "sata", "DEMO0003": "usb"}
+    with vm_pair(workdir, disks, disk_size=DEMO_DISK_SIZE, shell_timeout=300) as pair:
         pair.target.wait_for(r"Exported disks \(3\)", 300)
         address = wait_address(pair.target, "169.254.")
         # `storagetm status` renders the same screen as tty1 and the serial console show.
@@ -48,9 +43,6 @@ def main() -> int:
         pair.initiator.sh("nvme disconnect-all")
         print("demo: all copies verified" if ok else "demo: checksum mismatch!")
         return 0 if ok else 1
-    finally:
-        pair.initiator.stop()
-        pair.target.stop()
 
 
 if __name__ == "__main__":

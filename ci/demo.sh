@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup-host.sh
 bash ci/build-image.sh
-"${STORAGETM_CACHE:-/var/cache/storagetm}/venv/bin/python" ci/demo.py
+"${STORAGETM_CACHE:-/var/cache/storagetm}/venv/bin/python" -m ci.demo

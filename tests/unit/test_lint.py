@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_ruff() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "storagetm", "tests", "bench", "ci"],
+        [sys.executable, "-m", "ruff", "check", "storagetm", "testbed", "tests", "bench", "ci"],
         cwd=REPO,
         capture_output=True,
         text=True,

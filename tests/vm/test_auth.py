@@ -10,8 +10,8 @@ import re
 import pytest
 
 from storagetm.auth import generate_secret
-from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, Pair
-from tests.vm.initiator import CONNECT, CONNECT_ALL, connected, disconnect_all, screen_rows_joined, wait_address
+from testbed.initiator import CONNECT, CONNECT_ALL, connected, disconnect_all, screen_rows_joined, wait_address
+from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, Pair
 
 pytestmark = pytest.mark.vm
 

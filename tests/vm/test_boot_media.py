@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import BOOT_TIMEOUT, LOGS, image
-from tests.vm.machine import VM, Disk, make_disk
+from testbed.machine import USB_STICK, VM, Disk, boot_drive, make_disk
+from testbed.pair import BOOT_TIMEOUT, LOGS, image, report
 
 pytestmark = pytest.mark.vm
 
 MEDIA = {
     # name: (image file, how QEMU attaches it, kernel name it gets in the guest)
-    "raw-usb": ("storagetm.raw", "usb-storage,bus=xhci.0,drive=boot,bootindex=0,serial=BOOTSTICK", "sda"),
-    "iso-usb": ("storagetm.iso", "usb-storage,bus=xhci.0,drive=boot,bootindex=0,serial=BOOTSTICK", "sda"),
+    "raw-usb": ("storagetm.raw", USB_STICK, "sda"),
+    "iso-usb": ("storagetm.iso", USB_STICK, "sda"),
     "iso-cd": ("storagetm.iso", "ide-cd,bus=ide.2,drive=boot,bootindex=0", "sr0"),
 }
 
@@ -42,16 +42,12 @@ def booted(request: pytest.FixtureRequest) -> Iterator[tuple[VM, str]]:
     shutil.copy(image(filename), medium)  # the guest must not be able to change our build output
     data = workdir / "DATA0001.img"
     make_disk(data, 16 << 20, b"DATA0001")
-    vm = VM("target", workdir, disks=[Disk(data, "virtio", "DATA0001")], secure_boot=True,
-            extra=["-drive", f"if=none,id=boot,format=raw,file={medium}", "-device", device])  # fmt: skip
-    vm.start()
-    try:
+    with VM("target", workdir, disks=[Disk(data, "virtio", "DATA0001")], secure_boot=True,
+            extra=boot_drive(medium, device)) as vm:  # fmt: skip
         yield vm, guest_name
-    finally:
         failed = request.session.testsfailed
-        vm.stop()
-        if failed:
-            print(f"\n===== {vm.console_log} =====\n{vm.tail(40)}")
+    if failed:
+        report(vm, lines=40)
 
 
 def test_boots_to_target_mode_without_exporting_boot_medium(booted: tuple[VM, str]) -> None:

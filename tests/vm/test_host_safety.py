@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import pytest
 
-from tests.vm.conftest import BOOT_TIMEOUT, Pair
+from testbed.machine import Disk
+from testbed.pair import BOOT_TIMEOUT, Pair
+from testbed.wait import until
 
 pytestmark = pytest.mark.vm
 
@@ -25,13 +26,14 @@ SUBSYSTEMS = "/sys/kernel/config/nvmet/subsystems"
 
 def device(pair: Pair, serial: str, timeout: float = 30) -> str:
     """The target's device node for a disk, once udev has made its by-id link."""
-    deadline = time.monotonic() + timeout
-    while True:
+    out = ""
+
+    def node() -> str:
+        nonlocal out
         out, rc = pair.target.run(f"udevadm settle; readlink -e /dev/disk/by-id/virtio-{serial}")
-        if rc == 0 and out.startswith("/dev/"):
-            return out.strip()
-        assert time.monotonic() < deadline, f"no device for {serial}: {out}"
-        time.sleep(1)
+        return out.strip() if rc == 0 and out.startswith("/dev/") else ""
+
+    return until(node, timeout, lambda: f"no device for {serial}: {out}")
 
 
 def exported_serials(pair: Pair) -> dict[str, str]:
@@ -45,10 +47,7 @@ def plug_btrfs_disk(pair: Pair) -> None:
     with path.open("wb") as image:
         image.truncate(BTRFS_SIZE)
     subprocess.run(["mkfs.btrfs", "-q", "-L", "STMBTRFS", str(path)], check=True, capture_output=True)
-    qmp = pair.target.qmp
-    qmp.cmd("blockdev-add", driver="file", filename=str(path), **{"node-name": "btrfsfile"})
-    qmp.cmd("blockdev-add", driver="raw", file="btrfsfile", **{"node-name": "btrfs"})
-    qmp.cmd("device_add", driver="virtio-blk-pci", bus="hp0", drive="btrfs", serial="BTRFS001", id="btrfsdisk")
+    pair.target.hotplug(Disk(path, "virtio", "BTRFS001"))
 
 
 def test_disks_in_use_are_listed_with_why_and_not_exported(pair: Pair) -> None:
@@ -87,9 +86,14 @@ def test_disks_in_use_are_listed_with_why_and_not_exported(pair: Pair) -> None:
 
 
 def test_a_disk_freed_later_is_exported_on_its_next_event(pair: Pair) -> None:
-    """Runs after the test above: unmounted, the ext4 disk's next udev event exports it."""
-    deadline = time.monotonic() + 60
+    """Mounted when storagetm starts, then unmounted: the disk's next udev event exports it."""
+    mnt = device(pair, "MNT00001")
+    pair.target.sh("systemctl stop storagetm")
+    pair.target.sh(f"mkfs.ext4 -q -F {mnt} && mkdir -p /mnt/ext4 && mount {mnt} /mnt/ext4")
+    try:
+        pair.target.sh("systemctl start storagetm")
+        assert "MNT00001" not in exported_serials(pair)
+    finally:
+        pair.target.run("umount /mnt/ext4")
     pair.target.sh("udevadm trigger --action=change /dev/disk/by-id/virtio-MNT00001")
-    while "MNT00001" not in exported_serials(pair):
-        assert time.monotonic() < deadline, exported_serials(pair)
-        time.sleep(1)
+    until(lambda: "MNT00001" in exported_serials(pair), 60, lambda: str(exported_serials(pair)))

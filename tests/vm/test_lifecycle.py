@@ -4,12 +4,13 @@ and the initiator's reads go on."""
 from __future__ import annotations
 
 import json
-import time
+from typing import Any
 
 import pytest
 
-from tests.vm.conftest import BOOT_TIMEOUT, TARGET_APPEND, Pair
-from tests.vm.initiator import CONNECT_ALL, connected, disconnect_all, wait_address
+from testbed.initiator import CONNECT_ALL, connected, disconnect_all, wait_address
+from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, Pair
+from testbed.wait import until
 
 pytestmark = pytest.mark.vm
 
@@ -42,14 +43,13 @@ def test_sigkill_restart_adopts_exports_and_reads_go_on(pair: Pair) -> None:
         remote = next(r for r in connected(pair.initiator) if r.serial == "VIRT0002")
         before = json.loads(pair.target.sh("storagetm status --json"))
         pair.target.sh("systemctl kill -s KILL storagetm.service")
-        deadline = time.monotonic() + 60
-        while True:
+
+        def restarted() -> dict[str, Any] | None:
             out, rc = pair.target.run("storagetm status --json")
-            if rc == 0 and json.loads(out)["pid"] != before["pid"]:
-                after = json.loads(out)
-                break
-            assert time.monotonic() < deadline, "storagetm was not restarted"
-            time.sleep(1)
+            status: dict[str, Any] = json.loads(out) if rc == 0 else {}
+            return status if status and status["pid"] != before["pid"] else None
+
+        after = until(restarted, 60, "storagetm was not restarted")
         assert [e["nqn"] for e in after["exports"]] == [e["nqn"] for e in before["exports"]]
         assert pair.target.sh("ls /sys/kernel/config/nvmet/subsystems").split() == [before["exports"][0]["nqn"]]
         assert "adopted" in pair.target.sh("journalctl -b -u storagetm --no-pager")
@@ -61,7 +61,7 @@ def test_sigkill_restart_adopts_exports_and_reads_go_on(pair: Pair) -> None:
 
 
 def test_target_reboot_keeps_nqns_and_initiator_reconnects(pair: Pair) -> None:
-    """Runs last: power-cycles the target VM with the same disks and machine UUID."""
+    """Power-cycles the target VM with the same disks and machine UUID."""
     pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
     address = wait_address(pair.target, "fe80::")
     before = json.loads(pair.target.sh("storagetm status --json"))
@@ -77,10 +77,7 @@ def test_target_reboot_keeps_nqns_and_initiator_reconnects(pair: Pair) -> None:
         # nvme-tcp reconnects on its own (reconnect_delay 10 s) to the same NQN.
         device = f"/sys/block/{remote.block}/device"
         states = f"cat {device}/nvme*/state {device}/state 2>/dev/null; true"
-        deadline = time.monotonic() + 120
-        while "live" not in pair.initiator.sh(states):
-            assert time.monotonic() < deadline, "the initiator did not reconnect within 120 s"
-            time.sleep(2)
+        until(lambda: "live" in pair.initiator.sh(states), 120, "the initiator did not reconnect within 120 s", 2)
         out = pair.initiator.sh(f"sha256sum /dev/{remote.block}", timeout=300)
         assert out.split()[0] == pair.sums["VIRT0002"]
     finally:

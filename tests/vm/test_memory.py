@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from storagetm.memory import MINIMUM_RAM_MIB
-from tests.vm.conftest import BOOT_TIMEOUT, LOGS, TARGET_APPEND, image
-from tests.vm.machine import VM, Disk, make_disk
+from testbed.machine import VM, Disk, make_disk
+from testbed.pair import BOOT_TIMEOUT, LOGS, TARGET_APPEND, image, report
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -20,15 +20,11 @@ def boot_with(memory: int, request: pytest.FixtureRequest) -> Iterator[VM]:
     workdir.mkdir(parents=True, exist_ok=True)
     disk = Disk(workdir / "MEMO0001.img", "virtio", "MEMO0001")
     make_disk(disk.path, 8 << 20, b"MEMO0001")
-    vm = VM("target", workdir, kernel=image("storagetm.efi"), append=TARGET_APPEND, disks=[disk], memory=memory)
-    vm.start()
-    try:
+    with VM("target", workdir, kernel=image("storagetm.efi"), append=TARGET_APPEND, disks=[disk], memory=memory) as vm:
         yield vm
-    finally:
         failed = request.session.testsfailed
-        vm.stop()
-        if failed:
-            print(f"\n===== {vm.console_log} =====\n{vm.tail(40)}")
+    if failed:
+        report(vm, lines=40)
 
 
 @pytest.fixture

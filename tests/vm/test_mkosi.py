@@ -9,12 +9,12 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 
-from tests.vm.conftest import BOOT_TIMEOUT, LOGS, REPO, image
-from tests.vm.machine import ANSI
+from testbed.machine import ANSI
+from testbed.pair import BOOT_TIMEOUT, LOGS, REPO, image
+from testbed.wait import until
 
 pytestmark = pytest.mark.vm
 
@@ -50,13 +50,14 @@ def test_mkosi_vm_boots_target_mode_with_the_sample_disks() -> None:
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + BOOT_TIMEOUT
         screen = ""
-        while time.monotonic() < deadline and session.poll() is None:
+
+        def exported_or_ended() -> bool:
+            nonlocal screen
             screen = ANSI.sub("", log.read_bytes().decode(errors="replace")) if log.exists() else ""
-            if re.search(r"Exported disks \(3\)", screen):
-                break
-            time.sleep(1)
+            return bool(re.search(r"Exported disks \(3\)", screen)) or session.poll() is not None
+
+        until(exported_or_ended, BOOT_TIMEOUT, lambda: screen[-2000:])
         assert re.search(r"Exported disks \(3\)", screen), screen[-2000:]
         for serial in ("SAMPLE01", "SAMPLE02", "SAMPLE03"):
             assert serial in screen

@@ -10,12 +10,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.vm.conftest import BOOT_TIMEOUT, LOGS, TARGET_APPEND, Pair, boot_pair, prepare_initiator
-from tests.vm.initiator import CONNECT_ALL, Remote, connected, disconnect_all, wait_address
-from tests.vm.machine import Disk, sha256_file
+from testbed.initiator import CONNECT_ALL, Remote, connected, disconnect_all, wait_address
+from testbed.machine import Disk, sha256_file
+from testbed.pair import BOOT_TIMEOUT, LOGS, TARGET_APPEND, Pair, vm_pair
+from testbed.wait import until
 
 pytestmark = pytest.mark.vm
 
@@ -32,7 +34,7 @@ def ext4_image(path: Path, label: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def modes_pair() -> Iterator[tuple[Pair, dict[str, str]]]:
+def booted_modes() -> Iterator[Pair]:
     workdir = LOGS / "test_modes"
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -41,20 +43,40 @@ def modes_pair() -> Iterator[tuple[Pair, dict[str, str]]]:
             ext4_image(disks[serial].path, serial)
 
     kinds = {"RO000001": "virtio", "SNAP0001": "virtio", "RWDISK01": "nvme"}
-    pair = boot_pair(workdir, kinds, MODES_APPEND, prepare=with_file_systems)
-    sums = pair.sums
-    try:
-        pair.target.wait_shell(BOOT_TIMEOUT)
-        pair.initiator.wait_shell(BOOT_TIMEOUT)
-        prepare_initiator(pair.initiator)
+    with vm_pair(workdir, kinds, MODES_APPEND, prepare=with_file_systems) as pair:
         pair.initiator.sh("mkdir -p /mnt/x")
         pair.target.wait_for(r"Exported disks \(3\)", BOOT_TIMEOUT)
-        address = wait_address(pair.target, "169.254.")
-        pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
-        yield pair, sums
-    finally:
-        pair.initiator.stop()
-        pair.target.stop()
+        yield pair
+
+
+def snapshot_usage(pair: Pair) -> dict[str, Any]:
+    status = json.loads(pair.target.sh("storagetm status --json"))
+    usage: dict[str, Any] = next(e["snapshot_usage"] for e in status["exports"] if e["mode"] == "snapshot")
+    return usage
+
+
+@pytest.fixture
+def modes_pair(booted_modes: Pair) -> tuple[Pair, dict[str, str]]:
+    """The pair with every disk exported in its mode and connected on the initiator, whatever
+    the tests before did (powered the target off, stopped storagetm, disconnected); and the
+    disk files' sums at creation."""
+    pair = booted_modes
+    pair.ensure_serving()
+    if len(connected(pair.initiator)) < 3:
+        pair.initiator.sh(f"{CONNECT_ALL} -a {wait_address(pair.target, '169.254.')}")
+    return pair, pair.sums
+
+
+@pytest.fixture
+def fresh_snapshot(modes_pair: tuple[Pair, dict[str, str]]) -> tuple[Pair, dict[str, str]]:
+    """modes_pair, with a snapshot store that is not full: if a test before filled it,
+    storagetm is restarted (a new snapshot, its store empty) and the initiator reconnected."""
+    pair, sums = modes_pair
+    if snapshot_usage(pair)["invalid"]:
+        disconnect_all(pair.initiator)
+        pair.target.sh("systemctl restart storagetm")
+        pair.initiator.sh(f"{CONNECT_ALL} -a {wait_address(pair.target, '169.254.')}")
+    return pair, sums
 
 
 def remote(pair: Pair, serial: str) -> Remote:
@@ -86,8 +108,8 @@ def test_read_only_refuses_every_write(modes_pair: tuple[Pair, dict[str, str]]) 
     assert sha256_file(pair.disks["RO000001"].path) == sums["RO000001"]
 
 
-def test_snapshot_takes_writes_in_ram_and_source_stays(modes_pair: tuple[Pair, dict[str, str]]) -> None:
-    pair, sums = modes_pair
+def test_snapshot_takes_writes_in_ram_and_source_stays(fresh_snapshot: tuple[Pair, dict[str, str]]) -> None:
+    pair, sums = fresh_snapshot
     dev = "/dev/" + remote(pair, "SNAP0001").block
     pair.initiator.sh(f"mount {dev} /mnt/x")  # replays the journal: writes
     assert MARKER in pair.initiator.sh("cat /mnt/x/evidence.txt")
@@ -119,21 +141,16 @@ def run_used(pair: Pair) -> int:
     return int(pair.target.sh("df -B1 --output=used /run | tail -n 1"))
 
 
-def test_full_snapshot_fails_cleanly(modes_pair: tuple[Pair, dict[str, str]]) -> None:
-    pair, sums = modes_pair
+def test_full_snapshot_fails_cleanly(fresh_snapshot: tuple[Pair, dict[str, str]]) -> None:
+    pair, sums = fresh_snapshot
     dev = "/dev/" + remote(pair, "SNAP0001").block
     run_before = run_used(pair)
+    since = len(pair.target.console())
     out, rc = pair.initiator.run(f"dd if=/dev/urandom of={dev} bs=1M count=24 oflag=direct conv=fsync", timeout=300)
     assert rc != 0, out
-    deadline = time.monotonic() + 30
-    while True:
-        status = json.loads(pair.target.sh("storagetm status --json"))
-        usage = next(e["snapshot_usage"] for e in status["exports"] if e["mode"] == "snapshot")
-        if usage["invalid"]:
-            break
-        assert time.monotonic() < deadline, (usage, pair.target.sh("dmsetup status"))
-        time.sleep(1)
-    pair.target.wait_for(r"snapshot FULL", 30)
+    until(lambda: snapshot_usage(pair)["invalid"], 30,
+          lambda: str((snapshot_usage(pair), pair.target.sh("dmsetup status"))))  # fmt: skip
+    pair.target.wait_for(r"snapshot FULL", 30, since=since)
     # The full store is its own tmpfs: /run (the state file's) did not take its 8 MiB.
     assert run_used(pair) - run_before < 4 << 20, (run_before, run_used(pair))
     # Nothing crashed: the daemon answers and the other disks still read back.

@@ -4,14 +4,13 @@ each to target mode on a second NIC linked to the initiator, which reads the dis
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import BOOT_TIMEOUT, LOGS, image, initiator_vm, prepare_initiator
-from tests.vm.initiator import CONNECT_ALL, connected, disconnect_all, wait_address
-from tests.vm.machine import VM, Disk, make_disk
-from tests.vm.netboot import BOOT_FILE, http_boot_network, http_boot_nic, tftp_boot_nic
+from testbed.initiator import CONNECT_ALL, connected, disconnect_all, wait_address
+from testbed.machine import VM, Disk, make_disk
+from testbed.netboot import BOOT_FILE, DNSMASQ_CONF, http_boot_network, http_boot_nic, tftp_boot_nic
+from testbed.pair import LOGS, image, running_initiator, target_vm
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -23,16 +22,8 @@ NETBOOT_TIMEOUT = 600  # firmware DHCP + a 60 MiB download under TCG, then the b
 @pytest.fixture(scope="module")
 def initiator() -> Iterator[VM]:
     """One initiator for both boots: it serves the link, each target joins it in turn."""
-    WORKDIR.mkdir(parents=True, exist_ok=True)
-    LINK.unlink(missing_ok=True)
-    vm = initiator_vm(WORKDIR, LINK)
-    vm.start()
-    try:
-        vm.wait_shell(BOOT_TIMEOUT)
-        prepare_initiator(vm)
+    with running_initiator(WORKDIR, LINK) as vm:
         yield vm
-    finally:
-        vm.stop()
 
 
 def network_booted_target(name: str, boot_nic: list[str], wrapper: list[str] | None = None) -> tuple[VM, str]:
@@ -41,9 +32,7 @@ def network_booted_target(name: str, boot_nic: list[str], wrapper: list[str] | N
     disk = Disk(workdir / "NETB0001.img", "virtio", "NETB0001")
     workdir.mkdir(parents=True, exist_ok=True)
     digest = make_disk(disk.path, 16 << 20, b"NETB0001")
-    vm = VM("target", workdir, disks=[disk], link_socket=LINK, link_server=False, mac="52:54:00:00:00:01",
-            extra=boot_nic, wrapper=wrapper or [])  # fmt: skip
-    return vm, digest
+    return target_vm(workdir, LINK, kernel=None, disks=[disk], extra=boot_nic, wrapper=wrapper or []), digest
 
 
 def reads_back(target: VM, initiator: VM, digest: str) -> None:
@@ -86,5 +75,5 @@ def test_uefi_http_boot(initiator: VM) -> None:
 def test_netboot_config_in_docs_is_the_one_tested() -> None:
     """README points lab administrators at docs/netboot/dnsmasq.conf; the HTTP boot test
     uses it with only the served directory replaced."""
-    text = (Path(__file__).resolve().parents[2] / "docs" / "netboot" / "dnsmasq.conf").read_text()
+    text = DNSMASQ_CONF.read_text()
     assert "tftp-root=/srv/storagetm" in text and "http://10.42.0.1/storagetm.efi" in text

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from storagetm.model import DISCOVERY_NQN
-from tests.vm.conftest import BOOT_TIMEOUT, LOGS, Pair, boot_pair, image, prepare_initiator
-from tests.vm.initiator import CONNECT_ALL, Remote, connected, disconnect_all, wait_address
-from tests.vm.machine import VM, sha256_file
+from testbed.initiator import CONNECT_ALL, Remote, connected, disconnect_all, prepare_initiator, wait_address
+from testbed.machine import VM, boot_drive, sha256_file
+from testbed.pair import BOOT_TIMEOUT, LOGS, Pair, image, vm_pair
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -49,9 +49,7 @@ def test_firmware_refuses_an_unsigned_image_only_with_secure_boot(secure_boot: b
     workdir.mkdir(parents=True, exist_ok=True)
     stick = workdir / "unsigned.raw"
     unsigned_stick(stick, image("storagetm.efi"))
-    with VM("target", workdir, secure_boot=secure_boot,
-            extra=["-drive", f"if=none,id=boot,format=raw,file={stick}",
-                   "-device", "usb-storage,bus=xhci.0,drive=boot,bootindex=0,serial=BOOTSTICK"]) as vm:  # fmt: skip
+    with VM("target", workdir, secure_boot=secure_boot, extra=boot_drive(stick)) as vm:
         if secure_boot:
             vm.wait_for(r"BOOTSTICK.*Access Denied", 180)
             vm.wait_for(r"No bootable option or device was found", 180)
@@ -85,8 +83,7 @@ def file_block(path: Path, block: int) -> bytes:
 def test_read_only_entry_chosen_at_the_boot_menu() -> None:
     """The person who must not change a disk picks read-only before anything is exported."""
     workdir = LOGS / "secure-boot-menu-read-only"
-    pair = boot_pair(workdir, {"MENU0001": "virtio"}, stick=stick_copy(workdir))
-    try:
+    with vm_pair(workdir, {"MENU0001": "virtio"}, stick=stick_copy(workdir), shell_timeout=None) as pair:
         pair.target.wait_for(MENU, 180)
         pair.target.send_keys("down", "ret")
         pair.target.wait_for(r"Exported disks \(1\)", BOOT_TIMEOUT)
@@ -102,9 +99,6 @@ def test_read_only_entry_chosen_at_the_boot_menu() -> None:
         assert pair.initiator.sh(f"sha256sum /dev/{remote.block}", timeout=300).split()[0] == pair.sums["MENU0001"]
         assert write_block(pair, remote, "W", 8) != 0
         disconnect_all(pair.initiator)
-    finally:
-        pair.initiator.stop()
-        pair.target.stop()
     assert sha256_file(pair.disks["MENU0001"].path) == pair.sums["MENU0001"]
 
 
@@ -116,8 +110,7 @@ EDIT = " systemd.debug_shell=ttyS1 storagetm.mode=rw,LOCKRO01=ro,LOCKSN01=snapsh
 
 def test_every_feature_works_under_lockdown() -> None:
     workdir = LOGS / "secure-boot-lockdown"
-    pair = boot_pair(workdir, LOCKDOWN_DISKS, stick=stick_copy(workdir))
-    try:
+    with vm_pair(workdir, LOCKDOWN_DISKS, stick=stick_copy(workdir), shell_timeout=None) as pair:
         pair.target.wait_for(MENU, 180)
         pair.target.send_keys("down", "down", "down", "e", "end")
         pair.target.type_text(EDIT)
@@ -154,9 +147,6 @@ def test_every_feature_works_under_lockdown() -> None:
         for module in ("nvmet_tcp", "dm_flakey", "dm_snapshot"):
             assert module in loaded, loaded
         disconnect_all(pair.initiator)
-    finally:
-        pair.initiator.stop()
-        pair.target.stop()
     assert file_block(pair.disks["LOCKRW01"].path, 8) == b"R" * BLOCK
     for serial in ("LOCKRO01", "LOCKSN01"):
         assert sha256_file(pair.disks[serial].path) == pair.sums[serial]

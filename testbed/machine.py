@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed import VMError
+from testbed.wait import until
+
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 # Secure Boot enforced, with Microsoft's KEK and db (including the third-party UEFI CA that
@@ -32,6 +35,8 @@ QUIET_SHELL = "stty -echo; PS1=''; PS2=''; unset PROMPT_COMMAND; bind 'set enabl
 CURSOR_MOVE = re.compile(r"\x1b\[\d+;\d+H")
 ANSI = re.compile(r"\x1b\[[0-9;:?]*[A-Za-z]")
 PANIC = re.compile(r"BUG:|Oops|Kernel panic|RIP:|Workqueue:")  # an oops, as the console shows it
+# A USB stick the firmware boots first; its drive is `boot_drive()`'s.
+USB_STICK = "usb-storage,bus=xhci.0,drive=boot,bootindex=0,serial=BOOTSTICK"
 
 
 def qemu_binary() -> str:
@@ -43,10 +48,6 @@ def qemu_binary() -> str:
     return str(cached) if cached.exists() else "qemu-system-x86_64"
 
 
-class VMError(AssertionError):
-    pass
-
-
 @dataclass
 class Disk:
     """A disk file on the host and how QEMU attaches it."""
@@ -56,8 +57,17 @@ class Disk:
     serial: str
     node_id: str = ""
 
+    @property
+    def node(self) -> str:
+        """The QEMU block node the guest's device reads (QMP block_resize names it)."""
+        return self.node_id or f"d{self.serial}"
+
+    @property
+    def device_id(self) -> str:
+        return f"dev{self.node}"
+
     def qemu_args(self) -> list[str]:
-        node = self.node_id or f"d{self.serial}"
+        node = self.node
         drive = ["-blockdev", f"driver=file,filename={self.path},node-name={node}-file,cache.direct=off",
                  "-blockdev", f"driver=raw,file={node}-file,node-name={node}"]  # fmt: skip
         return [*drive, "-device", self.device_spec(node)]
@@ -69,6 +79,13 @@ class Disk:
             "sata": f"ide-hd,drive={node},bus=ide.1,serial={self.serial},model=STM SATA DISK,id=dev{node}",
             "usb": f"usb-storage,drive={node},bus=xhci.0,serial={self.serial},id=dev{node}",
         }[self.kind]
+
+
+def boot_drive(medium: Path, device: str = USB_STICK, snapshot: bool = False) -> list[str]:
+    """QEMU arguments for the medium the firmware boots (a USB stick unless `device` says
+    otherwise); with `snapshot`, QEMU keeps the guest's writes to itself."""
+    options = ",snapshot=on" if snapshot else ""
+    return ["-drive", f"if=none,id=boot,format=raw,file={medium}{options}", "-device", device]
 
 
 @dataclass
@@ -170,6 +187,23 @@ class VM:
         self.qmp = QEMUMonitorProtocol(str(self.qmp_socket))
         self.qmp.connect()
 
+    def hotplug(self, disk: Disk, bus: str = "hp0") -> float:
+        """Plug `disk` into the running VM through QMP: its block nodes, then its device, in the
+        hot-plug root port `bus` (a disk kind with a bus of its own keeps that). Returns
+        time.monotonic() when the device was added, for who times what the guest does then."""
+        node = disk.node
+        self.qmp.cmd("blockdev-add", driver="file", filename=str(disk.path), **{"node-name": f"{node}-file"})
+        self.qmp.cmd("blockdev-add", driver="raw", file=f"{node}-file", **{"node-name": node})
+        driver, *options = disk.device_spec(node).split(",")
+        args = {"bus": bus, **dict(option.split("=", 1) for option in options)}
+        plugged = time.monotonic()
+        self.qmp.cmd("device_add", driver=driver, **args)
+        return plugged
+
+    def unplug(self, disk: Disk) -> None:
+        """Pull a disk `hotplug()` plugged in, as if from its slot."""
+        self.qmp.cmd("device_del", id=disk.device_id)
+
     def send_keys(self, *keys: str) -> None:
         """Press each key (a QMP qcode: "down", "ret", "e", "end", …) on the VM's keyboard."""
         for key in keys:
@@ -194,15 +228,14 @@ class VM:
 
     def wait_for(self, pattern: str, timeout: float, since: int = 0) -> re.Match[str]:
         regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def seen() -> re.Match[str] | None:
             match = regex.search(self.console(), since)
-            if match:
-                return match
-            if self.proc and self.proc.poll() is not None:
+            if match is None and self.proc and self.proc.poll() is not None:
                 raise VMError(f"{self.name}: QEMU exited ({self.proc.returncode}) waiting for {pattern!r}")
-            time.sleep(0.5)
-        raise VMError(f"{self.name}: no {pattern!r} on the console within {timeout:.0f} s")
+            return match
+
+        return until(seen, timeout, f"{self.name}: no {pattern!r} on the console within {timeout:.0f} s", pause=0.5)
 
     def sh(self, command: str, timeout: float = 120, check: bool = True) -> str:
         out, rc = self.run(command, timeout)
@@ -217,15 +250,19 @@ class VM:
         if self.shell is not None:
             return self.shell
         sock = socket.socket(socket.AF_UNIX)
-        while True:
+
+        def connected() -> bool:
             try:
                 sock.connect(str(self.shell_socket))
-                break
             except OSError:
-                if time.monotonic() > deadline:
-                    sock.close()
-                    raise
-                time.sleep(0.5)
+                return False
+            return True
+
+        try:
+            until(connected, deadline - time.monotonic(), f"{self.name}: cannot connect to {self.shell_socket}", 0.5)
+        except VMError:
+            sock.close()
+            raise
         sock.settimeout(0.5)
         sock.sendall(QUIET_SHELL.encode() + b"\n")
         self.shell = sock
@@ -278,16 +315,15 @@ class VM:
             self.shell = None
 
     def wait_shell(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def answers() -> bool:
             try:
                 self.run("true", timeout=10)
                 self.run(QUIET_SHELL, timeout=10)
-                break
             except (VMError, OSError):
-                if time.monotonic() > deadline:
-                    raise VMError(f"{self.name}: no debug shell within {timeout:.0f} s") from None
-                time.sleep(2)
+                return False
+            return True
+
+        until(answers, timeout, f"{self.name}: no debug shell within {timeout:.0f} s", pause=2)
         # Once per boot; a subshell, because run() wraps the command in braces where a bare `&`
         # cannot end it.
         self.run("[ -e /run/kernel-log-copied ] || { touch /run/kernel-log-copied; "
@@ -321,11 +357,7 @@ class VM:
 
 
 def _wait_path(path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise VMError(f"{path} did not appear within {timeout:.0f} s")
-        time.sleep(0.1)
+    until(path.exists, timeout, f"{path} did not appear within {timeout:.0f} s", pause=0.1)
 
 
 def make_disk(path: Path, size: int, seed: bytes) -> str:

@@ -9,11 +9,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from testbed.wait import until
+
+REPO = Path(__file__).resolve().parents[1]
 DNSMASQ_CONF = REPO / "docs" / "netboot" / "dnsmasq.conf"
 SERVER = "10.42.0.1"  # the documented example address, used as is
 TAP = "stmboot0"
@@ -43,13 +44,11 @@ def _netns(namespace: str, *argv: str) -> None:
 
 
 def _wait_listening(namespace: str, port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         out = subprocess.run(["ip", "netns", "exec", namespace, "ss", "-Htln"], capture_output=True, text=True)
-        if f"{SERVER}:{port} " in out.stdout:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"nothing listens on {SERVER}:{port} in {namespace} after {timeout:.0f} s")
+        return f"{SERVER}:{port} " in out.stdout
+
+    until(listening, timeout, f"nothing listens on {SERVER}:{port} in {namespace} after {timeout:.0f} s", pause=0.2)
 
 
 @contextlib.contextmanager

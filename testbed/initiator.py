@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 
-from tests.vm.machine import VM
+from testbed.machine import VM
+from testbed.wait import until
 
 # TCG VMs on this shared 2-core host can stall for seconds. With nvme-cli's default 5 s
 # keep-alive a stall starts the kernel's error recovery, which these tests do not check and
@@ -32,13 +32,22 @@ def screen_addresses(target: VM) -> list[str]:
 def wait_address(target: VM, prefix: str, timeout: float = 120) -> str:
     """The first address starting with `prefix` that the target's screen shows, as printed.
     Addresses appear some seconds after the disks (IPv4 link-local probes for ARP conflicts)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for address in screen_addresses(target):
-            if address.startswith(prefix):
-                return address
-        time.sleep(1)
-    raise AssertionError(f"the target's screen showed no {prefix}… address within {timeout:.0f} s")
+    return until(lambda: next((a for a in screen_addresses(target) if a.startswith(prefix)), ""), timeout,
+                 f"the target's screen showed no {prefix}… address within {timeout:.0f} s")  # fmt: skip
+
+
+def prepare_initiator(initiator: VM, timeout: float = 120) -> None:
+    """nvme-tcp loaded, and the initiator's own link-local addresses usable (DAD and IPv4LL
+    probing done): connecting from a tentative address fails with EADDRNOTAVAIL."""
+    initiator.sh("modprobe nvme_tcp")
+    addrs = ""
+
+    def ready() -> bool:
+        nonlocal addrs
+        addrs, _ = initiator.run("ip -o addr show dev enp0s3")  # not there until udev renamed it
+        return "169.254." in addrs and "fe80::" in addrs and "tentative" not in addrs
+
+    until(ready, timeout, lambda: f"the initiator's link-local addresses are not ready: {addrs}")
 
 
 def screen_rows_joined(target: VM) -> str:

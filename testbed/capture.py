@@ -8,8 +8,9 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.vm.initiator import Remote
-from tests.vm.machine import VM, VMError
+from testbed import VMError
+from testbed.initiator import Remote
+from testbed.machine import VM
 
 MARKER_BLOCK = 4096
 
