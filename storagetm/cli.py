@@ -9,30 +9,19 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 
-from storagetm import __version__, state
-from storagetm.auth import secret_argument
+from storagetm import __version__, options, state
 from storagetm.daemon import Daemon, explicit_files, plan
-from storagetm.disks import resolve_file
 from storagetm.errors import ExitCode, NotRunningError, StorageTMError, UsageError
-from storagetm.identity import check_nqn_prefix, default_nqn_base, host_identity, valid_nqn
+from storagetm.identity import default_nqn_base, host_identity, nvme_overrides
 from storagetm.keys import HIDDEN, ON_COMMAND_LINE, on_command_line
 from storagetm.memory import check_system_complete
 from storagetm.policy import held_by_another, system_facts
 from storagetm.screen import Screen, active_consoles, human_size, render
-from storagetm.settings import (
-    KERNEL_OPTIONS,
-    OptionError,
-    Settings,
-    apply_kernel_cmdline,
-    parse_modes,
-    parse_port,
-    parse_snapshot_size,
-    read_kernel_cmdline,
-)
+from storagetm.settings import Settings
 from storagetm.text import PrintableLogFilter, printable
-from storagetm.tls import key_argument
 from storagetm.udev import BlockDevices
 
 log = logging.getLogger("storagetm")
@@ -50,53 +39,6 @@ exit codes: 0 ok, 1 failure, 2 usage error (or not root), 3 kernel lacks nvmet/c
 """
 
 
-def _port(value: str) -> int:
-    try:
-        return parse_port(value)
-    except OptionError as exc:
-        raise argparse.ArgumentTypeError(f"{exc}, not {value!r}") from exc
-
-
-def _nqn(value: str) -> str:
-    try:
-        return check_nqn_prefix(value)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(exc.one_line()) from exc
-
-
-def _argument(check: Callable[[str], str]) -> Callable[[str], str]:
-    """An argparse type from a check that raises UsageError: its one line becomes the error."""
-
-    def convert(value: str) -> str:
-        try:
-            return check(value)
-        except UsageError as exc:
-            raise argparse.ArgumentTypeError(exc.one_line()) from exc
-
-    return convert
-
-
-_secret = _argument(secret_argument)
-_tls_key = _argument(key_argument)
-
-
-def _secret_or_generate(value: str) -> str:
-    return value if value == "generate" else _secret(value)
-
-
-def _host_nqn(value: str) -> str:
-    if not valid_nqn(value):
-        raise argparse.ArgumentTypeError(f"not a host NQN: {value!r}")
-    return value
-
-
-def _snapshot_size(value: str) -> int:
-    try:
-        return parse_snapshot_size(value)
-    except OptionError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
 def serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="storagetm",
@@ -104,51 +46,10 @@ def serve_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("devices", nargs="*", metavar="DEVICE|FILE",
-                        help="block devices (path, by-id name or serial) or regular files to export")  # fmt: skip
-    parser.add_argument("-a", "--all", action="count", default=0,
-                        help="export every disk, now and hotplugged later; twice: also the root "
-                        "disk, the boot medium and disks in use (mounted, swap)")  # fmt: skip
-    parser.add_argument("--nqn", type=_nqn, metavar="PREFIX", help="NQN prefix (default: derived from this host)")
-    parser.add_argument("--port", type=_port, default=None, help="TCP port for I/O (default 4420)")
-    parser.add_argument("--read-only", dest="modes", action="append_const", const="ro",
-                        help="export read-only: every write fails on the initiator")  # fmt: skip
-    parser.add_argument("--snapshot", dest="modes", action="append_const", const="snapshot",
-                        help="writes go to a RAM copy-on-write store; the disks are never written")  # fmt: skip
-    parser.add_argument("--mode", dest="modes", action="append", metavar="[DISK=]MODE",
-                        help="rw, ro or snapshot, for all disks or one disk (path, by-id name or serial)")  # fmt: skip
-    parser.add_argument("--snapshot-size", type=_snapshot_size, default=None, metavar="SIZE",
-                        help="copy-on-write RAM per disk in snapshot mode (default 1G, less if RAM "
-                        "is short)")  # fmt: skip
-    parser.add_argument("--auth", action="store_true",
-                        help="require NVMe in-band authentication (DH-HMAC-CHAP); a secret is generated")  # fmt: skip
-    parser.add_argument(
-        "--dhchap-secret", type=_secret, metavar="DHHC-1:…", help="use this host secret (implies --auth)"
-    )
-    parser.add_argument(
-        "--dhchap-ctrl-secret", nargs="?", const="generate", type=_secret_or_generate, metavar="DHHC-1:…",
-        help="bidirectional: the target proves itself too (generated if no value); implies --auth",
-    )  # fmt: skip
-    parser.add_argument("--allow-host", action="append", type=_host_nqn, metavar="HOSTNQN",
-                        help="host NQN allowed to connect (repeatable; implies --auth)")  # fmt: skip
-    parser.add_argument(
-        "--tls",
-        action="store_true",
-        help="require NVMe/TCP over TLS 1.3 with a pre-shared key (generated unless --tls-key)",
-    )
-    parser.add_argument("--tls-key", type=_tls_key, metavar="KEY", help="the PSK (NVMeTLSkey-1:01:…:); implies --tls")
-    parser.add_argument(
-        "--announce",
-        action="store_true",
-        help="announce the discovery service over mDNS (_nvme-disc._tcp, via systemd-resolved)",
-    )
-    parser.add_argument(
-        "--realtime",
-        action="store_true",
-        help="once started, handle disk events at real-time priority (SCHED_RR 1), ahead of other services",
-    )
+    options.add_arguments(parser)
     parser.add_argument("--list-devices", action="store_true", help="list block devices and whether they are exported")
     parser.add_argument("--kernel-cmdline", action="store_true", help="read storagetm.* options from /proc/cmdline")
+    parser.add_argument("--help-kernel-cmdline", action="store_true", help="list the storagetm.* boot options")
     parser.add_argument("--console", action="store_true", help="draw the screen on the kernel's consoles, not stdout")
     parser.add_argument("--json", action="store_true", help="JSON output (with --list-devices)")
     parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
@@ -157,31 +58,10 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
-    settings = Settings(
-        all_disks=args.all > 0,
-        lift_guards=args.all > 1,
-        # Files by their real path: named through a symlink or a relative path, they still match.
-        devices=tuple(resolve_file(spec) or spec for spec in args.devices),
-        nqn_base=args.nqn,
-        port=args.port or Settings.port,
-        snapshot_size=args.snapshot_size or Settings.snapshot_size,
-        auth=bool(args.auth or args.dhchap_secret or args.dhchap_ctrl_secret or args.allow_host),
-        dhchap_secret=args.dhchap_secret or "",
-        dhchap_ctrl_secret=args.dhchap_ctrl_secret or "",
-        allow_hosts=tuple(args.allow_host or ()),
-        announce=args.announce,
-        tls=bool(args.tls or args.tls_key),
-        tls_key=args.tls_key or "",
-        realtime=args.realtime,
-    )
-    for value in args.modes or []:
-        try:
-            settings = parse_modes(value, settings)
-        except OptionError as exc:
-            raise UsageError(f"invalid --mode: {exc}") from None
+    settings = options.settings_of(args)
     problems: list[str] = []
     if args.kernel_cmdline:
-        settings, problems = apply_kernel_cmdline(settings, read_kernel_cmdline())
+        settings, problems = options.apply_kernel_cmdline(settings, options.read_kernel_cmdline())
     return settings, problems
 
 
@@ -220,13 +100,24 @@ def list_devices(settings: Settings, as_json: bool) -> int:
 
 
 def serve(argv: Sequence[str]) -> int:
-    args = serve_parser().parse_args(argv)
+    # Intermixed, as getopt permutes: `storagetm FILE --nqn=quux` and `storagetm a --port=N b`.
+    args = serve_parser().parse_intermixed_args(argv)
     setup_logging(args.debug)
+    if args.help_kernel_cmdline:
+        print(options.kernel_help(), end="")
+        return ExitCode.OK
     if on_command_line(argv):
         log.warning("%s", ON_COMMAND_LINE)
     settings, problems = settings_from(args)
     for problem in problems:
         log.warning("%s", problem)
+    overrides, warnings = nvme_overrides(os.environ)
+    for warning in warnings:
+        log.warning("%s", warning)
+    settings = replace(settings, nvme=overrides)
+    if (overrides.serial or overrides.uuid) and settings.identity_overrides() != overrides:
+        log.warning("$SYSTEMD_NVME_SERIAL and $SYSTEMD_NVME_UUID apply only to a single named disk; "
+                    "with several each disk keeps its own, ignoring")  # fmt: skip
     if args.list_devices:
         return list_devices(settings, args.json)
     if not settings.all_disks and not settings.devices:
@@ -291,10 +182,6 @@ def stop(argv: Sequence[str]) -> int:
         time.sleep(0.1)
     print("storagetm stopped")
     return ExitCode.OK
-
-
-def help_kernel_cmdline() -> str:
-    return "\n".join(f"  storagetm.{opt.name}=  {opt.help}" for opt in KERNEL_OPTIONS)
 
 
 def setup_logging(debug: bool) -> None:

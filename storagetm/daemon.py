@@ -24,6 +24,7 @@ from storagetm.fabrics.nvmet import NvmetFabric
 from storagetm.identity import default_nqn_base, host_id, host_identity, identity_for
 from storagetm.model import Backing, Export, Want
 from storagetm.notify import sd_notify
+from storagetm.options import with_credentials
 from storagetm.policy import (
     Reason,
     SystemFacts,
@@ -37,7 +38,7 @@ from storagetm.policy import (
 from storagetm.reconcile.journal import Journal, fault_from_environment
 from storagetm.reconcile.reconciler import Reconciler
 from storagetm.screen import Screen
-from storagetm.settings import Settings, with_credentials
+from storagetm.settings import Settings
 from storagetm.udev import BlockDevices, udev_settled
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def plan(
     problems: list[str] = []
     details: dict[str, str] = {}
     unknown_root_refused = False
+    overrides = settings.identity_overrides()
     for disk in sort_disks(disks):
         named = any(disk.matches(spec) for spec in settings.devices)
         selected = settings.all_disks or named
@@ -106,7 +108,7 @@ def plan(
             if selected and not settings.all_disks:
                 problems.append(refusal(disk, reason, details.get(disk.devnode, "")))
             continue
-        identity = identity_for(nqn_base, disk)
+        identity = identity_for(nqn_base, disk, overrides)
         if identity.nqn in exports:
             problems.append(f"not exporting {disk.devnode}: same identity as "
                             f"{exports[identity.nqn].disk.devnode}")  # fmt: skip

@@ -11,7 +11,8 @@ import functools
 import hashlib
 import re
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from storagetm.disks import Disk
@@ -130,16 +131,55 @@ class Identity:
     firmware: str
 
 
+@dataclass(frozen=True)
+class NvmeOverrides:
+    """What the initiator sees instead of a disk's own model, firmware, serial and namespace
+    UUID: systemd-storagetm's $SYSTEMD_NVME_MODEL, _FIRMWARE, _SERIAL and _UUID. "" keeps the
+    disk's own."""
+
+    model: str = ""
+    firmware: str = ""
+    serial: str = ""
+    uuid: str = ""
+
+    def shared(self) -> NvmeOverrides:
+        """Only what several disks may share: serials and UUIDs must stay unique."""
+        return replace(self, serial="", uuid="")
+
+
+NO_OVERRIDES = NvmeOverrides()
+
+
+ENVIRONMENT = {"model": "SYSTEMD_NVME_MODEL", "firmware": "SYSTEMD_NVME_FIRMWARE", "serial": "SYSTEMD_NVME_SERIAL",
+               "uuid": "SYSTEMD_NVME_UUID"}  # fmt: skip
+
+
+def nvme_overrides(environ: Mapping[str, str]) -> tuple[NvmeOverrides, list[str]]:
+    """The overrides the environment sets, and a warning for each it sets wrong. As upstream,
+    a UUID that does not parse (or is all zeros) is ignored: the disk keeps its own."""
+    values = {field: environ.get(name, "") for field, name in ENVIRONMENT.items()}
+    warnings: list[str] = []
+    if values["uuid"]:
+        try:
+            parsed = uuid.UUID(values["uuid"])
+        except ValueError:
+            parsed = uuid.UUID(int=0)
+        if parsed.int == 0:
+            warnings.append(f"${ENVIRONMENT['uuid']}={values['uuid'][:40]!r} is not a UUID, ignoring")
+        values["uuid"] = str(parsed) if parsed.int else ""
+    return NvmeOverrides(**values), warnings
+
+
 @functools.lru_cache(maxsize=1024)  # plan() asks again for every disk on each udev event
-def identity_for(base: str, disk: Disk, firmware: str = "") -> Identity:
+def identity_for(base: str, disk: Disk, overrides: NvmeOverrides = NO_OVERRIDES) -> Identity:
     nqn = subsystem_nqn(base, disk)
-    ns_uuid = uuid.uuid5(_UUID_NAMESPACE, nqn)
+    ns_uuid = overrides.uuid or str(uuid.uuid5(_UUID_NAMESPACE, nqn))
     nguid = hashlib.sha256(f"storagetm-nguid:{nqn}".encode()).hexdigest()[:32]
     return Identity(
         nqn=nqn,
-        uuid=str(ns_uuid),
+        uuid=ns_uuid,
         nguid=f"{nguid[0:8]}-{nguid[8:12]}-{nguid[12:16]}-{nguid[16:20]}-{nguid[20:32]}",
-        model=_ascii(disk.model or "storagetm disk", MODEL_MAX),
-        serial=_ascii(disk.serial, SERIAL_MAX),
-        firmware=_ascii(firmware, FIRMWARE_MAX),
+        model=_ascii(overrides.model or disk.model or "storagetm disk", MODEL_MAX),
+        serial=_ascii(overrides.serial or disk.serial, SERIAL_MAX),
+        firmware=_ascii(overrides.firmware, FIRMWARE_MAX),
     )

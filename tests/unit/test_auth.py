@@ -7,7 +7,7 @@ import pytest
 from storagetm.auth import AuthConfig, check_secret, generate_secret, resolve
 from storagetm.configfs import Root
 from storagetm.errors import StorageTMError, UsageError
-from storagetm.exports import Export, Exporter, listeners
+from storagetm.model import Export, Exporter, listeners
 from storagetm.identity import identity_for
 from storagetm.screen import render
 from storagetm.state import RunState

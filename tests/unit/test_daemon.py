@@ -13,7 +13,7 @@ from storagetm import state
 from storagetm.configfs import Root
 from storagetm.daemon import Daemon, serve_at_realtime_priority
 from storagetm.disks import Disk
-from storagetm.exports import Exporter, listeners
+from storagetm.model import Exporter, listeners
 from storagetm.policy import SystemFacts
 from storagetm.screen import Screen
 from storagetm.settings import Settings

@@ -8,7 +8,7 @@ import pytest
 from storagetm.configfs import Root
 from storagetm.disks import Disk
 from storagetm.errors import ConfigfsError
-from storagetm.exports import Export, Exporter, listeners
+from storagetm.model import Export, Exporter, listeners
 from storagetm.identity import identity_for
 from tests.unit.fake_configfs import FakeConfigfs
 

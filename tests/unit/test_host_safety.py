@@ -14,7 +14,7 @@ from storagetm import cli
 from storagetm.configfs import Root
 from storagetm.daemon import Daemon, plan
 from storagetm.disks import Disk
-from storagetm.exports import Exporter, listeners
+from storagetm.model import Exporter, listeners
 from storagetm.mounts import Backing, HostPaths, disks_in_use, parse_mountinfo
 from storagetm.policy import HELD_EXCLUSIVELY, LOCKED, Reason, SystemFacts, held_by_another, root_disks, system_facts
 from storagetm.screen import Screen

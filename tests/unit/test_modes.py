@@ -6,8 +6,9 @@ from storagetm.disks import Disk
 from storagetm.model import Export
 from storagetm.identity import identity_for
 from storagetm.modes import Mode, parse_size, parse_snapshot_status
+from storagetm.options import apply_kernel_cmdline
 from storagetm.screen import render
-from storagetm.settings import OptionError, Settings, apply_kernel_cmdline, parse_modes, parse_snapshot_size
+from storagetm.settings import OptionError, Settings, parse_modes, parse_snapshot_size
 from storagetm.state import RunState
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"

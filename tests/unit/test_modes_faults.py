@@ -12,7 +12,7 @@ import pytest
 from storagetm import modes
 from storagetm.configfs import Root
 from storagetm.disks import Disk
-from storagetm.exports import Export, Exporter, listeners
+from storagetm.model import Export, Exporter, listeners
 from storagetm.identity import identity_for
 from storagetm.modes import DEFAULT_STORE_SIZE, MIN_STORE_SIZE, RAM_RESERVE, BackingError, Mode, System, store_size
 from tests.unit.fake_configfs import FakeConfigfs

@@ -30,8 +30,9 @@ from storagetm.daemon import plan
 from storagetm.disks import Disk
 from storagetm.errors import UsageError
 from storagetm.modes import Mode
+from storagetm.options import KERNEL_WHITESPACE, apply_kernel_cmdline, split_kernel_cmdline
 from storagetm.policy import SystemFacts
-from storagetm.settings import KERNEL_WHITESPACE, Settings, apply_kernel_cmdline, split_kernel_cmdline
+from storagetm.settings import Settings
 from storagetm.tls import generate_key
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
@@ -45,8 +46,9 @@ DISKS = (
 MODES = {"rw": Mode.READ_WRITE, "read-write": Mode.READ_WRITE, "ro": Mode.READ_ONLY, "read-only": Mode.READ_ONLY,
          "snapshot": Mode.SNAPSHOT, "cow": Mode.SNAPSHOT}  # fmt: skip
 OFF = {"0", "no", "off", "false"}
-KNOWN = {"disks", "nqn", "port", "mode", "snapshot_size", "auth", "auth_ctrl", "allow_hosts", "tls", "announce"}
-REFUSING = {"disks", "auth", "auth_ctrl", "allow_hosts", "tls"}
+KNOWN = {"disks", "nqn", "port", "mode", "snapshot_size", "auth", "auth_ctrl", "allow_hosts", "tls", "announce",
+         "realtime", "dhchap_secret", "dhchap_ctrl_secret", "tls_key"}  # fmt: skip
+REFUSING = {"disks", "auth", "auth_ctrl", "allow_hosts", "tls", "dhchap_secret", "dhchap_ctrl_secret", "tls_key"}
 SECRET = generate_secret()
 KEY = generate_key()
 BAD_SECRETS = (SECRET[:12] + ("A" if SECRET[12] != "A" else "B") + SECRET[13:],  # bad CRC

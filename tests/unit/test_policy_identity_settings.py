@@ -10,9 +10,10 @@ from storagetm.daemon import plan
 from storagetm.disks import Disk
 from storagetm.identity import check_nqn_prefix, host_identity, identity_for, valid_nqn
 from storagetm.network import parse_ip_json
+from storagetm.options import apply_kernel_cmdline
 from storagetm.policy import Reason, SystemFacts, loader_partuuid
 from storagetm.screen import render
-from storagetm.settings import Settings, apply_kernel_cmdline
+from storagetm.settings import Settings
 from storagetm.state import RunState
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"

@@ -11,8 +11,9 @@ import pytest
 from storagetm import tls
 from storagetm.configfs import Root
 from storagetm.errors import UsageError
-from storagetm.exports import DISCOVERY_NQN, Exporter, listeners
-from storagetm.settings import Settings, apply_kernel_cmdline
+from storagetm.model import DISCOVERY_NQN, Exporter, listeners
+from storagetm.options import apply_kernel_cmdline
+from storagetm.settings import Settings
 from tests.unit.fake_configfs import FakeConfigfs
 from tests.unit.test_exports import export_of, file_disk
 
