@@ -7,8 +7,8 @@ import pytest
 from storagetm.auth import AuthConfig, check_secret, generate_secret, resolve
 from storagetm.configfs import Root
 from storagetm.errors import StorageTMError, UsageError
-from storagetm.model import Export, Exporter, listeners
 from storagetm.identity import identity_for
+from storagetm.model import Export, Exporter, listeners
 from storagetm.screen import render
 from storagetm.state import RunState
 from tests.unit.fake_configfs import FakeConfigfs

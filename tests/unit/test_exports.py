@@ -8,8 +8,8 @@ import pytest
 from storagetm.configfs import Root
 from storagetm.disks import Disk
 from storagetm.errors import ConfigfsError
-from storagetm.model import Export, Exporter, listeners
 from storagetm.identity import identity_for
+from storagetm.model import Export, Exporter, listeners
 from tests.unit.fake_configfs import FakeConfigfs
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from storagetm.disks import Disk
-from storagetm.model import Export
 from storagetm.identity import identity_for
+from storagetm.model import Export
 from storagetm.modes import Mode, parse_size, parse_snapshot_status
 from storagetm.options import apply_kernel_cmdline
 from storagetm.screen import render

@@ -12,8 +12,8 @@ import pytest
 from storagetm import modes
 from storagetm.configfs import Root
 from storagetm.disks import Disk
-from storagetm.model import Export, Exporter, listeners
 from storagetm.identity import identity_for
+from storagetm.model import Export, Exporter, listeners
 from storagetm.modes import DEFAULT_STORE_SIZE, MIN_STORE_SIZE, RAM_RESERVE, BackingError, Mode, System, store_size
 from tests.unit.fake_configfs import FakeConfigfs
 

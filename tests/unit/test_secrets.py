@@ -18,8 +18,8 @@ from storagetm.auth import AuthConfig, generate_secret
 from storagetm.cli import main, serve_parser
 from storagetm.configfs import Root
 from storagetm.errors import ConfigfsError, ExitCode
-from storagetm.model import Exporter
 from storagetm.keys import on_command_line
+from storagetm.model import Exporter
 from storagetm.network import Address
 from storagetm.screen import Screen
 from storagetm.state import RunState
