@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from storagetm.model import DISCOVERY_NQN, DISCOVERY_TRSVCID
+from storagetm.model import DISCOVERY_NQN, IO_TRSVCID
 from testbed.initiator import connected, disconnect_all
 from testbed.machine import VM, Disk, make_disk, qemu_binary
 from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, image, running_initiator, target_vm
@@ -279,7 +279,9 @@ def implementations() -> list[Implementation]:
             TARGET_APPEND,
             unit="storagetm.service",
             run="storagetm {files} >/dev/null 2>&1",
-            port=str(DISCOVERY_TRSVCID),
+            # Port 8009 only refers to the I/O port's discovery service, which lists the
+            # disks and tells watching initiators of a new one: the same port as upstream's.
+            port=str(IO_TRSVCID),
         ),
         NVMeTarget(
             "systemd-storagetm",

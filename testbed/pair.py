@@ -153,3 +153,12 @@ def report(*vms: VM, lines: int = 30) -> None:
     for vm in vms:
         print(f"\n===== {vm.name}: last console lines ({vm.console_log}) =====\n{vm.tail(lines)}")
         print(f"\n===== {vm.name}: last kernel messages ({vm.kernel_log}) =====\n{vm.kernel_tail(lines)}")
+
+
+SUBSYSTEMS = "/sys/kernel/config/nvmet/subsystems"
+ANCHOR_SUFFIX = ":discovery-port"  # the subsystem that makes port 8009 listen; no host may use it
+
+
+def exported_subsystems(target: VM) -> list[str]:
+    """The NQNs of the disks exported now, as configfs holds them (the anchor left out)."""
+    return [nqn for nqn in target.sh(f"ls -A {SUBSYSTEMS}").split() if not nqn.endswith(ANCHOR_SUFFIX)]

@@ -41,11 +41,19 @@ def test_connect_all_with_defaults_reads_every_byte(pair: Pair, family: str) -> 
     prefix = "fe80::" if family.startswith("ipv6") else "169.254."
     address = wait_address(pair.target, prefix)
     disconnect_all(pair.initiator)
-    discover = pair.initiator.sh(f"nvme discover -t tcp -a {address}")
+    # Port 8009 serves discovery only: its log refers to the I/O port's discovery service.
+    referral = pair.initiator.sh(f"nvme discover -t tcp -a {address}")
+    assert "subtype: nvme subsystem" not in referral, referral
+    assert re.search(r"subtype:\s+(discovery subsystem )?referral", referral), referral
+    assert re.search(r"trsvcid:\s+4420", referral), referral
+    discover = pair.initiator.sh(f"nvme discover -t tcp -a {address} -s 4420")
     nqns = set(re.findall(r"subnqn:\s+(\S+)", discover)) - {"nqn.2014-08.org.nvmexpress.discovery"}
     pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
     remotes = connected(pair.initiator)
     try:
+        # connect-all followed the referral: every I/O controller is on 4420, none on 8009.
+        ports = set(re.findall(r"trsvcid=(\d+)", pair.initiator.sh("cat /sys/class/nvme/nvme*/address")))
+        assert ports == {"4420"}, ports
         # Every disk exactly once, with the disk's own model and serial.
         assert sorted(r.serial for r in remotes) == sorted(pair.disks), remotes
         assert {r.nqn for r in remotes} == nqns
@@ -97,7 +105,11 @@ def test_status_json_and_configfs_agree(pair: Pair) -> None:
     serials = sorted(e["disk"]["serial"] for e in status["exports"])
     assert serials == sorted(pair.disks)
     configfs = pair.target.sh("ls /sys/kernel/config/nvmet/subsystems").split()
-    assert sorted(configfs) == sorted(e["nqn"] for e in status["exports"])
+    anchors = [nqn for nqn in configfs if nqn.endswith(":discovery-port")]  # makes 8009 listen; no host may use it
+    assert len(anchors) == 1, configfs
+    assert sorted(set(configfs) - set(anchors)) == sorted(e["nqn"] for e in status["exports"])
+    assert pair.target.sh("ls /sys/kernel/config/nvmet/ports/8009/subsystems").split() == anchors
+    assert sorted(pair.target.sh("ls /sys/kernel/config/nvmet/ports/4420/subsystems").split()) == sorted(configfs)
     ports = {p["trsvcid"] for p in status["ports"]}
     assert ports == {4420, 8009}
     listening = pair.target.sh("ss -Htln")
@@ -214,7 +226,7 @@ def test_hotplug_add_and_remove(pair: Pair) -> None:
     make_disk(hot.path, 16 << 20, b"HOT00001")
 
     def discoverable() -> bool:
-        return "hot00001" in pair.initiator.sh(f"nvme discover -t tcp -a {address}")
+        return "hot00001" in pair.initiator.sh(f"nvme discover -t tcp -a {address} -s 4420")
 
     pair.target.hotplug(hot)
     until(discoverable, HOTPLUG_BOUND, "hot-plugged disk not discoverable in time")

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from testbed.machine import Disk
-from testbed.pair import BOOT_TIMEOUT, Pair
+from testbed.pair import BOOT_TIMEOUT, Pair, exported_subsystems
 from testbed.wait import until
 
 pytestmark = pytest.mark.vm
@@ -55,7 +55,7 @@ def test_disks_in_use_are_listed_with_why_and_not_exported(pair: Pair) -> None:
     nqns = exported_serials(pair)
     assert sorted(nqns) == sorted(DISKS)
     pair.target.sh("systemctl stop storagetm")
-    assert pair.target.sh(f"ls -A {SUBSYSTEMS}").split() == []
+    assert exported_subsystems(pair.target) == []
     mnt, swap, held = (device(pair, serial) for serial in ("MNT00001", "SWAP0001", "HELD0001"))
     pair.target.sh(f"mkfs.ext4 -q -F {mnt} && mkdir -p /mnt/ext4 && mount {mnt} /mnt/ext4")
     pair.target.sh(f"mkswap {swap} >/dev/null && swapon {swap}")
@@ -77,7 +77,7 @@ def test_disks_in_use_are_listed_with_why_and_not_exported(pair: Pair) -> None:
 
         pair.target.sh("systemctl start storagetm")  # Type=notify: returns once it is ready
         assert sorted(exported_serials(pair)) == ["FREE0001"]
-        assert pair.target.sh(f"ls -A {SUBSYSTEMS}").split() == [nqns["FREE0001"]]
+        assert exported_subsystems(pair.target) == [nqns["FREE0001"]]
         reasons = {row["name"]: row["reason"] for row in json.loads(pair.target.sh("storagetm status --json"))
                    ["not_exported"]}  # fmt: skip
         assert reasons[mnt.removeprefix("/dev/")] == "mounted at /mnt/ext4", reasons

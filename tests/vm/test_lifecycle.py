@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from testbed.initiator import CONNECT_ALL, connected, disconnect_all, wait_address
-from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, Pair
+from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, Pair, exported_subsystems
 from testbed.wait import until
 
 pytestmark = pytest.mark.vm
@@ -32,7 +32,7 @@ def test_bad_kernel_options_are_named_and_only_asked_for_disks_exported(pair: Pa
     status = json.loads(pair.target.sh("storagetm status --json"))
     assert [e["disk"]["serial"] for e in status["exports"]] == ["VIRT0002"]
     assert {p["trsvcid"] for p in status["ports"]} == {4420, 8009}  # the bad port fell back to the default
-    assert pair.target.sh("ls /sys/kernel/config/nvmet/subsystems").split() == [status["exports"][0]["nqn"]]
+    assert exported_subsystems(pair.target) == [status["exports"][0]["nqn"]]
 
 
 def test_sigkill_restart_adopts_exports_and_reads_go_on(pair: Pair) -> None:
@@ -51,7 +51,7 @@ def test_sigkill_restart_adopts_exports_and_reads_go_on(pair: Pair) -> None:
 
         after = until(restarted, 60, "storagetm was not restarted")
         assert [e["nqn"] for e in after["exports"]] == [e["nqn"] for e in before["exports"]]
-        assert pair.target.sh("ls /sys/kernel/config/nvmet/subsystems").split() == [before["exports"][0]["nqn"]]
+        assert exported_subsystems(pair.target) == [before["exports"][0]["nqn"]]
         assert "adopted" in pair.target.sh("journalctl -b -u storagetm --no-pager")
         # The initiator's connection survived: read the whole disk over it now.
         out = pair.initiator.sh(f"sha256sum /dev/{remote.block}", timeout=300)

@@ -16,8 +16,8 @@ import uuid
 
 import pytest
 
-from tests.vm.conftest import BOOT_TIMEOUT, Pair
-from tests.vm.initiator import CONNECT_ALL, disconnect_all, wait_address
+from testbed.initiator import CONNECT_ALL, disconnect_all, wait_address
+from testbed.pair import BOOT_TIMEOUT, SUBSYSTEMS, Pair, exported_subsystems
 
 pytestmark = pytest.mark.vm
 
@@ -25,7 +25,6 @@ DISKS = {"VIRT0084": "virtio"}
 FILE = "/var/tmp/storagetm.test"
 QUUX = "nqn.2023-10.io.systemd:quux"
 UNIT = "teststoragetm.service"
-SUBSYSTEMS = "/sys/kernel/config/nvmet/subsystems"
 # dd if=/dev/urandom bs=1024 count=10240, but the same bytes on both VMs.
 MAKE_FILE = ("python3 -c 'import random, sys; sys.stdout.buffer.write(random.Random(84).randbytes(10240 * 1024))' "
              "> {path}")  # fmt: skip
@@ -44,7 +43,7 @@ def test_upstream_storagetm_steps(pair: Pair) -> None:
         # Type=notify: systemd-run returns once storagetm said READY=1, i.e. the file is exported.
         pair.target.sh(f"systemd-run -u {UNIT} -p Type=notify -p Environment=SYSTEMD_NVME_UUID={nvme_uuid} "
                        f"/usr/bin/storagetm {FILE} --nqn={QUUX}", timeout=120)  # fmt: skip
-        (subsystem,) = pair.target.sh(f"ls -A {SUBSYSTEMS}").split()
+        (subsystem,) = exported_subsystems(pair.target)
         assert subsystem.startswith(f"{QUUX}.")
         assert pair.target.sh(f"cat {SUBSYSTEMS}/{subsystem}/namespaces/1/device_uuid") == nvme_uuid
         device = f"/dev/disk/by-id/nvme-uuid.{nvme_uuid}"
