@@ -227,7 +227,15 @@ class Daemon:
         want = self.want()
         failures = self.reconciler.apply(desired_state(want, self.backing, [self.fabric]))
         failed = {failure.group for failure in failures}
+        before = self.state.exports
         self.state.exports = {nqn: export for nqn, export in want.exports.items() if nqn not in failed}
+        for nqn, export in sorted(self.state.exports.items()):
+            if nqn not in before:
+                log.info("exported %s (%s) as %s", export.disk.devnode, export.mode.label, nqn)
+            elif before[nqn].mode is not export.mode:
+                log.info("%s is now %s", export.disk.devnode, export.mode.label)
+        for nqn in sorted(set(before) - set(self.state.exports)):
+            log.info("withdrew %s (%s)", nqn, before[nqn].disk.devnode)
         self.state.backings = {nqn: self._backing_view(export) for nqn, export in self.state.exports.items()}
         self.state.ports = [] if "" in failed else want.listeners
         return [failure.one_line() for failure in failures]

@@ -79,6 +79,8 @@ class Reconciler:
                 log.warning("cannot look at %s %s left by the previous storagetm: %s, ignoring", owned.kind,
                             owned.name, _describe(exc)[0])  # fmt: skip
         self.journal.forget(gone)
+        if self.owned:
+            log.info("the previous storagetm left %d kernel objects; keeping what is still wanted", len(self.owned))
         if self.owned or self.journal.path.exists():
             self.journal.compact()
 
@@ -114,6 +116,9 @@ class Reconciler:
                 failures.append(Failure(op.key, obj.group, f"{obj.group}: {message}" if obj.group else message, hint))
                 if obj.group:
                     failed_groups.add(obj.group)
+        adopted = sum(op.action == ADOPT for op in ops)
+        if adopted:
+            log.info("adopted %d kernel object%s a previous storagetm made", adopted, "s" if adopted != 1 else "")
         for group in sorted(failed_groups):
             self.remove_group(group)
         self.journal.maybe_compact()
