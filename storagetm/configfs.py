@@ -212,7 +212,8 @@ class Referral(Node):
         try:
             self.ops.write(f"{self.path}/enable", "1" if on else "0")
         except OSError as exc:
-            raise ConfigfsError(f"cannot {'enable' if on else 'disable'} referral {self.path}: {_describe(exc)}") from exc
+            verb = "enable" if on else "disable"
+            raise ConfigfsError(f"cannot {verb} referral {self.path}: {_describe(exc)}") from exc
 
     def delete(self) -> None:
         if not self.exists():

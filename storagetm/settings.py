@@ -15,8 +15,8 @@ from pathlib import Path
 from storagetm.auth import CREDENTIAL_CTRL_SECRET, CREDENTIAL_SECRET, check_secret
 from storagetm.disks import Disk
 from storagetm.errors import UsageError
-from storagetm.model import IO_TRSVCID
 from storagetm.identity import check_nqn_prefix, valid_nqn
+from storagetm.model import IO_TRSVCID
 from storagetm.modes import Mode, parse_size
 from storagetm.tls import CREDENTIAL_KEY, check_key
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from storagetm.auth import AuthConfig
 from storagetm.disks import Disk
-from storagetm.model import Backing, Export, Listener
 from storagetm.identity import Identity
+from storagetm.model import Backing, Export, Listener
 from storagetm.modes import Mode, SnapshotUsage
 from storagetm.network import Address
 from storagetm.statefile import write_atomic

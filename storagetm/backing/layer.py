@@ -89,7 +89,8 @@ class HoldDriver(BaseDriver):
         try:
             fd = os.open(obj.name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
-            raise modes.BackingError(f"cannot open {obj.name}: {exc.strerror}", hint="is the device still there?") from exc
+            raise modes.BackingError(f"cannot open {obj.name}: {exc.strerror}",
+                                     hint="is the device still there?") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:

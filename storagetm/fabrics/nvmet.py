@@ -108,7 +108,8 @@ class NvmetFabric:
     def drivers(self) -> Sequence[Driver]:
         root = self.root
         return (HostDriver(root), PortDriver(root), SubsystemDriver(root), NamespaceDriver(root),
-                AllowedHostDriver(root), PortLinkDriver(root), ReferralDriver(root), PskDriver(self.keyring))  # fmt: skip
+                AllowedHostDriver(root), PortLinkDriver(root), ReferralDriver(root),
+                PskDriver(self.keyring))  # fmt: skip
 
 
 def _psk(key: str, hostnqn: str, subnqn: str, group: str) -> Obj:
