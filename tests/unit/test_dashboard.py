@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from storagetm.disks import Disk
-from storagetm.model import Export
 from storagetm.identity import identity_for
+from storagetm.model import Export
 from storagetm.screen import Screen, render
 from storagetm.state import RunState
 from storagetm.stats import ActivityMeter, Counters, activity, initiators, read_counters

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from storagetm.disks import Disk
-from storagetm.model import Export
 from storagetm.identity import identity_for
+from storagetm.model import Export
 from storagetm.modes import Mode, parse_size, parse_snapshot_status
 from storagetm.screen import render
 from storagetm.settings import OptionError, Settings, apply_kernel_cmdline, parse_modes, parse_snapshot_size

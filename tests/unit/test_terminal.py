@@ -11,8 +11,8 @@ import pytest
 
 from storagetm import cli, state
 from storagetm.disks import Disk, disk_from_udev
-from storagetm.model import Export
 from storagetm.identity import identity_for, valid_nqn
+from storagetm.model import Export
 from storagetm.network import parse_ip_json
 from storagetm.policy import SystemFacts
 from storagetm.screen import render
