@@ -227,7 +227,7 @@ class Daemon:
         failed = {failure.group for failure in failures}
         self.state.exports = {nqn: export for nqn, export in want.exports.items() if nqn not in failed}
         self.state.backings = {nqn: self._backing_view(export) for nqn, export in self.state.exports.items()}
-        self.state.ports = [] if "" in failed else want.listeners
+        self.state.ports = want.listeners if want.listen and "" not in failed else []
         return [failure.one_line() for failure in failures]
 
     def _backing_view(self, export: Export) -> Backing:
