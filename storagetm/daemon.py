@@ -237,7 +237,7 @@ class Daemon:
         for nqn in sorted(set(before) - set(self.state.exports)):
             log.info("withdrew %s (%s)", nqn, before[nqn].disk.devnode)
         self.state.backings = {nqn: self._backing_view(export) for nqn, export in self.state.exports.items()}
-        self.state.ports = [] if "" in failed else want.listeners
+        self.state.ports = want.listeners if want.listen and "" not in failed else []
         return [failure.one_line() for failure in failures]
 
     def _backing_view(self, export: Export) -> Backing:

@@ -213,7 +213,8 @@ def store_create(system: System, name: str, size: int) -> Path:
 
 def store_remove(system: System, store: Path) -> None:
     # Lazy: if udev still holds the loop device, the file (and its RAM) goes when it lets go.
-    undo(system, "umount", "--lazy", str(store))
+    if system.mounted(store):  # a store refused (RAM) or cut short before its mount has none
+        undo(system, "umount", "--lazy", str(store))
     _store_rmdir(store)
 
 

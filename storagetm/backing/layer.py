@@ -50,7 +50,7 @@ class BackingLayer:
         if export.mode is Mode.READ_WRITE:
             return objs, Device(disk.devnode, origin)
         if disk.is_file:
-            objs.append(make(LOOP, disk.devnode, {"file": disk.devnode}, group=group))
+            objs.append(make(LOOP, disk.devnode, {"file": disk.devnode, "mode": export.mode.value}, group=group))
             origin = objs[-1].key
         name = modes.dm_name_for(export.nqn, export.mode)
         attrs = {"mode": export.mode.value, "sectors": str(disk.size // modes.SECTOR), "origin": disk.devnode,
@@ -90,7 +90,7 @@ class HoldDriver(BaseDriver):
             fd = os.open(obj.name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise modes.BackingError(f"cannot open {obj.name}: {exc.strerror}",
-                                     hint="is the device still there?") from exc  # fmt: skip
+                                     hint="is the device still there?") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
@@ -116,6 +116,11 @@ def loops_over(path: str, sys_block: Path = Path("/sys/block")) -> list[str]:
     return found
 
 
+def _mode(loop: Obj) -> Mode:
+    """The mode a loop device is for, as its errors name it (a snapshot's store: snapshot)."""
+    return Mode(loop.attr("mode", Mode.SNAPSHOT.value))
+
+
 class LoopDriver(BaseDriver):
     kind, rank = LOOP, 2
 
@@ -128,16 +133,16 @@ class LoopDriver(BaseDriver):
         return bool(device) and f"/dev/{device.rpartition('/')[2]}" in loops_over(obj.attr("file"), self.sys_block)
 
     def create(self, obj: Obj, facts_of: FactsOf) -> Facts:
-        device = modes.run(self.system, Mode.SNAPSHOT, "losetup", "--find", "--show", obj.attr("file")).strip()
+        device = modes.run(self.system, _mode(obj), "losetup", "--find", "--show", obj.attr("file")).strip()
         return {"device": device}
 
     def remove(self, obj: Obj, facts: Facts) -> None:
         if self.present(obj, facts):
-            modes.run(self.system, Mode.SNAPSHOT, "losetup", "--detach", facts["device"])
+            modes.run(self.system, _mode(obj), "losetup", "--detach", facts["device"])
 
     def discard_partial(self, obj: Obj) -> None:
         for device in loops_over(obj.attr("file"), self.sys_block):
-            modes.run(self.system, Mode.SNAPSHOT, "losetup", "--detach", device)
+            modes.run(self.system, _mode(obj), "losetup", "--detach", device)
 
 
 class StoreDriver(BaseDriver):

@@ -1,25 +1,30 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from storagetm import state
+from storagetm.backing.layer import BackingLayer
 from storagetm.configfs import Root
 from storagetm.daemon import Daemon, serve_at_realtime_priority
 from storagetm.disks import Disk
-from storagetm.model import Exporter, listeners
+from storagetm.model import Backing, Listener
 from storagetm.policy import SystemFacts
+from storagetm.reconcile.journal import Journal
 from storagetm.screen import Screen
 from storagetm.settings import Settings
 from storagetm.state import RunState
 from storagetm.udev import DiskEvent
 from tests.unit.fake_configfs import FakeConfigfs
+from tests.unit.fake_machine import FakeKeyring, FakeMachine
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
 
@@ -42,27 +47,83 @@ class QueuedEvents:
             yield self.queue.pop(0)
 
 
+def attached(tmp_path: Path, settings: Settings, fake: FakeConfigfs, screen: Screen | None = None,
+             machine: FakeMachine | None = None, **kw: Any) -> Daemon:  # fmt: skip
+    """A daemon on the fake configfs and a fake machine, its reconciler attached as run() does."""
+    backing = BackingLayer((machine or FakeMachine(tmp_path)).system())
+    daemon = Daemon(settings, screen=screen or RecordingScreen(), root=Root(fake.root, fake), facts=SystemFacts,
+                    announcer=None, journal=Journal(tmp_path / "run" / "owned.jsonl"), backing=backing,
+                    keyring=FakeKeyring(), **kw)  # fmt: skip
+    assert daemon.root is not None
+    daemon.attach(daemon.root)
+    daemon.ipv6 = False
+    daemon.state.nqn_base = BASE
+    return daemon
+
+
+def hot_disk(tmp_path: Path) -> Disk:
+    image = tmp_path / "hot.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    return Disk(name="hot.img", devnode=str(image), devnum=0, devtype="file", size=1 << 20, serial="HOT1")
+
+
 def test_disk_event_exports_at_once_and_leaves_the_screen_for_later(tmp_path: Path) -> None:
     """The hotplug path links the new disk and returns; the redraw is the main loop's,
     a moment later (daemon.AFTER_DISK_EVENT)."""
-    image = tmp_path / "hot.img"
-    image.write_bytes(b"\0" * (1 << 20))
-    disk = Disk(name="hot.img", devnode=str(image), devnum=0, devtype="file", size=1 << 20, serial="HOT1")
+    disk = hot_disk(tmp_path)
     fake = FakeConfigfs(tmp_path / "configfs")
     screen = RecordingScreen()
-    daemon = Daemon(Settings(devices=(str(image),)), screen=screen, root=Root(fake.root, fake),
-                    facts=SystemFacts, announcer=None)  # fmt: skip
-    daemon.exporter = Exporter(daemon.root)  # type: ignore[arg-type]
-    daemon.exporter.open_ports(listeners(4420, ipv6=False))
-    daemon.state.nqn_base = BASE
+    daemon = attached(tmp_path, Settings(devices=(disk.devnode,)), fake, screen)
 
     assert daemon._on_disk_events(QueuedEvents([DiskEvent("add", disk)])) is True  # type: ignore[arg-type]
     (nqn,) = daemon.state.exports
-    assert [link.rsplit("/", 1)[1] for link in fake.links] == [nqn, nqn]  # discovery port and I/O port
+    assert [link for link in fake.links if link.endswith(nqn)] == [f"ports/4420/subsystems/{nqn}"]  # I/O port only
+    assert daemon.state.ports == [Listener("ipv4", "0.0.0.0", 4420), Listener("ipv4", "0.0.0.0", 8009)]
+    assert daemon.state.backings == {nqn: Backing(disk.devnode)}
     assert screen.shown == []
     assert daemon._on_disk_events(QueuedEvents([DiskEvent("change", disk)])) is False  # type: ignore[arg-type]
     assert daemon._on_disk_events(QueuedEvents([DiskEvent("remove", disk)])) is True  # type: ignore[arg-type]
     assert daemon.state.exports == {} and not (fake.root / "subsystems" / nqn).exists()
+    assert daemon.reconciler is not None
+    daemon.reconciler.teardown()
+    assert sorted(os.listdir(fake.root / "ports")) == [] and os.listdir(fake.root / "subsystems") == []
+
+
+def test_an_export_that_fails_is_a_problem_and_not_shown_as_exported(tmp_path: Path) -> None:
+    disk = hot_disk(tmp_path)
+    fake = FakeConfigfs(tmp_path / "configfs")
+    fake.fail_on["enable"] = errno.EIO
+    daemon = attached(tmp_path, Settings(devices=(disk.devnode,)), fake)
+    daemon._on_disk_events(QueuedEvents([DiskEvent("add", disk)]))  # type: ignore[arg-type]
+    assert daemon.state.exports == {} and daemon.state.backings == {}
+    assert len(daemon.state.problems) == 1 and "Input/output error" in daemon.state.problems[0]
+    assert len(daemon.state.ports) == 2  # the ports listen all the same
+    del fake.fail_on["enable"]
+    daemon.export_wanted()  # the next pass makes it
+    assert len(daemon.state.exports) == 1 and daemon.state.problems == []
+
+
+def test_a_restarted_daemon_keeps_the_exports_it_finds(tmp_path: Path) -> None:
+    """A killed storagetm's exports are adopted from the ownership record: nothing is
+    written again, nothing unlinked, so connected initiators see no change."""
+    disk = hot_disk(tmp_path)
+    fake = FakeConfigfs(tmp_path / "configfs")
+    machine = FakeMachine(tmp_path)
+    first = attached(tmp_path, Settings(devices=(disk.devnode,)), fake, machine=machine)
+    first.disks = {disk.devnode: disk}
+    first.export_wanted()
+    assert len(first.state.exports) == 1
+    fake.writes.clear()
+    fake.links.clear()
+    second = attached(tmp_path, Settings(devices=(disk.devnode,)), fake, machine=machine)
+    assert second.reconciler is not None
+    second.reconciler.recover()
+    second.disks = {disk.devnode: disk}
+    second.export_wanted()
+    assert second.state.exports == first.state.exports
+    assert fake.writes == [] and fake.links == []
+    second.reconciler.teardown()
+    assert os.listdir(fake.root / "subsystems") == [] and os.listdir(fake.root / "ports") == []
 
 
 def test_status_goes_to_systemd_only_when_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,17 +11,15 @@ from pathlib import Path
 import pytest
 
 from storagetm import cli
-from storagetm.configfs import Root
-from storagetm.daemon import Daemon, plan
+from storagetm.daemon import plan
 from storagetm.disks import Disk
-from storagetm.model import Exporter, listeners
 from storagetm.mounts import Backing, HostPaths, disks_in_use, parse_mountinfo
 from storagetm.policy import HELD_EXCLUSIVELY, LOCKED, Reason, SystemFacts, held_by_another, root_disks, system_facts
 from storagetm.screen import Screen
 from storagetm.settings import Settings
 from storagetm.udev import DiskEvent
 from tests.unit.fake_configfs import FakeConfigfs
-from tests.unit.test_daemon import QueuedEvents
+from tests.unit.test_daemon import QueuedEvents, attached
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
 SYSTEM = """\
@@ -245,11 +243,8 @@ def test_daemon_exports_a_freed_disk_on_its_next_event_and_keeps_a_later_mounted
                serial="VDB1")  # fmt: skip
     busy = {str(image): "mounted at /mnt"}
     fake = FakeConfigfs(tmp_path / "configfs")
-    daemon = Daemon(Settings(all_disks=True), screen=Screen(terminal=False), root=Root(fake.root, fake),
-                    facts=SystemFacts, announcer=None, held=lambda devnode: busy.get(devnode, ""))  # fmt: skip
-    daemon.exporter = Exporter(daemon.root)  # type: ignore[arg-type]
-    daemon.exporter.open_ports(listeners(4420, ipv6=False))
-    daemon.state.nqn_base = BASE
+    daemon = attached(tmp_path, Settings(all_disks=True), fake, Screen(terminal=False),
+                      held=lambda devnode: busy.get(devnode, ""))  # fmt: skip
     assert daemon._on_disk_events(QueuedEvents([DiskEvent("add", vdb)])) is True  # type: ignore[arg-type]
     assert daemon.state.exports == {}
     assert daemon.state.not_exported == [{"name": "vdb", "device": str(image), "reason": "mounted at /mnt"}]
@@ -259,7 +254,9 @@ def test_daemon_exports_a_freed_disk_on_its_next_event_and_keeps_a_later_mounted
     busy[str(image)] = HELD_EXCLUSIVELY
     daemon._on_disk_events(QueuedEvents([DiskEvent("change", vdb)]))  # type: ignore[arg-type]
     assert len(daemon.state.exports) == 1
-    daemon.exporter.teardown()
+    assert daemon.reconciler is not None
+    daemon.reconciler.teardown()
+    assert os.listdir(fake.root / "subsystems") == []
 
 
 def test_sysfs_changing_during_the_walk_fails_closed(host: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import stat
 from collections.abc import Iterator
@@ -21,10 +22,11 @@ from storagetm.errors import ConfigfsError, ExitCode
 from storagetm.keys import on_command_line
 from storagetm.model import Exporter
 from storagetm.network import Address
+from storagetm.reconcile.objects import digest
 from storagetm.screen import Screen
 from storagetm.state import RunState
-from storagetm.tls import TLSConfig, generate_key
-from tests.unit.fake_configfs import FakeConfigfs
+from storagetm.tls import TLSConfig, derive_psk, generate_key
+from tests.unit.test_exports import ANCHOR, Target, export_of, file_disk
 
 HOST = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555"
 
@@ -190,17 +192,47 @@ def test_a_rejected_secret_is_not_echoed(capsys: pytest.CaptureFixture[str]) -> 
     assert "invalid DH-HMAC-CHAP secret" in err and wrong not in err
 
 
-def test_a_failed_secret_write_to_configfs_does_not_show_the_secret(tmp_path: Path) -> None:
-    fake = FakeConfigfs(tmp_path / "configfs")
-    fake.fail_on["dhchap_key"] = errno.EINVAL
+def test_a_failed_secret_write_to_configfs_does_not_show_the_secret(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = Target(tmp_path)
+    target.fake.fail_on["dhchap_key"] = errno.EINVAL
     auth = AuthConfig(generate_secret(), "", (HOST,))
-    with pytest.raises(ConfigfsError) as caught:
-        Exporter(Root(fake.root, fake)).setup_hosts(auth)
-    line = caught.value.one_line()
+    export = export_of(file_disk(tmp_path, "a"))
+    caplog.set_level(logging.DEBUG, logger="storagetm")
+    failures = target.apply(export, auth=auth)
+    host_failure = next(f for f in failures if f.key == ("nvmet-host", HOST))
+    line = host_failure.one_line()
     assert auth.secret not in line and line.endswith("dhchap_key to the secret: Invalid argument")
-    fake.fail_on["attr_model"] = errno.EINVAL  # other values are still shown
+    assert not any(auth.secret in f.one_line() for f in failures)
+    assert not any(auth.secret in r.getMessage() for r in caplog.records)
+    assert not (target.fake.root / "hosts" / HOST).exists()  # the half-made host is gone
+    assert target.names("subsystems") == [ANCHOR]  # and the export that needs it is not made
+    target.fake.fail_on["attr_model"] = errno.EINVAL  # other values are still shown
     with pytest.raises(ConfigfsError, match="attr_model to 'Disk'"):
-        Root(fake.root, fake).create_subsystem("nqn.2014-08.org.example:a").set("attr", "model", "Disk")
+        Root(target.fake.root, target.fake).create_subsystem("nqn.2014-08.org.example:a").set("attr", "model", "Disk")
+
+
+def test_the_ownership_record_never_holds_a_secret(tmp_path: Path) -> None:
+    """The record keeps a secret attribute by its digest only: a change is still seen
+    (and written in place), the secret itself never reaches /run."""
+    target = Target(tmp_path)
+    auth = AuthConfig(generate_secret(), generate_secret(), (HOST,))
+    key = generate_key()
+    export = export_of(file_disk(tmp_path, "a"))
+    assert target.apply(export, auth=auth, tls=TLSConfig(key, (HOST,))) == []
+    record = target.journal_path.read_text()
+    _, psk = derive_psk(key, HOST, export.nqn)
+    for secret in (auth.secret, auth.ctrl_secret, key, psk.hex()):
+        assert secret not in record
+    assert digest(auth.secret) in record
+    assert stat.S_IMODE(target.journal_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(target.journal_path.parent.stat().st_mode) == 0o700
+    target.restart()
+    changed = AuthConfig(generate_secret(), auth.ctrl_secret, (HOST,))
+    assert target.apply(export, auth=changed, tls=TLSConfig(key, (HOST,))) == []
+    assert f"update nvmet-host {HOST} (dhchap_key)" in map(str, target.reconciler.last_ops)
+    assert changed.secret not in target.journal_path.read_text()
 
 
 def test_the_screen_on_standard_output_hides_the_secrets(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""TLS: the PSK format, and what the exporter does with it (ports, keys, roll-back)."""
+"""TLS: the PSK format, and what the nvmet fabric does with it (ports, keys, revocation, roll-back)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ from typing import Any
 import pytest
 
 from storagetm import tls
-from storagetm.configfs import Root
 from storagetm.errors import UsageError
-from storagetm.model import DISCOVERY_NQN, Exporter, listeners
-from storagetm.options import apply_kernel_cmdline
-from storagetm.settings import Settings
-from tests.unit.fake_configfs import FakeConfigfs
-from tests.unit.test_exports import export_of, file_disk
+from storagetm.model import DISCOVERY_NQN
+from storagetm.settings import Settings, apply_kernel_cmdline
+from tests.unit.fake_machine import FakeKeyring
+from tests.unit.test_exports import ADDRESS, ANCHOR, Target, export_of, file_disk
 
 HOST = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555"
 NVME_CLI_KEY = "NVMeTLSkey-1:01:YJGms0ICBKqLlhlb0AjrX6v7lKNOBNkIr1uz8Gi0sF9Ie3KZ:"  # from `nvme gen-tls-key`
@@ -46,36 +44,87 @@ def test_resolve_keeps_the_previous_key_and_host() -> None:
     assert tls.resolve(True, NVME_CLI_KEY, (HOST,), first) == tls.TLSConfig(NVME_CLI_KEY, (HOST,))
 
 
-def tls_exporter(fake: FakeConfigfs, inserted: list[tuple[str, str, str]]) -> Exporter:
-    exporter = Exporter(Root(fake.root, fake), insert_tls_key=lambda *key: inserted.append(key))
-    exporter.setup_tls(tls.TLSConfig(NVME_CLI_KEY, (HOST,)))
-    exporter.open_ports(listeners(4420, ipv6=True))
-    return exporter
+class RecordingKeyring(FakeKeyring):
+    """The fake .nvme keyring, with what was added and revoked, in order."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.added: list[str] = []
+        self.revoked: list[str] = []
+
+    def add(self, description: str, payload: bytes) -> None:
+        if self.refuse:
+            raise OSError(126, "Required key not available")
+        self.added.append(description)
+        super().add(description, payload)
+
+    def revoke(self, description: str) -> None:
+        if description in self.keys:
+            self.revoked.append(description)
+        super().revoke(description)
+
+
+def identity(subnqn: str) -> str:
+    return tls.derive_psk(NVME_CLI_KEY, HOST, subnqn)[0]
+
+
+TLS = tls.TLSConfig(NVME_CLI_KEY, (HOST,))
 
 
 def test_ports_require_tls_and_each_subsystem_gets_its_key(tmp_path: Path) -> None:
-    fake = FakeConfigfs(tmp_path / "configfs")
-    inserted: list[tuple[str, str, str]] = []
-    exporter = tls_exporter(fake, inserted)
-    for port in ("4420", "8009"):
-        assert (fake.root / "ports" / port / "addr_tsas").read_text().strip() == "tls1.3"
+    keyring = RecordingKeyring()
+    target = Target(tmp_path, keyring=keyring)
     export = export_of(file_disk(tmp_path, "a"))
-    assert exporter.apply({export.nqn: export}) == []
-    assert inserted == [(HOST, DISCOVERY_NQN, NVME_CLI_KEY), (HOST, export.nqn, NVME_CLI_KEY)]
+    assert target.apply(export, tls=TLS, addresses=(ADDRESS,)) == []
+    for port in ("4420", "8009"):
+        assert (target.fake.root / "ports" / port / "addr_tsas").read_text().strip() == "tls1.3"
+    referral = target.fake.root / "ports" / "8009" / "referrals" / "storagetm"
+    assert (referral / "addr_treq").read_text().strip() == "required"
+    # The discovery subsystem's key first, then the export's, each before its subsystem is linked.
+    assert keyring.added == [identity(DISCOVERY_NQN), identity(export.nqn)]
+    assert keyring.keys[identity(export.nqn)] == tls.derive_psk(NVME_CLI_KEY, HOST, export.nqn)[1]
+    assert identity(ANCHOR) not in keyring.keys  # nobody may use the anchor
+
+
+def test_keys_are_revoked_when_tls_goes_off_and_at_teardown(tmp_path: Path) -> None:
+    keyring = RecordingKeyring()
+    target = Target(tmp_path, keyring=keyring)
+    a, b = export_of(file_disk(tmp_path, "a")), export_of(file_disk(tmp_path, "b"))
+    assert target.apply(a, b, tls=TLS) == []
+    assert target.apply(a, tls=TLS) == []  # b withdrawn: its key goes with it
+    assert keyring.revoked == [identity(b.nqn)]
+    assert target.apply(a) == []  # TLS off: every key is revoked, the ports no longer ask for TLS
+    assert keyring.keys == {} and sorted(keyring.revoked) == sorted(identity(n) for n in (DISCOVERY_NQN, a.nqn, b.nqn))
+    for port in ("4420", "8009"):
+        assert (target.fake.root / "ports" / port / "addr_tsas").read_text().strip() == ""
+    assert target.names("ports", "4420", "subsystems") == sorted([a.nqn, ANCHOR])
+    keyring.revoked.clear()
+    assert target.apply(a, tls=TLS) == []
+    assert sorted(keyring.keys) == sorted([identity(DISCOVERY_NQN), identity(a.nqn)])
+    target.reconciler.teardown()
+    assert keyring.keys == {} and sorted(keyring.revoked) == sorted([identity(DISCOVERY_NQN), identity(a.nqn)])
+
+
+def test_keys_a_killed_instance_inserted_are_revoked_by_its_successor(tmp_path: Path) -> None:
+    keyring = RecordingKeyring()
+    target = Target(tmp_path, keyring=keyring)
+    export = export_of(file_disk(tmp_path, "a"))
+    assert target.apply(export, tls=TLS) == []
+    target.restart()  # the first was killed: only the ownership record knows the keys
+    assert target.apply(export) == []
+    assert keyring.keys == {}
 
 
 def test_a_key_that_cannot_be_inserted_leaves_nothing_exported(tmp_path: Path) -> None:
-    fake = FakeConfigfs(tmp_path / "configfs")
-    exporter = tls_exporter(fake, [])
-
-    def refuse(*_: str) -> None:
-        raise tls.TLSError("cannot put the TLS key into the kernel keyring")
-
-    exporter.insert_tls_key = refuse
+    target = Target(tmp_path, keyring=RecordingKeyring(refuse=True))
     export = export_of(file_disk(tmp_path, "a"))
-    errors = exporter.apply({export.nqn: export})
-    assert len(errors) == 1 and "keyring" in errors[0].message
-    assert list((fake.root / "subsystems").iterdir()) == []
+    failures = target.apply(export, tls=TLS)
+    assert failures and all("keyring" in f.message for f in failures)
+    assert export.nqn in {f.group for f in failures}
+    assert NVME_CLI_KEY not in " ".join(f.one_line() for f in failures)
+    assert target.names("subsystems") == [ANCHOR]
+    assert target.names("ports", "4420", "subsystems") == [ANCHOR]
 
 
 # Made by nvme-cli 2.13 (`nvme check-tls-key --insert`) and read back from the keyring.
@@ -139,8 +188,11 @@ def test_insert_key_puts_the_psk_into_the_keyring_and_runs_no_program(monkeypatc
     identity, psk = tls.derive_psk(NVME_CLI_KEY, HOST, DISCOVERY_NQN)
     lib = FakeKeyutils(existing=0x77, existing_description=identity)
     tls.insert_key(HOST, DISCOVERY_NQN, NVME_CLI_KEY, tls.Keyring(library=lib))
-    assert lib.calls == [("link", lib.keyring, tls.KEY_SPEC_SESSION_KEYRING), ("revoke", 0x77),
-                         ("add", b"psk", identity.encode(), psk, 32, lib.keyring)]  # fmt: skip
+    # Linked into the session keyring before anything is searched (once per look-up: harmless).
+    assert lib.calls[0] == ("link", lib.keyring, tls.KEY_SPEC_SESSION_KEYRING)
+    assert {c for c in lib.calls if c[0] == "link"} == {lib.calls[0]}
+    assert [c for c in lib.calls if c[0] != "link"] == [("revoke", 0x77),
+                                                       ("add", b"psk", identity.encode(), psk, 32, lib.keyring)]
 
 
 def test_another_disks_key_whose_name_starts_alike_is_not_revoked() -> None:
