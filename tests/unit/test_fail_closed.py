@@ -15,9 +15,10 @@ from storagetm.daemon import plan
 from storagetm.disks import Disk
 from storagetm.errors import ExitCode, UsageError
 from storagetm.modes import Mode
+from storagetm.options import apply_kernel_cmdline, split_kernel_cmdline, with_credentials
 from storagetm.policy import Reason, SystemFacts
 from storagetm.screen import Screen, render
-from storagetm.settings import Settings, apply_kernel_cmdline, parse_port, split_kernel_cmdline, with_credentials
+from storagetm.settings import Settings, parse_port
 from storagetm.state import RunState
 from storagetm.tls import CREDENTIAL_KEY, check_key
 from tests.unit.fake_configfs import FakeConfigfs
@@ -159,10 +160,14 @@ def test_dash_and_underscore_are_alike_in_names() -> None:
     assert settings.dhchap_ctrl_secret == "generate"
 
 
-def test_bad_values_on_the_command_line_are_usage_errors() -> None:
-    for modes in (["--mode", ""], ["--mode", "=ro"], ["--mode", "ro,sdb=snapshto"]):
-        with pytest.raises(UsageError, match="invalid --mode"):
-            settings_from(serve_parser().parse_args(["--all", *modes]))
+def test_bad_values_on_the_command_line_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    """The same converters as at boot; on the command line a bad value stops storagetm (exit 2)."""
+    for argv in (["--mode", ""], ["--mode", "=ro"], ["--mode", "ro,sdb=snapshto"], ["--port", "²"],
+                 ["--snapshot-size", "1K"], ["--allow-host", "host2"]):  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            serve_parser().parse_args(["--all", *argv])
+        assert info.value.code == ExitCode.USAGE
+        assert f"argument {argv[0]}: " in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_mode_for_a_disk_that_is_not_there_is_warned() -> None:

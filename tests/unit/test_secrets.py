@@ -20,7 +20,6 @@ from storagetm.cli import main, serve_parser
 from storagetm.configfs import Root
 from storagetm.errors import ConfigfsError, ExitCode
 from storagetm.keys import on_command_line
-from storagetm.model import Exporter
 from storagetm.network import Address
 from storagetm.reconcile.objects import digest
 from storagetm.screen import Screen

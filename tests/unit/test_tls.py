@@ -11,7 +11,8 @@ import pytest
 from storagetm import tls
 from storagetm.errors import UsageError
 from storagetm.model import DISCOVERY_NQN
-from storagetm.settings import Settings, apply_kernel_cmdline
+from storagetm.options import apply_kernel_cmdline
+from storagetm.settings import Settings
 from tests.unit.fake_machine import FakeKeyring
 from tests.unit.test_exports import ADDRESS, ANCHOR, Target, export_of, file_disk
 
