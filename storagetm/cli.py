@@ -12,17 +12,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
-from storagetm import __version__, options, state
+from storagetm import __version__, state
+from storagetm.config import options
+from storagetm.config.settings import Settings
+from storagetm.console.screen import Screen, active_consoles, human_size, render
 from storagetm.daemon import Daemon, explicit_files, plan
+from storagetm.disks.identity import default_nqn_base, host_identity, nvme_overrides
+from storagetm.disks.policy import held_by_another, system_facts
+from storagetm.disks.udev import BlockDevices
 from storagetm.errors import ExitCode, NotRunningError, StorageTMError, UsageError
-from storagetm.identity import default_nqn_base, host_identity, nvme_overrides
-from storagetm.keys import HIDDEN, ON_COMMAND_LINE, on_command_line
-from storagetm.memory import check_system_complete
-from storagetm.policy import held_by_another, system_facts
-from storagetm.screen import Screen, active_consoles, human_size, render
-from storagetm.settings import Settings
+from storagetm.security.keys import HIDDEN, ON_COMMAND_LINE, on_command_line
+from storagetm.system.memory import check_system_complete
 from storagetm.text import PrintableLogFilter, printable
-from storagetm.udev import BlockDevices
 
 log = logging.getLogger("storagetm")
 

@@ -13,19 +13,17 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storagetm import auth, firmware, kernel, modes, network, state, stats, tls
-from storagetm.announce import Announcer
+from storagetm import state
+from storagetm.backing import modes
 from storagetm.backing.layer import DM, STORE, BackingLayer
-from storagetm.configfs import Root
+from storagetm.config.options import with_credentials
+from storagetm.config.settings import Settings
+from storagetm.console import stats
+from storagetm.console.screen import Screen
 from storagetm.desired import desired_state
-from storagetm.disks import Disk, disk_from_file, sort_disks
-from storagetm.errors import ExitCode, StorageTMError
-from storagetm.fabrics.nvmet import NvmetFabric
-from storagetm.identity import default_nqn_base, host_id, host_identity, identity_for
-from storagetm.model import Backing, Export, Want
-from storagetm.notify import sd_notify
-from storagetm.options import with_credentials
-from storagetm.policy import (
+from storagetm.disks.disk import Disk, disk_from_file, sort_disks
+from storagetm.disks.identity import default_nqn_base, host_id, host_identity, identity_for
+from storagetm.disks.policy import (
     Reason,
     SystemFacts,
     exclusion,
@@ -35,11 +33,18 @@ from storagetm.policy import (
     system_facts,
     usage,
 )
+from storagetm.disks.udev import BlockDevices, udev_settled
+from storagetm.errors import ExitCode, StorageTMError
+from storagetm.fabrics.nvmet import kernel
+from storagetm.fabrics.nvmet.configfs import Root
+from storagetm.fabrics.nvmet.fabric import NvmetFabric
+from storagetm.model import Backing, Export, Want
 from storagetm.reconcile.journal import Journal, fault_from_environment
 from storagetm.reconcile.reconciler import Reconciler
-from storagetm.screen import Screen
-from storagetm.settings import Settings
-from storagetm.udev import BlockDevices, udev_settled
+from storagetm.security import auth, tls
+from storagetm.system import firmware, network
+from storagetm.system.announce import Announcer
+from storagetm.system.notify import sd_notify
 
 log = logging.getLogger(__name__)
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from storagetm.auth import AuthConfig
-from storagetm.disks import Disk
-from storagetm.identity import Identity
-from storagetm.modes import Mode
-from storagetm.network import Address
-from storagetm.tls import TLSConfig
+from storagetm.backing.modes import Mode
+from storagetm.disks.disk import Disk
+from storagetm.disks.identity import Identity
+from storagetm.security.auth import AuthConfig
+from storagetm.security.tls import TLSConfig
+from storagetm.system.network import Address
 
 NSID = 1
 DISCOVERY_TRSVCID = 8009

@@ -11,15 +11,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from storagetm.auth import AuthConfig
-from storagetm.disks import Disk
-from storagetm.identity import Identity
+from storagetm.backing.modes import Mode, SnapshotUsage
+from storagetm.console.stats import DiskActivity
+from storagetm.disks.disk import Disk
+from storagetm.disks.identity import Identity
 from storagetm.model import Backing, Export, Listener
-from storagetm.modes import Mode, SnapshotUsage
-from storagetm.network import Address
+from storagetm.security.auth import AuthConfig
+from storagetm.security.tls import TLSConfig
 from storagetm.statefile import write_atomic
-from storagetm.stats import DiskActivity
-from storagetm.tls import TLSConfig
+from storagetm.system.network import Address
 
 STATE_FILE = Path("/run/storagetm/state.json")
 FORMAT = 1

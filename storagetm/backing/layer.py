@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storagetm import modes
+from storagetm.backing import modes
+from storagetm.backing.modes import Mode, System
 from storagetm.model import Device, Export
-from storagetm.modes import Mode, System
 from storagetm.reconcile.objects import BaseDriver, Driver, Facts, FactsOf, Key, Obj, make
 
 log = logging.getLogger(__name__)

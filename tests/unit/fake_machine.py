@@ -9,8 +9,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from storagetm.modes import System
-from storagetm.tls import Keyring
+from storagetm.backing.modes import System
+from storagetm.security.tls import Keyring
 
 
 class FakeMachine:

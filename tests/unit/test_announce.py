@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from storagetm import announce
-from storagetm.announce import Announcer, recognisable_hostname
+from storagetm.system import announce
+from storagetm.system.announce import Announcer, recognisable_hostname
 
 
 class Fake:

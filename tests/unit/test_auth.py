@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from storagetm.auth import AuthConfig, check_secret, generate_secret, resolve
+from storagetm.console.screen import render
 from storagetm.errors import UsageError
-from storagetm.screen import render
+from storagetm.security.auth import AuthConfig, check_secret, generate_secret, resolve
 from storagetm.state import RunState
 from tests.unit.test_exports import ANCHOR, Target, export_of, file_disk
 

@@ -13,16 +13,16 @@ import pytest
 
 from storagetm import state
 from storagetm.backing.layer import BackingLayer
-from storagetm.configfs import Root
+from storagetm.config.settings import Settings
+from storagetm.console.screen import Screen
 from storagetm.daemon import Daemon, serve_at_realtime_priority
-from storagetm.disks import Disk
+from storagetm.disks.disk import Disk
+from storagetm.disks.policy import SystemFacts
+from storagetm.disks.udev import DiskEvent
+from storagetm.fabrics.nvmet.configfs import Root
 from storagetm.model import Backing, Listener
-from storagetm.policy import SystemFacts
 from storagetm.reconcile.journal import Journal
-from storagetm.screen import Screen
-from storagetm.settings import Settings
 from storagetm.state import RunState
-from storagetm.udev import DiskEvent
 from tests.unit.fake_configfs import FakeConfigfs
 from tests.unit.fake_machine import FakeKeyring, FakeMachine
 

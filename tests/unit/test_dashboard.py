@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from storagetm.disks import Disk
-from storagetm.identity import identity_for
+from storagetm.console.screen import Screen, render
+from storagetm.console.stats import ActivityMeter, Counters, activity, initiators, read_counters
+from storagetm.disks.disk import Disk
+from storagetm.disks.identity import identity_for
 from storagetm.model import Export
-from storagetm.screen import Screen, render
 from storagetm.state import RunState
-from storagetm.stats import ActivityMeter, Counters, activity, initiators, read_counters
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
 
@@ -47,7 +47,7 @@ def test_meter_counts_from_export_and_restarts_for_a_new_device(
     """Counts start at the export; a disk exported again (another device number, or
     counters that went back) starts from zero; a regular file has no counters."""
     devices = {"/dev/sda": os.makedev(8, 0)}
-    monkeypatch.setattr("storagetm.stats.device_number", devices.get)
+    monkeypatch.setattr("storagetm.console.stats.device_number", devices.get)
     meter = ActivityMeter(str(tmp_path))
     write_stat(tmp_path, os.makedev(8, 0), 1000, 0)
     exported = {"nqn-a": ("/dev/sda", 1 << 20), "nqn-file": ("/srv/disk.img", 1 << 20)}
@@ -105,7 +105,7 @@ def test_plain_output_when_not_a_terminal(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_long_commands_are_split_into_console_rows() -> None:
-    from storagetm.screen import fit_rows
+    from storagetm.console.screen import fit_rows
 
     command = "  nvme check-tls-key -i -n " + "h" * 70 + " -d " + "k" * 60 + " -c NQN"
     rows = fit_rows(["short", "", command])

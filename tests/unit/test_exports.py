@@ -9,19 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from storagetm.auth import AuthConfig
 from storagetm.backing.layer import BackingLayer
-from storagetm.configfs import Root
 from storagetm.desired import desired_state
-from storagetm.disks import Disk
+from storagetm.disks.disk import Disk
+from storagetm.disks.identity import identity_for
 from storagetm.errors import ConfigfsError
-from storagetm.fabrics.nvmet import NvmetFabric, anchor_nqn
-from storagetm.identity import identity_for
+from storagetm.fabrics.nvmet.configfs import Root
+from storagetm.fabrics.nvmet.fabric import NvmetFabric, anchor_nqn
 from storagetm.model import DISCOVERY_TRSVCID, Export, Want, wildcard
-from storagetm.network import Address
 from storagetm.reconcile.journal import Journal
 from storagetm.reconcile.reconciler import Failure, Reconciler
-from storagetm.tls import Keyring, TLSConfig
+from storagetm.security.auth import AuthConfig
+from storagetm.security.tls import Keyring, TLSConfig
+from storagetm.system.network import Address
 from tests.unit.fake_configfs import FakeConfigfs
 from tests.unit.fake_machine import FakeKeyring, FakeMachine
 

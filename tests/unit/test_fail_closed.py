@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from storagetm.auth import CREDENTIAL_CTRL_SECRET, CREDENTIAL_SECRET, check_secret, generate_secret
+from storagetm.backing.modes import Mode
 from storagetm.cli import main, serve_parser, settings_from
+from storagetm.config.options import apply_kernel_cmdline, split_kernel_cmdline, with_credentials
+from storagetm.config.settings import Settings, parse_port
+from storagetm.console.screen import Screen, render
 from storagetm.daemon import plan
-from storagetm.disks import Disk
+from storagetm.disks.disk import Disk
+from storagetm.disks.policy import Reason, SystemFacts
 from storagetm.errors import ExitCode, UsageError
-from storagetm.modes import Mode
-from storagetm.options import apply_kernel_cmdline, split_kernel_cmdline, with_credentials
-from storagetm.policy import Reason, SystemFacts
-from storagetm.screen import Screen, render
-from storagetm.settings import Settings, parse_port
+from storagetm.security.auth import CREDENTIAL_CTRL_SECRET, CREDENTIAL_SECRET, check_secret, generate_secret
+from storagetm.security.tls import CREDENTIAL_KEY, check_key
 from storagetm.state import RunState
-from storagetm.tls import CREDENTIAL_KEY, check_key
 from tests.unit.fake_configfs import FakeConfigfs
 from tests.unit.test_daemon import attached
 

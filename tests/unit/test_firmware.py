@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from storagetm.firmware import secure_boot
-from storagetm.screen import render
+from storagetm.console.screen import render
 from storagetm.state import RunState
+from storagetm.system.firmware import secure_boot
 
 
 @pytest.mark.parametrize(("value", "expected"), [(b"\x06\0\0\0\x01", True), (b"\x06\0\0\0\x00", False),

@@ -11,13 +11,21 @@ from pathlib import Path
 import pytest
 
 from storagetm import cli
+from storagetm.config.settings import Settings
+from storagetm.console.screen import Screen
 from storagetm.daemon import plan
-from storagetm.disks import Disk
-from storagetm.mounts import Backing, HostPaths, disks_in_use, parse_mountinfo
-from storagetm.policy import HELD_EXCLUSIVELY, LOCKED, Reason, SystemFacts, held_by_another, root_disks, system_facts
-from storagetm.screen import Screen
-from storagetm.settings import Settings
-from storagetm.udev import DiskEvent
+from storagetm.disks.disk import Disk
+from storagetm.disks.mounts import Backing, HostPaths, disks_in_use, parse_mountinfo
+from storagetm.disks.policy import (
+    HELD_EXCLUSIVELY,
+    LOCKED,
+    Reason,
+    SystemFacts,
+    held_by_another,
+    root_disks,
+    system_facts,
+)
+from storagetm.disks.udev import DiskEvent
 from tests.unit.fake_configfs import FakeConfigfs
 from tests.unit.test_daemon import QueuedEvents, attached
 

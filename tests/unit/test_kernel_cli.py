@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from storagetm import kernel
 from storagetm.cli import EPILOG, main
 from storagetm.errors import ExitCode, KernelError
+from storagetm.fabrics.nvmet import kernel
 
 
 def test_missing_nvmet_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from storagetm import memory
 from storagetm.errors import ExitCode
+from storagetm.system import memory
 
 
 def mounts(tmp_path: Path, root_type: str) -> Path:

@@ -2,13 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from storagetm.disks import Disk
-from storagetm.identity import identity_for
+from storagetm.backing.modes import Mode, parse_size, parse_snapshot_status
+from storagetm.config.options import apply_kernel_cmdline
+from storagetm.config.settings import OptionError, Settings, parse_modes, parse_snapshot_size
+from storagetm.console.screen import render
+from storagetm.disks.disk import Disk
+from storagetm.disks.identity import identity_for
 from storagetm.model import Export
-from storagetm.modes import Mode, parse_size, parse_snapshot_status
-from storagetm.options import apply_kernel_cmdline
-from storagetm.screen import render
-from storagetm.settings import OptionError, Settings, parse_modes, parse_snapshot_size
 from storagetm.state import RunState
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"

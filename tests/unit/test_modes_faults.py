@@ -11,12 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from storagetm import modes
+from storagetm.backing import modes
 from storagetm.backing.layer import DM, BackingLayer
-from storagetm.disks import Disk
-from storagetm.identity import identity_for
+from storagetm.backing.modes import (
+    DEFAULT_STORE_SIZE,
+    MIN_STORE_SIZE,
+    RAM_RESERVE,
+    BackingError,
+    Mode,
+    System,
+    store_size,
+)
+from storagetm.disks.disk import Disk
+from storagetm.disks.identity import identity_for
 from storagetm.model import Export
-from storagetm.modes import DEFAULT_STORE_SIZE, MIN_STORE_SIZE, RAM_RESERVE, BackingError, Mode, System, store_size
 from storagetm.reconcile.journal import Journal
 from storagetm.reconcile.reconciler import Failure, Reconciler
 from tests.unit import fake_machine

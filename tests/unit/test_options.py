@@ -1,5 +1,5 @@
 """One table of options: the command line, the kernel command line, credentials, the help
-and the README all come from storagetm.options.OPTIONS; and upstream's $SYSTEMD_NVME_*."""
+and the README all come from storagetm.config.options.OPTIONS; and upstream's $SYSTEMD_NVME_*."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from storagetm.auth import generate_secret
+from storagetm.backing.modes import Mode
 from storagetm.cli import main, serve_parser, settings_from
+from storagetm.config.options import OPTIONS, apply_kernel_cmdline, kernel_help, kernel_options, readme_with_table
+from storagetm.config.settings import Settings
 from storagetm.daemon import plan
-from storagetm.disks import Disk
+from storagetm.disks.disk import Disk
+from storagetm.disks.identity import NvmeOverrides, nvme_overrides
+from storagetm.disks.policy import SystemFacts
 from storagetm.errors import ExitCode
-from storagetm.identity import NvmeOverrides, nvme_overrides
-from storagetm.modes import Mode
-from storagetm.options import OPTIONS, apply_kernel_cmdline, kernel_help, kernel_options, readme_with_table
-from storagetm.policy import SystemFacts
-from storagetm.settings import Settings
-from storagetm.tls import generate_key
+from storagetm.security.auth import generate_secret
+from storagetm.security.tls import generate_key
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
@@ -29,7 +29,7 @@ SDB = Disk(name="sdb", devnode="/dev/sdb", devnum=2, devtype="disk", size=1 << 3
 
 def test_the_readme_table_is_the_options_table() -> None:
     text = README.read_text()
-    assert readme_with_table(text) == text, "run: python3 -m storagetm.options --update-readme README.md"
+    assert readme_with_table(text) == text, "run: python3 -m storagetm.config.options --update-readme README.md"
 
 
 def test_every_boot_option_is_in_the_help_and_every_flag_in_the_parser() -> None:

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from storagetm.config.options import apply_kernel_cmdline
+from storagetm.config.settings import Settings
+from storagetm.console.screen import render
 from storagetm.daemon import plan
-from storagetm.disks import Disk
-from storagetm.identity import check_nqn_prefix, host_identity, identity_for, valid_nqn
-from storagetm.network import parse_ip_json
-from storagetm.options import apply_kernel_cmdline
-from storagetm.policy import Reason, SystemFacts, loader_partuuid
-from storagetm.screen import render
-from storagetm.settings import Settings
+from storagetm.disks.disk import Disk
+from storagetm.disks.identity import check_nqn_prefix, host_identity, identity_for, valid_nqn
+from storagetm.disks.policy import Reason, SystemFacts, loader_partuuid
 from storagetm.state import RunState
+from storagetm.system.network import parse_ip_json
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
 
@@ -148,7 +148,7 @@ def test_nqn_prefix_refused_with_its_reason(prefix: str, reason: str) -> None:
 
 
 def test_longest_prefix_leaves_room_for_every_identity() -> None:
-    from storagetm.identity import NQN_MAX, PREFIX_MAX
+    from storagetm.disks.identity import NQN_MAX, PREFIX_MAX
 
     prefix = check_nqn_prefix("nqn.2024-01.com.example:" + "x" * (PREFIX_MAX - 24))
     long_disk = disk("sda", model="M" * 40, serial="S" * 40)

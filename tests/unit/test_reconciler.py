@@ -9,20 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from storagetm.auth import AuthConfig, generate_secret
 from storagetm.backing.layer import BackingLayer
-from storagetm.configfs import Root
+from storagetm.backing.modes import Mode
 from storagetm.desired import desired_state
-from storagetm.disks import Disk
-from storagetm.fabrics.nvmet import NvmetFabric, anchor_nqn
-from storagetm.identity import identity_for
+from storagetm.disks.disk import Disk
+from storagetm.disks.identity import identity_for
+from storagetm.fabrics.nvmet.configfs import Root
+from storagetm.fabrics.nvmet.fabric import NvmetFabric, anchor_nqn
 from storagetm.model import Export, Want
-from storagetm.modes import Mode
-from storagetm.network import Address
 from storagetm.reconcile.journal import Journal
 from storagetm.reconcile.objects import Obj
 from storagetm.reconcile.reconciler import Reconciler
-from storagetm.tls import TLSConfig, generate_key
+from storagetm.security.auth import AuthConfig, generate_secret
+from storagetm.security.tls import TLSConfig, generate_key
+from storagetm.system.network import Address
 from tests.unit.fake_configfs import FakeConfigfs
 from tests.unit.fake_machine import FakeKeyring, FakeMachine
 

@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 
 from storagetm import state
-from storagetm.auth import AuthConfig, generate_secret
 from storagetm.cli import main, serve_parser
-from storagetm.configfs import Root
+from storagetm.console.screen import Screen
 from storagetm.errors import ConfigfsError, ExitCode
-from storagetm.keys import on_command_line
-from storagetm.network import Address
+from storagetm.fabrics.nvmet.configfs import Root
 from storagetm.reconcile.objects import digest
-from storagetm.screen import Screen
+from storagetm.security.auth import AuthConfig, generate_secret
+from storagetm.security.keys import on_command_line
+from storagetm.security.tls import TLSConfig, derive_psk, generate_key
 from storagetm.state import RunState
-from storagetm.tls import TLSConfig, derive_psk, generate_key
+from storagetm.system.network import Address
 from tests.unit.test_exports import ANCHOR, Target, export_of, file_disk
 
 HOST = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555"

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from storagetm import cli, state
-from storagetm.disks import Disk, disk_from_udev
-from storagetm.identity import identity_for, valid_nqn
+from storagetm.console.screen import render
+from storagetm.disks.disk import Disk, disk_from_udev
+from storagetm.disks.identity import identity_for, valid_nqn
+from storagetm.disks.policy import SystemFacts
 from storagetm.model import Export
-from storagetm.network import parse_ip_json
-from storagetm.policy import SystemFacts
-from storagetm.screen import render
 from storagetm.state import RunState
+from storagetm.system.network import parse_ip_json
 from storagetm.text import PrintableLogFilter, printable
 from tests.unit.test_disks import FakeDevice
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from storagetm import tls
+from storagetm.config.options import apply_kernel_cmdline
+from storagetm.config.settings import Settings
 from storagetm.errors import UsageError
 from storagetm.model import DISCOVERY_NQN
-from storagetm.options import apply_kernel_cmdline
-from storagetm.settings import Settings
+from storagetm.security import tls
 from tests.unit.fake_machine import FakeKeyring
 from tests.unit.test_exports import ADDRESS, ANCHOR, Target, export_of, file_disk
 

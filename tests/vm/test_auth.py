@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from storagetm.auth import generate_secret
+from storagetm.security.auth import generate_secret
 from testbed.initiator import CONNECT, CONNECT_ALL, connected, disconnect_all, screen_rows_joined, wait_address
 from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, Pair
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from storagetm.memory import MINIMUM_RAM_MIB
+from storagetm.system.memory import MINIMUM_RAM_MIB
 from testbed.machine import VM, Disk, make_disk
 from testbed.pair import BOOT_TIMEOUT, LOGS, TARGET_APPEND, image, report
 

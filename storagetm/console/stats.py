@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from storagetm.kernelfs import read_attribute
+from storagetm.system.kernelfs import read_attribute
 
 SECTOR = 512
 SYS_DEV_BLOCK = "/sys/dev/block"

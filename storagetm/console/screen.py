@@ -11,10 +11,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from storagetm.backing.modes import Mode
+from storagetm.console.stats import DiskActivity
 from storagetm.model import DISCOVERY_TRSVCID, IO_TRSVCID, Export
-from storagetm.modes import Mode
 from storagetm.state import RunState
-from storagetm.stats import DiskActivity
 from storagetm.text import printable
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from storagetm.kernelfs import read_attribute
+from storagetm.system.kernelfs import read_attribute
 
 # File systems with no local disk under them.
 RAM_TYPES = frozenset({"rootfs", "tmpfs", "ramfs"})

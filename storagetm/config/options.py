@@ -4,7 +4,7 @@ what a bad value on the kernel command line does instead (fail closed).
 
 The argument parser, the kernel command line parser, `--help`, `--help-kernel-cmdline` and
 the README's option table are all made from OPTIONS:
-`python3 -m storagetm.options --markdown` prints the README table.
+`python3 -m storagetm.config.options --markdown` prints the README table.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from storagetm.auth import CREDENTIAL_CTRL_SECRET, CREDENTIAL_SECRET
-from storagetm.modes import Mode
-from storagetm.settings import (
+from storagetm.backing.modes import Mode
+from storagetm.config.settings import (
     ModeItems,
     OptionError,
     Settings,
@@ -41,7 +40,8 @@ from storagetm.settings import (
     parse_tls,
     with_mode,
 )
-from storagetm.tls import CREDENTIAL_KEY
+from storagetm.security.auth import CREDENTIAL_CTRL_SECRET, CREDENTIAL_SECRET
+from storagetm.security.tls import CREDENTIAL_KEY
 
 PREFIX = "storagetm."
 KERNEL_WHITESPACE = frozenset(" \t\n\v\f\r")  # the kernel's isspace(); not Unicode's spaces
@@ -442,7 +442,7 @@ def readme_with_table(readme: str) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m storagetm.options", description="Print the option tables.")
+    parser = argparse.ArgumentParser(prog="python3 -m storagetm.config.options", description="Print the option tables.")
     parser.add_argument("--markdown", action="store_true", help="the README's option table")
     parser.add_argument("--update-readme", type=Path, metavar="README", help="rewrite its table in place")
     args = parser.parse_args(argv)

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from storagetm import keys
-from storagetm.auth import generated_host_nqn, read_credential
 from storagetm.errors import StorageTMError, UsageError
+from storagetm.security import keys
+from storagetm.security.auth import generated_host_nqn, read_credential
 
 KEY_RE = re.compile(r"^NVMeTLSkey-1:0[12]:[A-Za-z0-9+/]+={0,2}:$")
 CREDENTIAL_KEY = "storagetm.tls-key"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from storagetm.errors import UsageError
-from storagetm.kernelfs import read_attribute
+from storagetm.system.kernelfs import read_attribute
 from storagetm.text import printable
 
 SECTOR = 512

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from storagetm.errors import ConfigfsError
-from storagetm.kernelfs import read_attribute
+from storagetm.system.kernelfs import read_attribute
 
 NVMET_ROOT = "/sys/kernel/config/nvmet"
 # Attributes whose values never go into an error message (journal, console).

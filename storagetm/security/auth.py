@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storagetm import keys
+from storagetm.security import keys
 
 SECRET_RE = re.compile(r"^DHHC-1:0[0-3]:[A-Za-z0-9+/]+={0,2}:$")
 CREDENTIAL_SECRET = "storagetm.dhchap-secret"

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from storagetm.disks import Disk
+from storagetm.disks.disk import Disk
 from storagetm.errors import UsageError
 
 NQN_MAX = 223  # bytes, nvmet's NVMF_NQN_SIZE

@@ -10,10 +10,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storagetm.disks import Disk
-from storagetm.firmware import EFIVARS
-from storagetm.modes import DM_PREFIX
-from storagetm.mounts import Backing, HostPaths, MountTable, disks_in_use, path_backing, read_mounts, whole_disks_behind
+from storagetm.backing.modes import DM_PREFIX
+from storagetm.disks.disk import Disk
+from storagetm.disks.mounts import (
+    Backing,
+    HostPaths,
+    MountTable,
+    disks_in_use,
+    path_backing,
+    read_mounts,
+    whole_disks_behind,
+)
+from storagetm.system.firmware import EFIVARS
 
 EFI_LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 # The file-system label our ISO and ESP carry: a second guard when the firmware

@@ -14,11 +14,11 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from storagetm.configfs import Root
+from storagetm.fabrics.nvmet.configfs import Root
 from storagetm.model import DISCOVERY_NQN, NSID, Device, Export, Listener, Want
-from storagetm.network import Address
 from storagetm.reconcile.objects import BaseDriver, Driver, Facts, FactsOf, Key, Obj, make
-from storagetm.tls import Keyring, derive_psk, insert_key
+from storagetm.security.tls import Keyring, derive_psk, insert_key
+from storagetm.system.network import Address
 
 HOST, PORT, SUBSYSTEM, NAMESPACE = "nvmet-host", "nvmet-port", "nvmet-subsystem", "nvmet-namespace"
 ALLOWED_HOST, PORT_LINK, REFERRAL, PSK = "nvmet-allowed-host", "nvmet-port-link", "nvmet-referral", "tls-psk"

@@ -1,6 +1,6 @@
 """What the daemon is asked to do (`Settings`), and the converters that turn an option's text
 into its value: one per kind of value, shared by the command line and the kernel command line.
-Which option takes which converter is declared once, in storagetm.options."""
+Which option takes which converter is declared once, in storagetm.config.options."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from storagetm.auth import check_secret, secret_argument
-from storagetm.disks import Disk, resolve_file
+from storagetm.backing.modes import Mode, parse_size
+from storagetm.disks.disk import Disk, resolve_file
+from storagetm.disks.identity import NO_OVERRIDES, NvmeOverrides, check_nqn_prefix, valid_nqn
 from storagetm.errors import UsageError
-from storagetm.identity import NO_OVERRIDES, NvmeOverrides, check_nqn_prefix, valid_nqn
 from storagetm.model import IO_TRSVCID
-from storagetm.modes import Mode, parse_size
-from storagetm.tls import check_key, key_argument
+from storagetm.security.auth import check_secret, secret_argument
+from storagetm.security.tls import check_key, key_argument
 
 SNAPSHOT_SIZE_MAX = (1 << 63) - 1  # bytes: the largest file (loff_t) a store can be
 ModeItems = tuple[tuple[str | None, Mode], ...]  # (disk spec or None for the default, mode)

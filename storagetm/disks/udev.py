@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storagetm.disks import Disk, disk_from_udev
+from storagetm.disks.disk import Disk, disk_from_udev
 
 UDEV_QUEUE = Path("/run/udev/queue")  # exists while udevd has events to process (libudev's udev_queue)
 
