@@ -22,7 +22,7 @@ from storagetm.console import stats
 from storagetm.console.screen import Screen
 from storagetm.desired import desired_state
 from storagetm.disks.disk import Disk, disk_from_file, sort_disks
-from storagetm.disks.identity import default_nqn_base, host_id, host_identity, identity_for
+from storagetm.disks.identity import default_nqn_base, host_id, host_identity, identity_for, nvme_form
 from storagetm.disks.policy import (
     Reason,
     SystemFacts,
@@ -342,6 +342,11 @@ class Daemon:
         self.reconciler.recover()
         identity = host_identity()
         self.state.nqn_base = self.settings.nqn_base or default_nqn_base(identity)
+        if not nvme_form(self.state.nqn_base):
+            self.startup_problems.append(f"the NQN prefix {self.state.nqn_base!r} is not of the NVMe form "
+                                         "nqn.YYYY-MM.domain[:name]: Linux initiators take it, others may "
+                                         "not")  # fmt: skip
+            log.warning("%s", self.startup_problems[-1])
         self.settings = settings = with_credentials(self.settings, auth.read_credential)
         self.state.auth = auth.resolve(settings.auth, settings.dhchap_secret, settings.dhchap_ctrl_secret,
                                        settings.allow_hosts, previous.auth if previous else None)  # fmt: skip

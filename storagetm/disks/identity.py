@@ -36,8 +36,18 @@ def valid_nqn(nqn: str) -> bool:
     return len(nqn.encode()) <= NQN_MAX and "/" not in nqn and _NQN_RE.fullmatch(nqn) is not None
 
 
+_PLAIN_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+
+
+def nvme_form(prefix: str) -> bool:
+    """Whether a prefix is of the NVMe form. systemd-storagetm takes any name (its own test
+    passes `--nqn=quux`), and so does Linux's initiator; other initiators may not."""
+    return _NQN_RE.fullmatch(prefix) is not None
+
+
 def check_nqn_prefix(prefix: str) -> str:
-    """A prefix that leaves room in nvmet's 223 bytes for `.<disk identity>` (IDENTITY_ROOM)."""
+    """A prefix that leaves room in nvmet's 223 bytes for `.<disk identity>` (IDENTITY_ROOM):
+    of the NVMe form, or a plain name as upstream accepts (`quux`)."""
     hint = "use the form nqn.YYYY-MM.reverse.domain[:name], e.g. nqn.2024-01.com.example:lab"
     if "/" in prefix:
         raise UsageError(f"invalid NQN prefix {prefix!r}: '/' cannot be in an NQN (nvmet names directories "
@@ -51,7 +61,7 @@ def check_nqn_prefix(prefix: str) -> str:
             f"and nvmet takes at most {NQN_MAX} bytes",
             hint="use a shorter prefix, e.g. nqn.2024-01.com.example:lab",
         )
-    if not valid_nqn(prefix):
+    if not (nvme_form(prefix) or _PLAIN_PREFIX_RE.fullmatch(prefix)):
         raise UsageError(f"invalid NQN prefix {prefix!r}", hint=hint)
     return prefix
 

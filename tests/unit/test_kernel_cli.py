@@ -43,9 +43,9 @@ def test_loaded_modules_are_not_modprobed_again(monkeypatch: pytest.MonkeyPatch,
 
 def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:  # argparse: usage, then one error line, exit 2
-        main(["--nqn", "bogus", "--all"])
+        main(["--nqn", "bogus!", "--all"])
     assert info.value.code == ExitCode.USAGE
-    assert "argument --nqn: invalid NQN prefix 'bogus'" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --nqn: invalid NQN prefix 'bogus!'" in capsys.readouterr().err.strip().splitlines()[-1]
     assert main([]) == ExitCode.USAGE
     assert capsys.readouterr().err.strip() == (
         "storagetm: no disks selected (give --all, or name the disks (DEVICE|FILE …))"

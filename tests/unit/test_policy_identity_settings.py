@@ -79,11 +79,20 @@ def test_model_and_serial_truncated_as_nvmet_requires() -> None:
 
 
 def test_bad_nqn_prefix_rejected() -> None:
-
     from storagetm.errors import UsageError
 
-    with pytest.raises(UsageError, match="invalid NQN prefix"):
-        check_nqn_prefix("not-an-nqn")
+    for bad in ("not an nqn", "-dash", "", "bad!", "nqn.2024-01.com.example:with space"):
+        with pytest.raises(UsageError, match="invalid NQN prefix"):
+            check_nqn_prefix(bad)
+
+
+def test_a_plain_prefix_is_taken_as_upstream_does() -> None:
+    """systemd's TEST-84 passes --nqn=quux: taken (a warning on the screen says initiators
+    other than Linux's may refuse it), and the NVMe form of course."""
+    from storagetm.disks.identity import nvme_form
+
+    assert check_nqn_prefix("quux") == "quux" and not nvme_form("quux")
+    assert check_nqn_prefix("nqn.2024-01.com.example:lab") and nvme_form("nqn.2024-01.com.example:lab")
 
 
 def test_host_identity_skips_bogus_dmi(tmp_path: Path) -> None:
