@@ -16,12 +16,12 @@ from storagetm import __version__, state
 from storagetm.config import options
 from storagetm.config.settings import Settings
 from storagetm.console.screen import Screen, active_consoles, human_size, render
-from storagetm.daemon import Daemon, explicit_files, plan
 from storagetm.disks.identity import default_nqn_base, host_identity, nvme_overrides
 from storagetm.disks.policy import held_by_another, system_facts
 from storagetm.disks.udev import BlockDevices
 from storagetm.errors import ExitCode, NotRunningError, StorageTMError, UsageError
 from storagetm.security.keys import HIDDEN, ON_COMMAND_LINE, on_command_line
+from storagetm.selection import explicit_files, plan
 from storagetm.system.memory import check_system_complete
 from storagetm.text import PrintableLogFilter, printable
 
@@ -128,6 +128,8 @@ def serve(argv: Sequence[str]) -> int:
     screen = Screen(active_consoles() if args.console else ())
     try:
         check_system_complete()
+        from storagetm.daemon import Daemon  # the engine only where it runs: status and stop need none of it
+
         return Daemon(settings, screen=screen, startup_problems=problems).run()
     except StorageTMError as exc:
         screen.fatal(exc.one_line())

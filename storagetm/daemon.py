@@ -9,9 +9,7 @@ import os
 import selectors
 import signal
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 
 from storagetm import state
 from storagetm.backing import modes
@@ -21,17 +19,14 @@ from storagetm.config.settings import Settings
 from storagetm.console import stats
 from storagetm.console.screen import Screen
 from storagetm.desired import desired_state
-from storagetm.disks.disk import Disk, disk_from_file, sort_disks
-from storagetm.disks.identity import default_nqn_base, host_id, host_identity, identity_for, nvme_form
+from storagetm.disks.disk import Disk
+from storagetm.disks.identity import default_nqn_base, host_id, host_identity, nvme_form
 from storagetm.disks.policy import (
     Reason,
     SystemFacts,
-    exclusion,
     held_by_another,
     loader_partuuid,
-    nothing_held,
     system_facts,
-    usage,
 )
 from storagetm.disks.udev import BlockDevices, udev_settled
 from storagetm.errors import ExitCode, StorageTMError
@@ -42,6 +37,7 @@ from storagetm.model import Backing, Export, Want
 from storagetm.reconcile.journal import Journal, fault_from_environment
 from storagetm.reconcile.reconciler import Reconciler
 from storagetm.security import auth, tls
+from storagetm.selection import explicit_files, plan
 from storagetm.system import firmware, network
 from storagetm.system.announce import Announcer
 from storagetm.system.notify import sd_notify
@@ -57,87 +53,6 @@ SETTLE_POLL = 0.1  # seconds between looks at udev's queue until then
 AFTER_DISK_EVENT = 0.3  # seconds
 
 
-@dataclass(frozen=True)
-class Plan:
-    """The outcome of the export policy for the current set of block devices."""
-
-    exports: dict[str, Export]
-    not_exported: list[tuple[Disk, Reason]]
-    problems: list[str] = field(default_factory=list)
-    details: dict[str, str] = field(default_factory=dict)  # device node -> how it is in use
-
-    def why(self, disk: Disk, reason: Reason) -> str:
-        """The reason as shown: for a disk in use, how ("mounted at /home")."""
-        return self.details.get(disk.devnode, reason.value)
-
-
-def plan(
-    disks: list[Disk],
-    settings: Settings,
-    facts: SystemFacts,
-    nqn_base: str,
-    *,
-    exported: Collection[str] = (),
-    held: Callable[[str], str] = nothing_held,
-) -> Plan:
-    """`exported`: device nodes exported now; they stay so even if the system has since mounted
-    them (withdrawing would fail the initiator's I/O), and our own dm-snapshot holds them.
-    `held`: tells whether another program has a disk to itself (policy.held_by_another)."""
-    exports: dict[str, Export] = {}
-    skipped: list[tuple[Disk, Reason]] = []
-    problems: list[str] = []
-    details: dict[str, str] = {}
-    unknown_root_refused = False
-    overrides = settings.identity_overrides()
-    for disk in sort_disks(disks):
-        named = any(disk.matches(spec) for spec in settings.devices)
-        selected = settings.all_disks or named
-        reason = exclusion(disk, facts, lift_guards=settings.lift_guards)
-        if reason is None and not selected:
-            reason = Reason.NOT_SELECTED
-        if reason is None and facts.root_unknown and not (named or disk.is_file or settings.lift_guards):
-            reason = Reason.ROOT_UNKNOWN
-            unknown_root_refused = True
-        if reason is None and settings.refusals:
-            reason = Reason.BAD_OPTION
-        if reason is None and disk.devnode not in exported and (use := usage(disk, facts, held)):
-            if settings.lift_guards:
-                problems.append(f"exporting {disk.devnode} although it is {use}: --all was given twice")
-            else:
-                reason = Reason.IN_USE
-                details[disk.devnode] = use
-        if reason is not None:
-            # Partitions and virtual devices (our own dm/zram among them) would only clutter the screen.
-            if reason not in (Reason.PARTITION, Reason.VIRTUAL) or named:
-                skipped.append((disk, reason))
-            if selected and not settings.all_disks:
-                problems.append(refusal(disk, reason, details.get(disk.devnode, "")))
-            continue
-        identity = identity_for(nqn_base, disk, overrides)
-        if identity.nqn in exports:
-            problems.append(f"not exporting {disk.devnode}: same identity as "
-                            f"{exports[identity.nqn].disk.devnode}")  # fmt: skip
-            continue
-        exports[identity.nqn] = Export(disk, identity, settings.mode_for(disk), settings.snapshot_size)
-    if unknown_root_refused:
-        problems.insert(0, f"{facts.root_unknown}; not exporting any disk: name the disks to export, "
-                           "or give --all twice")  # fmt: skip
-    for spec in settings.devices:
-        if not any(disk.matches(spec) for disk in disks):
-            problems.append(f"no disk matches {spec!r} (yet); it is exported if it appears")
-    for spec, mode in dict(reversed(settings.disk_modes)).items():  # the first mode given for a disk counts
-        if not any(disk.matches(spec) for disk in disks):
-            problems.append(f"no disk matches {spec!r} of the mode option (yet); it is {mode.label} if it appears")
-    return Plan(exports, skipped, problems, details)
-
-
-def refusal(disk: Disk, reason: Reason, detail: str) -> str:
-    """One line for a disk the user named that is not exported."""
-    if reason is Reason.IN_USE:
-        return f"not exporting {disk.devnode}: {detail}; stop using it first, or give --all twice (exports every disk)"
-    return f"not exporting {disk.devnode}: {reason.value}"
-
-
 def serve_at_realtime_priority() -> None:
     """SCHED_RR at the lowest real-time priority: on a hotplug udev's workers, PID 1 and
     journald wake with storagetm on the same CPU, and at any nice level the scheduler hands
@@ -148,11 +63,6 @@ def serve_at_realtime_priority() -> None:
         os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(1))
     except OSError as exc:
         log.warning("cannot raise storagetm to real-time priority: %s; disk events wait their turn", exc.strerror)
-
-
-def explicit_files(settings: Settings) -> list[Disk]:
-    """DEVICE arguments that are regular files, exported through nvmet's file backend."""
-    return [disk_from_file(spec) for spec in settings.devices if Path(spec).is_file()]
 
 
 class Daemon:

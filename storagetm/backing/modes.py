@@ -41,7 +41,7 @@ DEFAULT_STORE_SIZE = 1 << 30
 MIN_STORE_SIZE = 16 << 20
 PACKAGES = {"dmsetup": "dmsetup", "losetup": "mount", "mount": "mount", "umount": "mount", "modprobe": "kmod"}
 # 16 KiB: reads split at 4 KiB chunks ran at 0.92× a read-only export's speed, at 16 KiB at
-# par, and a scattered 4 KiB write still takes only 16 KiB of the store (docs/design.md).
+# par, and a scattered 4 KiB write still takes only 16 KiB of the store (docs/measurements.md).
 SNAPSHOT_CHUNK_SECTORS = 32
 
 log = logging.getLogger(__name__)

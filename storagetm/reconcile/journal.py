@@ -74,6 +74,7 @@ class Journal:
         self.lines = 0
         self.records = 0  # written by this process: the fault hook counts them
         self._fd: int | None = None
+        self._torn = False
 
     # ---- reading -------------------------------------------------------------
 
@@ -85,6 +86,8 @@ class Journal:
         except FileNotFoundError:
             return self.owned
         for number, raw in enumerate(text.splitlines(), 1):
+            if not raw:
+                continue
             try:
                 self._replay(json.loads(raw))
             except (ValueError, KeyError, TypeError):
@@ -124,11 +127,16 @@ class Journal:
         if self.fault is not None:
             self.fault(self.records, True)
         data = (json.dumps(_line(op, owned), separators=(",", ":")) + "\n").encode()
+        if self._torn:  # the last write was cut short: end that line first, or this one is lost with it
+            data = b"\n" + data
         if self._fd is None:
             private_directory(self.path.parent)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                                FILE_MODE)  # fmt: skip
-        if os.write(self._fd, data) != len(data):  # a full /run: the rest of the line is lost
+            os.fchmod(self._fd, FILE_MODE)  # one an older instance left keeps no other mode
+        written = os.write(self._fd, data)
+        self._torn = written != len(data)
+        if self._torn:  # a full /run: the rest of the line is lost, and the object is not made
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
         self.lines += 1
         if op == "removed":

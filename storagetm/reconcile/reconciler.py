@@ -55,9 +55,10 @@ class Reconciler:
         return self.journal.owned
 
     def recover(self) -> None:
-        """Read what a previous instance recorded and keep only what the kernel still holds;
-        what it was making or removing stays owned (the next apply removes it) if any of it
-        is left, found by name where its facts were never recorded."""
+        """Read what a previous instance recorded and keep only what the kernel still holds.
+        What it was making before anything was learnt of it is removed here, found by name
+        (its facts were never recorded); what it was making or removing with facts stays
+        owned, half made, and the next apply removes it (and makes it anew if wanted)."""
         self.journal.load()
         gone: list[Key] = []
         for key, owned in list(self.owned.items()):
@@ -95,6 +96,11 @@ class Reconciler:
             if op.action == REMOVE:
                 if not self._remove(op.key) and op.key in wanted:
                     failed_keys.add(op.key)  # still there: it cannot be made anew
+                    group = wanted[op.key].group
+                    failures.append(Failure(op.key, group, f"{op.key[0]} {op.key[1]} cannot be made anew: the old one "
+                                                           "could not be removed (see the log)"))  # fmt: skip
+                    if group:
+                        failed_groups.add(group)
                 continue
             obj = wanted[op.key]
             if obj.group in failed_groups or op.key in failed_keys:

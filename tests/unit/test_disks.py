@@ -11,10 +11,10 @@ import pytest
 
 from storagetm.cli import serve_parser, settings_from
 from storagetm.config.settings import Settings
-from storagetm.daemon import explicit_files, plan
 from storagetm.disks.disk import disk_from_udev, gpt_partition_uuids, nvme_transport, resolve_file
 from storagetm.disks.policy import SystemFacts
 from storagetm.errors import UsageError
+from storagetm.selection import explicit_files, plan
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
 ESP_TYPE = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")

@@ -14,12 +14,12 @@ from storagetm.cli import main, serve_parser, settings_from
 from storagetm.config.options import apply_kernel_cmdline, split_kernel_cmdline, with_credentials
 from storagetm.config.settings import Settings, parse_port
 from storagetm.console.screen import Screen, render
-from storagetm.daemon import plan
 from storagetm.disks.disk import Disk
 from storagetm.disks.policy import Reason, SystemFacts
 from storagetm.errors import ExitCode, UsageError
 from storagetm.security.auth import CREDENTIAL_CTRL_SECRET, CREDENTIAL_SECRET, check_secret, generate_secret
 from storagetm.security.tls import CREDENTIAL_KEY, check_key
+from storagetm.selection import plan
 from storagetm.state import RunState
 from tests.unit.fake_configfs import FakeConfigfs
 from tests.unit.test_daemon import attached

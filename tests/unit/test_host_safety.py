@@ -13,7 +13,6 @@ import pytest
 from storagetm import cli
 from storagetm.config.settings import Settings
 from storagetm.console.screen import Screen
-from storagetm.daemon import plan
 from storagetm.disks.disk import Disk
 from storagetm.disks.mounts import Backing, HostPaths, disks_in_use, parse_mountinfo
 from storagetm.disks.policy import (
@@ -26,6 +25,7 @@ from storagetm.disks.policy import (
     system_facts,
 )
 from storagetm.disks.udev import DiskEvent
+from storagetm.selection import plan
 from tests.unit.fake_configfs import FakeConfigfs
 from tests.unit.test_daemon import QueuedEvents, attached
 

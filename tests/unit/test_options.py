@@ -11,13 +11,13 @@ from storagetm.backing.modes import Mode
 from storagetm.cli import main, serve_parser, settings_from
 from storagetm.config.options import OPTIONS, apply_kernel_cmdline, kernel_help, kernel_options, readme_with_table
 from storagetm.config.settings import Settings
-from storagetm.daemon import plan
 from storagetm.disks.disk import Disk
 from storagetm.disks.identity import NvmeOverrides, nvme_overrides
 from storagetm.disks.policy import SystemFacts
 from storagetm.errors import ExitCode
 from storagetm.security.auth import generate_secret
 from storagetm.security.tls import generate_key
+from storagetm.selection import plan
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"

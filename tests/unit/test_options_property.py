@@ -28,12 +28,12 @@ from storagetm.backing.modes import Mode
 from storagetm.cli import serve_parser, settings_from
 from storagetm.config.options import KERNEL_WHITESPACE, apply_kernel_cmdline, split_kernel_cmdline
 from storagetm.config.settings import Settings
-from storagetm.daemon import plan
 from storagetm.disks.disk import Disk
 from storagetm.disks.policy import SystemFacts
 from storagetm.errors import UsageError
 from storagetm.security.auth import generate_secret
 from storagetm.security.tls import generate_key
+from storagetm.selection import plan
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
 HOST = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555"

@@ -9,10 +9,10 @@ import pytest
 from storagetm.config.options import apply_kernel_cmdline
 from storagetm.config.settings import Settings
 from storagetm.console.screen import render
-from storagetm.daemon import plan
 from storagetm.disks.disk import Disk
 from storagetm.disks.identity import check_nqn_prefix, host_identity, identity_for, valid_nqn
 from storagetm.disks.policy import Reason, SystemFacts, loader_partuuid
+from storagetm.selection import plan
 from storagetm.state import RunState
 from storagetm.system.network import parse_ip_json
 

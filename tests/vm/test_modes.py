@@ -129,7 +129,7 @@ def test_snapshot_takes_writes_in_ram_and_source_stays(fresh_snapshot: tuple[Pai
     assert f"storagetm-cow {store} tmpfs" in mounts(pair) and "size=8192k" in mounts(pair), mounts(pair)
     assert pair.target.sh(f"ls -A {store}") == ""
     table = pair.target.sh("dmsetup table storagetm-snapshot-snap0001").split()
-    assert table[2:3] + table[5:] == ["snapshot", "N", "32"], table  # 16 KiB chunks (docs/design.md, Modes)
+    assert table[2:3] + table[5:] == ["snapshot", "N", "32"], table  # 16 KiB chunks (docs/measurements.md, Modes)
 
 
 def mounts(pair: Pair) -> str:

@@ -313,13 +313,3 @@ class Root(Node):
         if not host.exists():
             host._mkdir()
         return host
-
-    def free_port_id(self, preferred: int) -> int:
-        """`preferred` if no port has that id yet, else the lowest free id above it."""
-        taken = {p.port_id for p in self.ports()}
-        port_id = preferred
-        while port_id in taken:
-            port_id += 1
-        if port_id > 0xFFFF:
-            raise ConfigfsError("no free nvmet port id")
-        return port_id
