@@ -27,7 +27,7 @@ def test_replay_gives_what_the_records_add_up_to(tmp_path: Path) -> None:
     assert "c2VjcmV0" not in (tmp_path / "owned.jsonl").read_text()  # the secret by its digest only
 
 
-def test_a_short_write_fails_the_make_and_loses_no_later_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_short_write_fails_the_make_and_loses_no_later_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     record = Journal(tmp_path / "owned.jsonl")
     real_write = os.write
     monkeypatch.setattr(journal_module.os, "write", lambda fd, data: real_write(fd, data[:10]))
