@@ -149,6 +149,9 @@ class Daemon:
                 log.info("exported %s (%s) as %s", export.disk.devnode, export.mode.label, nqn)
             elif before[nqn].mode is not export.mode:
                 log.info("%s is now %s", export.disk.devnode, export.mode.label)
+            elif before[nqn].disk.size != export.disk.size:
+                log.info("%s changed size: %d -> %d bytes", export.disk.devnode, before[nqn].disk.size,
+                         export.disk.size)  # fmt: skip
         for nqn in sorted(set(before) - set(self.state.exports)):
             log.info("withdrew %s (%s)", nqn, before[nqn].disk.devnode)
         self.state.backings = {nqn: self._backing_view(export) for nqn, export in self.state.exports.items()}
