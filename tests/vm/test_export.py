@@ -232,8 +232,16 @@ def test_hotplug_add_and_remove(pair: Pair) -> None:
     until(discoverable, HOTPLUG_BOUND, "hot-plugged disk not discoverable in time")
     pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
     try:
-        serials = sorted(r.serial for r in connected(pair.initiator))
-        assert serials == sorted([*pair.disks, "HOT00001"])
+        expected = sorted([*pair.disks, "HOT00001"])
+        # A namespace appears once the kernel's scan of its new controller is done.
+        serials: list[str] = []
+
+        def all_there() -> bool:
+            nonlocal serials
+            serials = sorted(r.serial for r in connected(pair.initiator))
+            return serials == expected
+
+        until(all_there, 30, lambda: f"connected {serials}, not {expected}")
         # Pull it while connected: it disappears, the others keep working.
         since = len(pair.target.console())
         pair.target.unplug(hot)

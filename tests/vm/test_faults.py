@@ -46,12 +46,21 @@ class Reference:
 
 
 def start(pair: Pair, options: str, kill_at: str = "") -> bool:
-    """storagetm as a transient service; True once it said READY=1, False if it was killed first."""
+    """storagetm as a transient service; True once it said READY=1, False if it died first
+    (a unit that failed is unloaded: --collect)."""
     env = f"-p Environment=STORAGETM_TEST_KILL_AT={kill_at} " if kill_at else ""
-    _, rc = pair.target.run(f"systemd-run -u {UNIT} -p Type=notify {env}/usr/bin/storagetm {options}", timeout=180)
+    pair.target.run(f"systemctl reset-failed {UNIT}")
+    _, rc = pair.target.run(f"systemd-run --collect -u {UNIT} -p Type=notify {env}/usr/bin/storagetm {options}",
+                            timeout=180)  # fmt: skip
     if rc != 0:
         until(lambda: not active(pair), 60, f"{UNIT} neither ready nor dead")
     return rc == 0
+
+
+def must_start(pair: Pair, options: str, point: str = "", kill_at: str = "") -> None:
+    if not start(pair, options, kill_at):
+        log = pair.target.sh(f"journalctl -b --no-pager -n 40 -u {UNIT}")
+        raise AssertionError(f"{point}: storagetm {options} did not start:\n{log}")
 
 
 def active(pair: Pair) -> bool:
@@ -79,11 +88,11 @@ def reference(booted_pair: Pair) -> Reference:
     pair.target.sh("systemctl stop storagetm")
     nothing = kernel_state(pair)
     assert "subsystems/" not in nothing and "dm:\nloop:\nmounts:" in nothing, nothing
-    assert start(pair, AFTER)
+    must_start(pair, AFTER)
     after = kernel_state(pair)
     stop(pair)
     assert kernel_state(pair) == nothing
-    assert start(pair, BEFORE)
+    must_start(pair, BEFORE)
     started = records(pair)
     hot = hot_disk(pair)
     pair.target.hotplug(hot)
@@ -114,7 +123,7 @@ def hot_disk(pair: Pair) -> Disk:
 
 
 def converge_and_check(pair: Pair, reference: Reference, point: str) -> None:
-    assert start(pair, AFTER), point
+    must_start(pair, AFTER, point)
     state = kernel_state(pair)
     assert state == reference.after, f"{point}: restarted with new settings\n{state}\n-- expected\n{reference.after}"
     assert "hosts/nqn" not in state and "ports/4420" not in state, point  # nothing of the old settings
@@ -140,7 +149,7 @@ def test_killed_during_hotplug(idle: Pair, reference: Reference) -> None:
     started, hotplugged = reference.started, reference.hotplugged
     hot = hot_disk(pair)
     for point in (started + 1, (started + hotplugged) // 2, hotplugged):
-        assert start(pair, BEFORE, kill_at=str(point))
+        must_start(pair, BEFORE, f"hot-plug kill point {point}", kill_at=str(point))
         pair.target.hotplug(hot)
         until(lambda: not active(pair), 90, f"hot-plug kill point {point} not reached")
         pair.target.unplug(hot)
@@ -151,7 +160,7 @@ def test_killed_during_teardown(idle: Pair, reference: Reference) -> None:
     pair = idle
     started = reference.started
     for extra in (1, 8, 20):
-        assert start(pair, BEFORE, kill_at=str(started + extra))
+        must_start(pair, BEFORE, f"teardown kill point +{extra}", kill_at=str(started + extra))
         pair.target.run(f"systemctl stop {UNIT}", timeout=180)
         until(lambda: not active(pair), 60, "teardown kill point not reached")
         pair.target.run(f"systemctl reset-failed {UNIT}")
@@ -161,7 +170,7 @@ def test_killed_during_teardown(idle: Pair, reference: Reference) -> None:
 
 def test_connected_initiator_keeps_its_data_across_a_crash(idle: Pair, reference: Reference) -> None:
     pair = idle
-    assert start(pair, AFTER)
+    must_start(pair, AFTER)
     address = wait_address(pair.target, "169.254.")
     disconnect_all(pair.initiator)
     try:
@@ -172,7 +181,7 @@ def test_connected_initiator_keeps_its_data_across_a_crash(idle: Pair, reference
         pair.target.sh(f"systemctl kill -s KILL {UNIT}")
         until(lambda: not active(pair), 60, "storagetm not killed")
         pair.target.run(f"systemctl reset-failed {UNIT}")
-        assert start(pair, AFTER)  # adopts everything: the same settings
+        must_start(pair, AFTER, "restart after SIGKILL")  # adopts everything: the same settings
         assert kernel_state(pair) == reference.after
         controllers = pair.initiator.sh("ls /sys/class/nvme")
         after = {r.serial: pair.initiator.sh(f"sha256sum /dev/{r.block}", timeout=300).split()[0]
@@ -188,7 +197,7 @@ def test_connected_initiator_keeps_its_data_across_a_crash(idle: Pair, reference
 
 def test_record_is_private(idle: Pair, reference: Reference) -> None:
     pair = idle
-    assert start(pair, BEFORE)
+    must_start(pair, BEFORE)
     try:
         mode = pair.target.sh(f"stat -c %a {JOURNAL}")
         assert mode == "600"

@@ -122,12 +122,13 @@ def test_snapshot_takes_writes_in_ram_and_source_stays(fresh_snapshot: tuple[Pai
     status = json.loads(pair.target.sh("storagetm status --json"))
     usage = next(e["snapshot_usage"] for e in status["exports"] if e["mode"] == "snapshot")
     assert usage["used"] > 0 and usage["total"] == 8 << 20 and not usage["invalid"]
-    # The store is a tmpfs of its own, the store's size, so it cannot fill /run; its file is
-    # unlinked once the loop device holds it.
+    # The store is a tmpfs of its own, the store's size, so it cannot fill /run; it holds the
+    # one file under the store's loop device (kept, so a restart finds the loop device by it).
     store = next(e["backing"]["store"] for e in status["exports"] if e["mode"] == "snapshot")
     assert store.startswith("/run/storagetm/cow/"), store
     assert f"storagetm-cow {store} tmpfs" in mounts(pair) and "size=8192k" in mounts(pair), mounts(pair)
-    assert pair.target.sh(f"ls -A {store}") == ""
+    assert pair.target.sh(f"ls -A {store}") == "store.cow"
+    assert f"{store}/store.cow" in pair.target.sh("losetup --list --noheadings -O BACK-FILE")
     table = pair.target.sh("dmsetup table storagetm-snapshot-snap0001").split()
     assert table[2:3] + table[5:] == ["snapshot", "N", "32"], table  # 16 KiB chunks (docs/measurements.md, Modes)
 
