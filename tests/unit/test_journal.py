@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from storagetm.reconcile import journal as journal_module
 from storagetm.reconcile.journal import MADE, MAKING, Journal
 from storagetm.reconcile.objects import make
 
@@ -30,10 +29,10 @@ def test_replay_gives_what_the_records_add_up_to(tmp_path: Path) -> None:
 def test_a_short_write_fails_the_make_and_loses_no_later_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     record = Journal(tmp_path / "owned.jsonl")
     real_write = os.write
-    monkeypatch.setattr(journal_module.os, "write", lambda fd, data: real_write(fd, data[:10]))
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[:10]))
     with pytest.raises(OSError, match="No space left"):
         record.making(SUB)
-    monkeypatch.setattr(journal_module.os, "write", real_write)
+    monkeypatch.setattr(os, "write", real_write)
     record.making(HOST)
     assert list(Journal(tmp_path / "owned.jsonl").load()) == [HOST.key]
 

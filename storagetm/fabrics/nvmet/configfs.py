@@ -111,6 +111,15 @@ class Node:
         except OSError as exc:
             raise ConfigfsError(f"cannot remove {self.path}: {_describe(exc)}") from exc
 
+    def _unlink(self, link: str, failure: str) -> None:
+        """Remove a symlink of this node's; one already gone is no error."""
+        try:
+            self.ops.unlink(link)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigfsError(f"{failure}: {_describe(exc)}") from exc
+
     def _children(self, group: str) -> Iterator[str]:
         directory = f"{self.path}/{group}"
         if os.path.isdir(directory):
@@ -178,13 +187,7 @@ class Subsystem(Node):
             raise ConfigfsError(f"cannot allow host {host.name} on {self.nqn}: {_describe(exc)}") from exc
 
     def disallow_host(self, hostnqn: str) -> None:
-        link = f"{self.path}/allowed_hosts/{hostnqn}"
-        try:
-            self.ops.unlink(link)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise ConfigfsError(f"cannot disallow host {hostnqn} on {self.nqn}: {_describe(exc)}") from exc
+        self._unlink(f"{self.path}/allowed_hosts/{hostnqn}", f"cannot disallow host {hostnqn} on {self.nqn}")
 
     def remove(self) -> None:
         """Remove the subsystem itself (its namespaces and links must be gone)."""
@@ -258,13 +261,7 @@ class Port(Node):
             ) from exc
 
     def unlink(self, nqn: str) -> None:
-        link = f"{self.path}/subsystems/{nqn}"
-        try:
-            self.ops.unlink(link)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise ConfigfsError(f"cannot unlink {nqn} from port {self.name}: {_describe(exc)}") from exc
+        self._unlink(f"{self.path}/subsystems/{nqn}", f"cannot unlink {nqn} from port {self.name}")
 
     def delete(self) -> None:
         if not self.exists():
