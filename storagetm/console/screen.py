@@ -144,7 +144,8 @@ def iscsi_lines(state: RunState) -> list[str]:
         lines.append("  then the target, Connect → Advanced → Enable CHAP log on:")
         lines.append(f"  name {CHAP_USER}, secret {iscsi.chap_secret}")
     if iscsi.chap_ctrl_secret:
-        lines.append(f"  Mutual: Configuration → CHAP → {iscsi.chap_ctrl_secret}; Perform mutual authentication")
+        lines.append(f"  To check the target too: Configuration → CHAP → {iscsi.chap_ctrl_secret},")
+        lines.append("  then Advanced → Perform mutual authentication")
     return lines
 
 
