@@ -13,8 +13,8 @@ import pytest
 from storagetm.security.auth import generate_secret
 from storagetm.security.chap import derive_secret
 from testbed.initiator import CONNECT, CONNECT_ALL, connected, disconnect_all, screen_rows_joined, wait_address
+from testbed.iscsi import discover, login, logout_all, prepare_iscsi
 from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, Pair
-from tests.vm.test_iscsi import discover, login, logout_all, prepare_iscsi
 
 pytestmark = pytest.mark.vm
 
