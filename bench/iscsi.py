@@ -12,29 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.modes import read_mib_s
+from bench.compare import dd_mib_s
 from testbed.initiator import CONNECT, connected, disconnect_all, wait_address
 from testbed.iscsi import discover, login, logout_all, prepare_iscsi, targets_by_serial
-from testbed.machine import VM
 from testbed.pair import TARGET_APPEND, vm_pair
 
 SERIALS = ("BENCHIS1", "BENCHIS2")
-
-
-def write_mib_s(initiator: VM, device: str, size_mib: int) -> float:
-    out = initiator.sh(f"dd if=/dev/zero of={device} bs=1M count={size_mib} oflag=direct conv=fsync 2>&1 | tail -n 1",
-                       timeout=900)  # fmt: skip
-    match = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", out)
-    if not match:
-        raise RuntimeError(f"unexpected dd output: {out}")
-    return int(match.group(1)) / float(match.group(2)) / (1 << 20)
 
 
 def main() -> int:
@@ -60,10 +49,11 @@ def main() -> int:
             nvme = "/dev/" + next(r.block for r in connected(pair.initiator) if r.serial == nvme_serial)
             iscsi = login(pair.initiator, iqns[iscsi_serial], f"{address}:3260")
             for fabric, device in (("nvme", nvme), ("iscsi", iscsi)):
-                block = device.removeprefix("/dev/")
-                samples[f"{fabric}_read"].append(read_mib_s(pair.initiator, block, args.size_mib))
+                read = f"dd if={device} of=/dev/null bs=1M count={args.size_mib} iflag=direct"
+                samples[f"{fabric}_read"].append(dd_mib_s(pair.initiator, read))
             for fabric, device in (("nvme", nvme), ("iscsi", iscsi)):
-                samples[f"{fabric}_write"].append(write_mib_s(pair.initiator, device, args.size_mib))
+                write = f"dd if=/dev/zero of={device} bs=1M count={args.size_mib} oflag=direct conv=fsync"
+                samples[f"{fabric}_write"].append(dd_mib_s(pair.initiator, write))
             disconnect_all(pair.initiator)
             logout_all(pair.initiator)
             discover(pair.initiator, address)  # the node records again, for the next login

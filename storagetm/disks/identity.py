@@ -121,11 +121,16 @@ def default_nqn_base(identity: str) -> str:
     return f"{DEFAULT_NQN_BASE}.{host_id(identity)}"
 
 
+def _disk_name(base: str, disk: Disk, limit: int) -> str:
+    """BASE.<disk identity>, or BASE.<32-digit hash> if that would pass `limit` bytes."""
+    name = f"{base}.{disk_slug(disk)}"
+    if len(name.encode()) > limit:
+        name = f"{base}.{hashlib.sha256(name.encode()).hexdigest()[:32]}"
+    return name
+
+
 def subsystem_nqn(base: str, disk: Disk) -> str:
-    nqn = f"{base}.{disk_slug(disk)}"
-    if len(nqn.encode()) > NQN_MAX:
-        nqn = f"{base}.{hashlib.sha256(nqn.encode()).hexdigest()[:32]}"
-    return nqn
+    return _disk_name(base, disk, NQN_MAX)
 
 
 def iqn_base(host: str) -> str:
@@ -135,10 +140,7 @@ def iqn_base(host: str) -> str:
 
 def target_iqn(base: str, disk: Disk) -> str:
     """The disk's iSCSI target name: stable as its NQN, whatever prefix the NQNs take."""
-    iqn = f"{base}.{disk_slug(disk)}"
-    if len(iqn.encode()) > IQN_MAX:
-        iqn = f"{base}.{hashlib.sha256(iqn.encode()).hexdigest()[:32]}"
-    return iqn
+    return _disk_name(base, disk, IQN_MAX)
 
 
 def _ascii(text: str, limit: int) -> str:
