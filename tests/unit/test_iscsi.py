@@ -274,3 +274,16 @@ def test_daemon_offers_iscsi_only_on_a_lio_root_it_has(tmp_path: Path) -> None:
     assert without.iscsi_config("0123456789ab") == IscsiConfig(unavailable="no LIO")
     assert attached(tmp_path / "c", Settings(iscsi=False), FakeConfigfs(tmp_path / "c")).iscsi_config("x") == (
         IscsiConfig())  # fmt: skip
+
+
+def test_a_hot_plugged_disk_is_on_nvme_tcp_before_iscsi_is_made(tmp_path: Path) -> None:
+    """A watching NVMe/TCP initiator connects as soon as the disk is linked: iSCSI's objects
+    come after every nvmet object, so the second fabric adds nothing to that latency."""
+    world = World(tmp_path)
+    reconciler, backing, fabrics = world.instance()
+    assert reconciler.apply(desired_state(world.want(MIXED[:1], iscsi=True), backing, fabrics)) == []
+    assert reconciler.apply(desired_state(world.want(MIXED[:2], iscsi=True), backing, fabrics)) == []
+    made = [op.key[0] for op in reconciler.last_ops if op.action == "create"]
+    lio_kinds = [i for i, kind in enumerate(made) if kind.startswith(("iscsi", "lio"))]
+    assert lio_kinds and max(i for i, kind in enumerate(made) if kind.startswith("nvmet")) < min(lio_kinds), made
+    reconciler.teardown()

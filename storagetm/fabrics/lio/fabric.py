@@ -29,6 +29,8 @@ from storagetm.security.chap import CHAP_USER
 
 HBA, BACKSTORE, TARGET, TPG = "lio-hba", "lio-backstore", "iscsi-target", "iscsi-tpg"
 LUN, PORTAL, ENABLE = "iscsi-lun", "iscsi-portal", "iscsi-enable"
+# Ranks above nvmet's: on a hotplug every NVMe/TCP object goes first (a watching initiator
+# connects at once; nvmet's hotplug latency stays as it was), then iSCSI's.
 # A fixed adapter index, so its name is known before it is made: targetcli takes the lowest
 # free index for each new storage object and does not come near it.
 HBA_INDEX = 3260
@@ -122,7 +124,7 @@ class _LioDriver(BaseDriver):
 
 
 class HbaDriver(_LioDriver):
-    kind, rank = HBA, 41
+    kind, rank = HBA, 81
 
     def present(self, obj: Obj, facts: Facts) -> bool:
         return self.root.hba(obj.name).exists()
@@ -136,7 +138,7 @@ class HbaDriver(_LioDriver):
 
 
 class BackstoreDriver(_LioDriver):
-    kind, rank = BACKSTORE, 51
+    kind, rank = BACKSTORE, 84
 
     def _backstore(self, obj: Obj) -> Backstore:
         hba, name = _split(obj.name)
@@ -169,7 +171,7 @@ class BackstoreDriver(_LioDriver):
 
 
 class TargetDriver(_LioDriver):
-    kind, rank = TARGET, 42
+    kind, rank = TARGET, 82
 
     def present(self, obj: Obj, facts: Facts) -> bool:
         return self.root.target(obj.name).exists()
@@ -185,7 +187,7 @@ class TargetDriver(_LioDriver):
 class TpgDriver(_LioDriver):
     """The portal group, in demo mode, not yet enabled (EnableDriver does that last)."""
 
-    kind, rank = TPG, 43
+    kind, rank = TPG, 83
 
     def present(self, obj: Obj, facts: Facts) -> bool:
         return self.root.target(obj.name).tpg().exists()
@@ -212,7 +214,7 @@ class TpgDriver(_LioDriver):
 
 
 class LunDriver(_LioDriver):
-    kind, rank = LUN, 55
+    kind, rank = LUN, 85
 
     def present(self, obj: Obj, facts: Facts) -> bool:
         return self.root.target(obj.name).tpg().lun().exists()
@@ -232,7 +234,7 @@ class LunDriver(_LioDriver):
 
 
 class PortalDriver(_LioDriver):
-    kind, rank = PORTAL, 56
+    kind, rank = PORTAL, 86
 
     def present(self, obj: Obj, facts: Facts) -> bool:
         iqn, portal = _split(obj.name)
@@ -252,7 +254,7 @@ class EnableDriver(_LioDriver):
     """The portal group's `enable`: logins are taken from here on; disabled first on the way
     out, which also ends the sessions logged in."""
 
-    kind, rank = ENABLE, 80
+    kind, rank = ENABLE, 90
 
     def present(self, obj: Obj, facts: Facts) -> bool:
         tpg = self.root.target(obj.name).tpg()
