@@ -20,7 +20,7 @@ from storagetm.console import stats
 from storagetm.console.screen import Screen
 from storagetm.desired import desired_state
 from storagetm.disks.disk import Disk
-from storagetm.disks.identity import default_nqn_base, host_id, host_identity, nvme_form
+from storagetm.disks.identity import default_nqn_base, host_id, host_identity, iqn_base, nvme_form
 from storagetm.disks.policy import (
     Reason,
     SystemFacts,
@@ -29,14 +29,19 @@ from storagetm.disks.policy import (
     system_facts,
 )
 from storagetm.disks.udev import BlockDevices, udev_settled
-from storagetm.errors import ExitCode, StorageTMError
+from storagetm.errors import ExitCode, KernelError, StorageTMError
+from storagetm.fabrics import Fabric
+from storagetm.fabrics.lio import configfs as lio
+from storagetm.fabrics.lio.fabric import IscsiFabric
+from storagetm.fabrics.lio.kernel import ensure_lio
 from storagetm.fabrics.nvmet import kernel
 from storagetm.fabrics.nvmet.configfs import Root
 from storagetm.fabrics.nvmet.fabric import NvmetFabric
-from storagetm.model import Backing, Export, Want
+from storagetm.model import ISCSI_PORT, Backing, Export, IscsiConfig, Want
 from storagetm.reconcile.journal import Journal, fault_from_environment
 from storagetm.reconcile.reconciler import Reconciler
 from storagetm.security import auth, tls
+from storagetm.security.chap import chap_secrets
 from storagetm.selection import explicit_files, plan
 from storagetm.system import firmware, network
 from storagetm.system.announce import Announcer
@@ -80,6 +85,7 @@ class Daemon:
         journal: Journal | None = None,
         backing: BackingLayer | None = None,
         keyring: tls.Keyring | None = None,
+        lio_root: lio.Root | None = None,
     ) -> None:
         self.settings = settings
         self.screen = screen
@@ -98,7 +104,10 @@ class Daemon:
         self.backing = backing or BackingLayer()
         self.keyring = keyring or tls.Keyring()
         self.reconciler: Reconciler | None = None
-        self.fabric: NvmetFabric | None = None
+        # iSCSI is offered only on a LIO root given here or found by run() (modules loaded).
+        self.lio_root = lio_root
+        self.iscsi_unavailable = ""
+        self.fabrics: list[Fabric] = []
         self.wanted: dict[str, Export] = {}  # what the export policy chose, before any failure
         self.stop_requested = False
         self.meter = stats.ActivityMeter()
@@ -110,10 +119,22 @@ class Daemon:
     # ---- one reconcile pass ------------------------------------------------
 
     def attach(self, root: Root) -> None:
-        """The fabric and the reconciler, on this configfs root."""
+        """The fabrics and the reconciler, on this nvmet root. iSCSI's drivers are there even
+        when it is off or unavailable (on LIO's usual root then): what a previous instance
+        made on it is still found and removed."""
         self.root = root
-        self.fabric = NvmetFabric(root, self.keyring)
-        self.reconciler = Reconciler([*self.backing.drivers(), *self.fabric.drivers()], self.journal)
+        self.fabrics = [NvmetFabric(root, self.keyring), IscsiFabric(self.lio_root or lio.Root())]
+        drivers = [driver for fabric in self.fabrics for driver in fabric.drivers()]
+        self.reconciler = Reconciler([*self.backing.drivers(), *drivers], self.journal)
+
+    def iscsi_config(self, host: str) -> IscsiConfig:
+        """iSCSI as asked for and as the kernel allows, its CHAP secrets as NVMe/TCP's."""
+        if not self.settings.iscsi:
+            return IscsiConfig()
+        if self.lio_root is None:
+            return IscsiConfig(unavailable=self.iscsi_unavailable or "no LIO configfs root")
+        secret, ctrl_secret = chap_secrets(self.state.auth, self.state.tls)
+        return IscsiConfig(True, iqn_base(host), secret, ctrl_secret)
 
     def export_wanted(self) -> None:
         """Plan and apply the exports for the disks known now; the screen is not redrawn."""
@@ -133,14 +154,15 @@ class Daemon:
 
     def want(self) -> Want:
         return Want(dict(self.wanted), self.state.nqn_base, self.settings.port, self.ipv6, self.state.auth,
-                    self.state.tls, tuple(self.state.addresses), listen=not self.settings.refusals)  # fmt: skip
+                    self.state.tls, tuple(self.state.addresses), listen=not self.settings.refusals,
+                    iscsi=self.state.iscsi)  # fmt: skip
 
     def reconcile(self) -> list[str]:
         """Make the kernel hold what is wanted now; the problems, one line each. An export
         whose objects could not all be made is not exported (the reconciler undid it)."""
-        assert self.reconciler is not None and self.fabric is not None
+        assert self.reconciler is not None and self.fabrics
         want = self.want()
-        failures = self.reconciler.apply(desired_state(want, self.backing, [self.fabric]))
+        failures = self.reconciler.apply(desired_state(want, self.backing, self.fabrics))
         failed = {failure.group for failure in failures}
         before = self.state.exports
         self.state.exports = {nqn: export for nqn, export in want.exports.items() if nqn not in failed}
@@ -181,7 +203,10 @@ class Daemon:
                   export.disk.size)
             for nqn, export in self.state.exports.items()
         })  # fmt: skip
-        self.state.initiators = stats.initiators({listener.trsvcid for listener in self.state.ports})
+        ports = {listener.trsvcid for listener in self.state.ports}
+        if self.state.iscsi.enabled:
+            ports.add(ISCSI_PORT)
+        self.state.initiators = stats.initiators(ports)
 
     def publish(self) -> None:
         self.state.snapshot_usage = {
@@ -222,6 +247,12 @@ class Daemon:
                                  hint="use `storagetm status` or `storagetm stop`")  # fmt: skip
         if self.root is None:
             self.root = Root(kernel.ensure_nvmet())
+        if self.lio_root is None and self.settings.iscsi:
+            try:
+                self.lio_root = lio.Root(ensure_lio())
+            except KernelError as exc:  # NVMe/TCP goes on; the screen says why there is no iSCSI
+                self.iscsi_unavailable = exc.one_line()
+                log.warning("iSCSI is unavailable: %s", self.iscsi_unavailable)
         devices = self.devices or BlockDevices(partition_uuids=bool(self.facts().boot_partuuid))
         devices.start()  # before enumerating, so no hotplug event is missed
         addr_sock = network.address_monitor()
@@ -268,6 +299,7 @@ class Daemon:
                                      previous.tls if previous else None)  # fmt: skip
         if self.state.tls.enabled:
             tls.ensure_handshake_daemon()
+        self.state.iscsi = self.iscsi_config(host_id(identity))
         self.ipv6 = network.ipv6_available()
         for disk in devices.enumerate() + explicit_files(self.settings):
             self.disks[disk.devnode] = disk

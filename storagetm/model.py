@@ -4,11 +4,12 @@ ports there are, what is wanted. Importing this pulls in no kernel code, so the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from storagetm.backing.modes import Mode
 from storagetm.disks.disk import Disk
 from storagetm.disks.identity import Identity
+from storagetm.security import keys
 from storagetm.security.auth import AuthConfig
 from storagetm.security.tls import TLSConfig
 from storagetm.system.network import Address
@@ -17,6 +18,7 @@ NSID = 1
 DISCOVERY_TRSVCID = 8009
 DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"  # the well-known one every port serves
 IO_TRSVCID = 4420
+ISCSI_PORT = 3260  # iSCSI's well-known port; Windows' Quick Connect asks there
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,27 @@ def wildcard(ipv6: bool, trsvcid: int) -> Listener:
 
 
 @dataclass(frozen=True)
+class IscsiConfig:
+    """The second fabric: every export also an iSCSI target (kernel LIO), for initiators
+    without NVMe/TCP (Windows). With `chap_secret`, a login needs CHAP with it; with
+    `chap_ctrl_secret` too, the target proves itself (mutual CHAP) when the initiator asks."""
+
+    enabled: bool = False
+    iqn_base: str = ""  # iqn.2023-10.io.systemd.storagetm:<host id>; each target is IQN_BASE.<disk identity>
+    chap_secret: str = ""
+    chap_ctrl_secret: str = ""
+    unavailable: str = ""  # why iSCSI is not offered although it was asked for (no LIO in this kernel)
+
+    @property
+    def chap(self) -> bool:
+        return bool(self.chap_secret)
+
+    def without_secrets(self) -> IscsiConfig:
+        return replace(self, chap_secret=keys.hidden(self.chap_secret),
+                       chap_ctrl_secret=keys.hidden(self.chap_ctrl_secret))  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Want:
     """Everything the exports should be, as one value: the input of the desired state."""
 
@@ -60,6 +83,7 @@ class Want:
     tls: TLSConfig = field(default_factory=TLSConfig)
     addresses: tuple[Address, ...] = ()  # the target's, for the discovery port's referral
     listen: bool = True  # False while a bad option refuses every export: nothing listens either
+    iscsi: IscsiConfig = field(default_factory=IscsiConfig)
 
     @property
     def io_listener(self) -> Listener:

@@ -14,9 +14,10 @@ from typing import Any
 from storagetm.backing.modes import Mode, SnapshotUsage
 from storagetm.console.stats import DiskActivity
 from storagetm.disks.disk import Disk
-from storagetm.disks.identity import Identity
-from storagetm.model import Backing, Export, Listener
+from storagetm.disks.identity import Identity, target_iqn
+from storagetm.model import ISCSI_PORT, Backing, Export, IscsiConfig, Listener
 from storagetm.security.auth import AuthConfig
+from storagetm.security.chap import CHAP_USER
 from storagetm.security.tls import TLSConfig
 from storagetm.statefile import write_atomic
 from storagetm.system.network import Address
@@ -52,10 +53,16 @@ class RunState:
     secure_boot: bool | None = None  # None: not booted with UEFI, or unknown
     alerts: list[str] = field(default_factory=list)  # bad options, each with what storagetm does instead
     refused: list[str] = field(default_factory=list)  # bad options for which nothing is exported
+    iscsi: IscsiConfig = field(default_factory=IscsiConfig)
 
     def without_secrets(self) -> RunState:
         """A copy for showing: the secrets and the TLS key replaced by a placeholder."""
-        return replace(self, auth=self.auth.without_secrets(), tls=self.tls.without_secrets())
+        return replace(self, auth=self.auth.without_secrets(), tls=self.tls.without_secrets(),
+                       iscsi=self.iscsi.without_secrets())  # fmt: skip
+
+    def iqn(self, export: Export) -> str:
+        """The export's iSCSI target name; "" without iSCSI."""
+        return target_iqn(self.iscsi.iqn_base, export.disk) if self.iscsi.enabled else ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +81,8 @@ class RunState:
             "secure_boot": self.secure_boot,
             "alerts": self.alerts,
             "refused": self.refused,
+            "iscsi": _plain(self.iscsi) | {"port": ISCSI_PORT, "chap": self.iscsi.chap,
+                                           "chap_user": CHAP_USER if self.iscsi.chap else ""},
         }
 
     def _export_json(self, nqn: str, export: Export) -> dict[str, Any]:
@@ -84,6 +93,8 @@ class RunState:
             "disk": _plain(export.disk),
             "identity": _plain(export.identity),
         }
+        if self.iscsi.enabled:
+            data["iqn"] = self.iqn(export)
         if nqn in self.backings:
             data["backing"] = _plain(self.backings[nqn])
         if nqn in self.activity:
@@ -129,6 +140,7 @@ class RunState:
             problems=list(data.get("problems", [])),
             alerts=list(data.get("alerts", [])),
             refused=list(data.get("refused", [])),
+            iscsi=IscsiConfig(**{f.name: data.get("iscsi", {}).get(f.name, f.default) for f in fields(IscsiConfig)}),
             initiators=list(data.get("initiators", [])),
             announced=str(data.get("announced", "")),
             secure_boot=data.get("secure_boot") if isinstance(data.get("secure_boot"), bool) else None,

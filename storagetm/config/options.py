@@ -179,6 +179,10 @@ def _modes_failing_closed(_name: str, value: str, settings: Settings) -> tuple[S
     return settings, f"exporting {', '.join(map(printable_name, unsure))} read-only"
 
 
+def _no_iscsi(_name: str, _value: str, settings: Settings) -> tuple[Settings, str]:
+    return replace(settings, iscsi=False), "not offering iSCSI"
+
+
 def _on(apply: Callable[[Settings, bool | str], Settings]) -> Callable[[Settings], Settings]:
     return lambda settings: apply(settings, True)
 
@@ -232,6 +236,9 @@ OPTIONS: tuple[Option[Any], ...] = (
     Option("announce the discovery service over mDNS (_nvme-disc._tcp, via systemd-resolved); the image does",
            parse_flag, _setter("announce"), flag="--announce", const="1", kernel="announce", kernel_value="1|0",
            on_bad=_not_announcing),  # fmt: skip
+    Option("each disk also as an iSCSI target (port 3260, for Windows; CHAP with authentication or TLS): on "
+           "unless --no-iscsi or 0", parse_flag, _setter("iscsi"), flag="--no-iscsi", const="0", kernel="iscsi",
+           kernel_value="1|0", on_bad=_no_iscsi),  # fmt: skip
     Option("once started, handle disk events at real-time priority (SCHED_RR 1); the image does",
            parse_flag, _setter("realtime"), flag="--realtime", const="1", kernel="realtime",
            kernel_value="1|0"),  # fmt: skip

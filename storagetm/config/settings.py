@@ -43,6 +43,7 @@ class Settings:
     tls: bool = False  # NVMe/TCP over TLS 1.3 with a pre-shared key
     tls_key: str = ""  # "" with tls: generate one
     realtime: bool = False  # once started, serve disk events at real-time priority (SCHED_RR)
+    iscsi: bool = True  # every export also an iSCSI target (kernel LIO), for Windows' initiator
     refusals: tuple[str, ...] = ()  # bad options that limit access; while there are any, nothing is exported
     nvme: NvmeOverrides = NO_OVERRIDES  # SYSTEMD_NVME_* from the environment
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from storagetm.backing.modes import Mode
 from storagetm.console.stats import DiskActivity
 from storagetm.model import DISCOVERY_TRSVCID, IO_TRSVCID, Export
+from storagetm.security.chap import CHAP_USER
 from storagetm.state import RunState
 from storagetm.text import printable
 
@@ -36,6 +37,8 @@ WARNINGS = {
 }
 NOT_ENCRYPTED = "The traffic is not encrypted: others on the network can read the data in transit."
 ENCRYPTED = "The traffic is encrypted (TLS 1.3): others on the network cannot read it."
+ISCSI_NOT_ENCRYPTED = ("NVMe/TCP traffic is encrypted (TLS 1.3); iSCSI traffic (port 3260) is not: others on "
+                       "the network can read what goes over iSCSI.")  # fmt: skip
 
 
 def warnings(state: RunState) -> list[str]:
@@ -44,7 +47,10 @@ def warnings(state: RunState) -> list[str]:
     for export in state.exports.values():
         by_mode.setdefault(export.mode, []).append(export.disk.name)
     who = WITH_SECRET if state.auth.enabled else WITH_TLS_KEY if state.tls.enabled else ANYONE
-    extra = [ENCRYPTED] if state.tls.enabled else [NOT_ENCRYPTED] if state.auth.enabled else []
+    if state.tls.enabled:
+        extra = [ISCSI_NOT_ENCRYPTED if state.iscsi.enabled else ENCRYPTED]
+    else:
+        extra = [NOT_ENCRYPTED] if state.auth.enabled else []
     if len(by_mode) <= 1:
         mode = next(iter(by_mode), Mode.READ_WRITE)
         return [WARNINGS[mode].format(who=who, what="these disks"), *extra]
@@ -125,6 +131,24 @@ def connect_lines(state: RunState, io_port: int) -> list[str]:
     return lines
 
 
+def iscsi_lines(state: RunState) -> list[str]:
+    """How Windows' built-in initiator connects (iSCSI), or why iSCSI is not offered."""
+    iscsi = state.iscsi
+    if iscsi.unavailable:
+        return textwrap.wrap(f"iSCSI is unavailable: {iscsi.unavailable}", WIDTH, subsequent_indent="  ")
+    if not iscsi.enabled or not state.addresses:
+        return []
+    address = next((a for a in state.addresses if a.family == "ipv4"), state.addresses[0])
+    lines = [f"Windows: iSCSI Initiator → Quick Connect → {address.address}"]
+    if iscsi.chap:
+        lines.append("  then the target, Connect → Advanced → Enable CHAP log on:")
+        lines.append(f"  name {CHAP_USER}, secret {iscsi.chap_secret}")
+    if iscsi.chap_ctrl_secret:
+        lines.append(f"  To check the target too: Configuration → CHAP → {iscsi.chap_ctrl_secret},")
+        lines.append("  then Advanced → Perform mutual authentication")
+    return lines
+
+
 def alert_lines(state: RunState) -> list[str]:
     """Bad boot options, first on the screen: storagetm runs with less than was asked for
     (read-only, or nothing exported) until the operator fixes them."""
@@ -146,6 +170,7 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
         lines += [wrapped for warning in warnings(state) for wrapped in textwrap.wrap(warning, WIDTH)]
         lines += blank
         lines += connect_lines(state, io_port)
+        lines += iscsi_lines(state)
     if state.announced:
         lines.append(f"Announced over mDNS as {state.announced} (_nvme-disc._tcp, port {DISCOVERY_TRSVCID})")
     lines += blank

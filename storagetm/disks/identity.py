@@ -24,6 +24,10 @@ NQN_MAX = 223  # bytes, nvmet's NVMF_NQN_SIZE
 IDENTITY_ROOM = 80
 PREFIX_MAX = NQN_MAX - IDENTITY_ROOM
 DEFAULT_NQN_BASE = "nqn.2023-10.io.systemd:storagetm"
+# iSCSI names (RFC 3720 3.2.6): `iqn.YYYY-MM.reversed.domain[:unique]`, lower case, at most
+# 223 bytes; the unique part from the same host and disk identity as the NQN.
+IQN_PREFIX = "iqn.2023-10.io.systemd.storagetm"
+IQN_MAX = 223
 MODEL_MAX, SERIAL_MAX, FIRMWARE_MAX = 40, 20, 8
 _NQN_RE = re.compile(r"^nqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9][a-z0-9.-]*[a-z0-9](:[^\s\x00-\x1f\x7f-\x9f]*)?$")
 _BOGUS_DMI = {"", "none", "default string", "to be filled by o.e.m.", "not specified",
@@ -117,11 +121,26 @@ def default_nqn_base(identity: str) -> str:
     return f"{DEFAULT_NQN_BASE}.{host_id(identity)}"
 
 
+def _disk_name(base: str, disk: Disk, limit: int) -> str:
+    """BASE.<disk identity>, or BASE.<32-digit hash> if that would pass `limit` bytes."""
+    name = f"{base}.{disk_slug(disk)}"
+    if len(name.encode()) > limit:
+        name = f"{base}.{hashlib.sha256(name.encode()).hexdigest()[:32]}"
+    return name
+
+
 def subsystem_nqn(base: str, disk: Disk) -> str:
-    nqn = f"{base}.{disk_slug(disk)}"
-    if len(nqn.encode()) > NQN_MAX:
-        nqn = f"{base}.{hashlib.sha256(nqn.encode()).hexdigest()[:32]}"
-    return nqn
+    return _disk_name(base, disk, NQN_MAX)
+
+
+def iqn_base(host: str) -> str:
+    """`host`: host_id() of this machine, as in the default NQN prefix."""
+    return f"{IQN_PREFIX}:{host}"
+
+
+def target_iqn(base: str, disk: Disk) -> str:
+    """The disk's iSCSI target name: stable as its NQN, whatever prefix the NQNs take."""
+    return _disk_name(base, disk, IQN_MAX)
 
 
 def _ascii(text: str, limit: int) -> str:

@@ -1,5 +1,6 @@
-"""The reconciler with the nvmet fabric and the backing layer, end to end on the fake
-configfs and a fake machine: start, changes, crash adoption at every record, teardown."""
+"""The reconciler with both fabrics (nvmet, and iSCSI through LIO) and the backing layer,
+end to end on the fake configfs trees and a fake machine: start, changes, crash adoption
+at every record, teardown."""
 
 from __future__ import annotations
 
@@ -14,19 +15,23 @@ from storagetm.backing.modes import Mode
 from storagetm.desired import desired_state
 from storagetm.disks.disk import Disk
 from storagetm.disks.identity import identity_for
+from storagetm.fabrics import Fabric
+from storagetm.fabrics.lio import configfs as lio
+from storagetm.fabrics.lio.fabric import IscsiFabric
 from storagetm.fabrics.nvmet.configfs import Root
 from storagetm.fabrics.nvmet.fabric import NvmetFabric, anchor_nqn
-from storagetm.model import Export, Want
+from storagetm.model import Export, IscsiConfig, Want
 from storagetm.reconcile.journal import Journal
 from storagetm.reconcile.objects import Obj
 from storagetm.reconcile.reconciler import Reconciler
 from storagetm.security.auth import AuthConfig, generate_secret
 from storagetm.security.tls import TLSConfig, generate_key
 from storagetm.system.network import Address
-from tests.unit.fake_configfs import FakeConfigfs
+from tests.unit.fake_configfs import FakeConfigfs, FakeLio
 from tests.unit.fake_machine import FakeKeyring, FakeMachine
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
+IQN_BASE = "iqn.2023-10.io.systemd.storagetm:0123456789ab"
 HOST = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555"
 ADDRESS = Address("ipv4", "169.254.1.2", "enp0s3", True)
 
@@ -42,6 +47,7 @@ class World:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp = tmp_path
         self.fake = FakeConfigfs(tmp_path / "configfs")
+        self.lio = FakeLio(tmp_path / "configfs")
         self.machine = FakeMachine(tmp_path)
         self.keyring = FakeKeyring()
         self.journal_path = tmp_path / "run" / "owned.jsonl"
@@ -53,48 +59,43 @@ class World:
         return Disk(name=name, devnode=str(path), devnum=1 if block else 0, devtype="disk" if block else "file",
                     size=1 << 20, serial=name.upper())  # fmt: skip
 
-    def instance(self, kill_at: int = 0) -> tuple[Reconciler, BackingLayer, NvmetFabric]:
+    def instance(self, kill_at: int = 0) -> tuple[Reconciler, BackingLayer, list[Fabric]]:
         def fault(record: int, before: bool) -> None:
             if record == kill_at and before:
                 raise Killed
 
         backing = BackingLayer(self.machine.system())
-        fabric = NvmetFabric(Root(self.fake.root, self.fake), self.keyring)
+        fabrics: list[Fabric] = [NvmetFabric(Root(self.fake.root, self.fake), self.keyring),
+                                 IscsiFabric(lio.Root(self.lio.root, self.lio))]  # fmt: skip
         journal = Journal(self.journal_path, fault=fault if kill_at else None)
-        return Reconciler([*backing.drivers(), *fabric.drivers()], journal), backing, fabric
+        drivers = [driver for fabric in fabrics for driver in fabric.drivers()]
+        return Reconciler([*backing.drivers(), *drivers], journal), backing, fabrics
 
-    def want(self, modes: tuple[Mode, ...], port: int = 4420, auth: bool = False, tls: bool = False) -> Want:
+    def want(self, modes: tuple[Mode, ...], port: int = 4420, auth: bool = False, tls: bool = False,
+             iscsi: bool = False) -> Want:  # fmt: skip
         exports = {}
         for disk, mode in zip(self.disks, modes, strict=False):
             export = Export(disk, identity_for(BASE, disk), mode, 16 << 20)
             exports[export.nqn] = export
+        chap = ("CHAPSECRET012345", "CHAPTARGET012345") if auth else ("", "")
         return Want(exports, BASE, port, False, AuthConfig(SECRET, "", (HOST,)) if auth else AuthConfig(),
-                    TLSConfig(TLS_KEY, (HOST,)) if tls else TLSConfig(), (ADDRESS,))  # fmt: skip
+                    TLSConfig(TLS_KEY, (HOST,)) if tls else TLSConfig(), (ADDRESS,),
+                    iscsi=IscsiConfig(iscsi, IQN_BASE, *chap))  # fmt: skip
 
     def desired(self, want: Want) -> tuple[Obj, ...]:
-        _, backing, fabric = self.instance()
-        return desired_state(want, backing, [fabric])
+        _, backing, fabrics = self.instance()
+        return desired_state(want, backing, fabrics)
 
-    def snapshot(self) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
-        """Everything the kernel holds: configfs paths (with link targets), the files under
-        loop devices, dm devices, mounts, keys."""
-        tree = []
-        for dirpath, dirnames, filenames in os.walk(self.fake.root):
-            for name in sorted(dirnames + filenames):
-                path = Path(dirpath) / name
-                rel = str(path.relative_to(self.fake.root))
-                if path.is_symlink():
-                    tree.append(f"{rel} -> {os.readlink(path).rpartition('/')[2]}")
-                elif path.is_dir():
-                    tree.append(rel + "/")
-                else:
-                    tree.append(f"{rel}={path.read_text().strip()}")
-        return (sorted(tree), sorted(self.machine.loops().values()), sorted(self.machine.dms()),
+    def snapshot(self) -> tuple[list[str], list[str], list[str], list[str], list[str], list[str]]:
+        """Everything the kernel holds: configfs paths of nvmet and LIO (with link targets),
+        the files under loop devices, dm devices, mounts, keys."""
+        return (self.fake.tree(), self.lio.tree(), sorted(self.machine.loops().values()), sorted(self.machine.dms()),
                 sorted(str(m) for m in self.machine.mounts), sorted(self.keyring.keys))  # fmt: skip
 
     def empty(self) -> bool:
-        tree, loops, dms, mounts, keys = self.snapshot()
-        return tree == ["hosts/", "ports/", "subsystems/"] and not (loops or dms or mounts or keys)
+        tree, lio_tree, loops, dms, mounts, keys = self.snapshot()
+        return (tree == ["hosts/", "ports/", "subsystems/"] and lio_tree == ["core/", "iscsi/"]
+                and not (loops or dms or mounts or keys))  # fmt: skip
 
 
 SECRET = generate_secret()
@@ -104,9 +105,9 @@ MIXED = (Mode.READ_WRITE, Mode.READ_ONLY, Mode.SNAPSHOT, Mode.READ_ONLY)  # two 
 
 def test_start_exports_every_disk_with_ports_anchor_and_referral(tmp_path: Path) -> None:
     world = World(tmp_path)
-    reconciler, backing, fabric = world.instance()
+    reconciler, backing, fabrics = world.instance()
     want = world.want(MIXED)
-    assert reconciler.apply(desired_state(want, backing, [fabric])) == []
+    assert reconciler.apply(desired_state(want, backing, fabrics)) == []
     ports = world.fake.root / "ports"
     assert sorted(os.listdir(ports)) == ["4420", "8009"]
     assert sorted(os.listdir(ports / "8009" / "subsystems")) == [anchor_nqn(BASE)]  # discovery only
@@ -124,13 +125,13 @@ def test_start_exports_every_disk_with_ports_anchor_and_referral(tmp_path: Path)
 def test_restart_with_another_port_and_no_auth_leaves_nothing_of_the_old_settings(tmp_path: Path) -> None:
     """The issue's reproduction: port 4420 and an auth host, then port 5000 and no auth, then stop."""
     world = World(tmp_path)
-    first, backing, fabric = world.instance()
-    assert first.apply(desired_state(world.want(MIXED, auth=True, tls=True), backing, [fabric])) == []
+    first, backing, fabrics = world.instance()
+    assert first.apply(desired_state(world.want(MIXED, auth=True, tls=True, iscsi=True), backing, fabrics)) == []
     assert (world.fake.root / "hosts" / HOST).is_dir() and world.keyring.keys
-    second, backing, fabric = world.instance()  # a new process; the first was killed
+    second, backing, fabrics = world.instance()  # a new process; the first was killed
     second.recover()
     want = world.want((Mode.SNAPSHOT, Mode.READ_WRITE, Mode.READ_WRITE), port=5000)
-    assert second.apply(desired_state(want, backing, [fabric])) == []
+    assert second.apply(desired_state(want, backing, fabrics)) == []
     assert _relative(world.snapshot(), tmp_path) == fresh_snapshot(tmp_path / "fresh", want)
     assert not (world.fake.root / "ports" / "4420").exists() and not (world.fake.root / "hosts" / HOST).exists()
     assert world.keyring.keys == {}  # TLS keys revoked once TLS is off
@@ -142,11 +143,11 @@ def fresh_snapshot(base: Path, want: Want) -> object:
     """What a storagetm that starts on a clean machine makes for `want`."""
     base.mkdir()
     clean = World(base)
-    reconciler, backing, fabric = clean.instance()
+    reconciler, backing, fabrics = clean.instance()
     remapped = Want({nqn: Export(_moved(e.disk, base), e.identity, e.mode, e.snapshot_size)
                      for nqn, e in want.exports.items()}, want.nqn_base, want.io_port, want.ipv6, want.auth,
-                    want.tls, want.addresses)  # fmt: skip
-    assert reconciler.apply(desired_state(remapped, backing, [fabric])) == []
+                    want.tls, want.addresses, iscsi=want.iscsi)  # fmt: skip
+    assert reconciler.apply(desired_state(remapped, backing, fabrics)) == []
     return _relative(clean.snapshot(), base)
 
 
@@ -163,8 +164,8 @@ def test_foreign_objects_are_never_touched(tmp_path: Path) -> None:
     foreign = world.fake.root / "subsystems" / "nqn.2024-01.com.example:theirs"
     world.fake.mkdir(str(foreign))
     world.fake.mkdir(str(world.fake.root / "ports" / "1"))
-    reconciler, backing, fabric = world.instance()
-    assert reconciler.apply(desired_state(world.want(MIXED), backing, [fabric])) == []
+    reconciler, backing, fabrics = world.instance()
+    assert reconciler.apply(desired_state(world.want(MIXED), backing, fabrics)) == []
     reconciler.teardown()
     assert foreign.is_dir() and (world.fake.root / "ports" / "1").is_dir()
 
@@ -174,8 +175,8 @@ def test_a_subsystem_another_program_made_fails_that_export_only(tmp_path: Path)
     want = world.want(MIXED)
     taken = sorted(want.exports)[0]
     world.fake.mkdir(str(world.fake.root / "subsystems" / taken))
-    reconciler, backing, fabric = world.instance()
-    failures = reconciler.apply(desired_state(want, backing, [fabric]))
+    reconciler, backing, fabrics = world.instance()
+    failures = reconciler.apply(desired_state(want, backing, fabrics))
     assert [f.group for f in failures] == [taken]
     assert "made by another program" in failures[0].message
     assert sorted(os.listdir(world.fake.root / "ports" / "4420" / "subsystems")) == sorted(
@@ -188,38 +189,40 @@ def test_a_subsystem_another_program_made_fails_that_export_only(tmp_path: Path)
 def test_a_failing_command_undoes_its_export_and_nothing_else(tmp_path: Path) -> None:
     world = World(tmp_path)
     world.machine.fail["dmsetup create"] = "device-mapper: reload ioctl failed"
-    reconciler, backing, fabric = world.instance()
+    reconciler, backing, fabrics = world.instance()
     want = world.want((Mode.READ_WRITE, Mode.READ_ONLY))
-    failures = reconciler.apply(desired_state(want, backing, [fabric]))
+    failures = reconciler.apply(desired_state(want, backing, fabrics))
     assert len(failures) == 1 and "reload ioctl failed" in failures[0].one_line()
     rw = next(nqn for nqn, e in want.exports.items() if e.mode is Mode.READ_WRITE)
     assert os.listdir(world.fake.root / "subsystems") == sorted([rw, anchor_nqn(BASE)]) or sorted(
         os.listdir(world.fake.root / "subsystems")) == sorted([rw, anchor_nqn(BASE)])  # fmt: skip
     assert not world.machine.dms()
     del world.machine.fail["dmsetup create"]
-    assert reconciler.apply(desired_state(want, backing, [fabric])) == []  # the next pass makes it
+    assert reconciler.apply(desired_state(want, backing, fabrics)) == []  # the next pass makes it
     reconciler.teardown()
     assert world.empty()
 
 
 def test_mode_change_remakes_the_backing_and_namespace_not_the_subsystem(tmp_path: Path) -> None:
     world = World(tmp_path)
-    reconciler, backing, fabric = world.instance()
-    assert reconciler.apply(desired_state(world.want((Mode.READ_WRITE,)), backing, [fabric])) == []
-    assert reconciler.apply(desired_state(world.want((Mode.SNAPSHOT,)), backing, [fabric])) == []
+    reconciler, backing, fabrics = world.instance()
+    assert reconciler.apply(desired_state(world.want((Mode.READ_WRITE,)), backing, fabrics)) == []
+    assert reconciler.apply(desired_state(world.want((Mode.SNAPSHOT,)), backing, fabrics)) == []
     assert [str(op) for op in reconciler.last_ops if op.action != "adopt"][:3] == [
         f"remove nvmet-port-link 4420 {sorted(world.want((Mode.SNAPSHOT,)).exports)[0]}",
         f"remove nvmet-namespace {sorted(world.want((Mode.SNAPSHOT,)).exports)[0]}",
         "create store " + next(k[1] for k in reconciler.owned if k[0] == "store")]  # fmt: skip
-    assert reconciler.apply(desired_state(world.want((Mode.READ_WRITE,)), backing, [fabric])) == []
+    assert reconciler.apply(desired_state(world.want((Mode.READ_WRITE,)), backing, fabrics)) == []
     assert not world.machine.mounts and not world.machine.loops()  # the snapshot's RAM store is gone
     reconciler.teardown()
     assert world.empty()
 
 
-def test_sigkill_at_every_record_then_restart_converges(tmp_path: Path) -> None:
+@pytest.mark.parametrize("iscsi", [False, True], ids=["nvmet", "nvmet+iscsi"])
+def test_sigkill_at_every_record_then_restart_converges(tmp_path: Path, iscsi: bool) -> None:
     """Kill the process before a record of a start, a settings change and a teardown in turn;
-    a new process recovers and converges on exactly what a clean start makes."""
+    a new process recovers and converges on exactly what a clean start makes. With iSCSI,
+    the change also turns CHAP off and changes modes: LIO's objects are remade."""
     base = tmp_path / "machine"  # the same paths each time: a file's NQN holds a hash of its path
 
     def fresh_world() -> World:
@@ -228,13 +231,13 @@ def test_sigkill_at_every_record_then_restart_converges(tmp_path: Path) -> None:
         return World(base)
 
     world = fresh_world()
-    clean, backing, fabric = world.instance()
-    clean.apply(desired_state(world.want(MIXED[::-1], port=5000), backing, [fabric]))
+    clean, backing, fabrics = world.instance()
+    clean.apply(desired_state(world.want(MIXED[::-1], port=5000, iscsi=iscsi), backing, fabrics))
     expected = world.snapshot()
     world = fresh_world()
-    ref, backing, fabric = world.instance()
-    ref.apply(desired_state(world.want(MIXED, auth=True, tls=True), backing, [fabric]))
-    ref.apply(desired_state(world.want(MIXED[::-1], port=5000), backing, [fabric]))
+    ref, backing, fabrics = world.instance()
+    ref.apply(desired_state(world.want(MIXED, auth=True, tls=True, iscsi=iscsi), backing, fabrics))
+    ref.apply(desired_state(world.want(MIXED[::-1], port=5000, iscsi=iscsi), backing, fabrics))
     ref.teardown()
     records = ref.journal.records
     assert records > 60 and world.empty()
@@ -242,14 +245,15 @@ def test_sigkill_at_every_record_then_restart_converges(tmp_path: Path) -> None:
     # and the last one: some 50 kills across start, change and teardown.
     for kill_at in [*range(1, records, 3), records]:
         world = fresh_world()
-        process, backing, fabric = world.instance(kill_at)
+        process, backing, fabrics = world.instance(kill_at)
         with pytest.raises(Killed):
-            process.apply(desired_state(world.want(MIXED, auth=True, tls=True), backing, [fabric]))
-            process.apply(desired_state(world.want(MIXED[::-1], port=5000), backing, [fabric]))
+            process.apply(desired_state(world.want(MIXED, auth=True, tls=True, iscsi=iscsi), backing, fabrics))
+            process.apply(desired_state(world.want(MIXED[::-1], port=5000, iscsi=iscsi), backing, fabrics))
             process.teardown()
-        restarted, backing, fabric = world.instance()
+        restarted, backing, fabrics = world.instance()
         restarted.recover()
-        assert restarted.apply(desired_state(world.want(MIXED[::-1], port=5000), backing, [fabric])) == [], kill_at
+        final = world.want(MIXED[::-1], port=5000, iscsi=iscsi)
+        assert restarted.apply(desired_state(final, backing, fabrics)) == [], kill_at
         assert world.snapshot() == expected, kill_at
         restarted.teardown()
         assert world.empty(), kill_at

@@ -1,6 +1,7 @@
 """Authentication (DH-HMAC-CHAP): without the secret, with a wrong one, or from a host NQN
 that is not allowed, an initiator sees no namespace; with the line from the screen, reads
-and writes work."""
+and writes work. iSCSI, offered beside it, then requires CHAP with the secrets the screen
+shows: without them, or with a wrong one, no login succeeds."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import re
 import pytest
 
 from storagetm.security.auth import generate_secret
+from storagetm.security.chap import derive_secret
 from testbed.initiator import CONNECT, CONNECT_ALL, connected, disconnect_all, screen_rows_joined, wait_address
+from testbed.iscsi import discover, login, logout_all, prepare_iscsi
 from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, Pair
 
 pytestmark = pytest.mark.vm
@@ -96,9 +99,61 @@ def test_bidirectional_connect_with_the_controller_secret(pair: Pair) -> None:
         disconnect_all(pair.initiator)
 
 
+def screen_chap(pair: Pair) -> tuple[str, str, str]:
+    """(address, CHAP secret, mutual CHAP secret) as the screen shows them for Windows."""
+    screen_auth(pair)
+    screen = pair.target.sh("storagetm status --show-secrets")
+    windows = re.search(r"Windows: iSCSI Initiator → Quick Connect → (\S+)", screen)
+    secret = re.search(r"name storagetm, secret (\S{16})$", screen, re.M)
+    mutual = re.search(r"Configuration → CHAP → (\S{16}),", screen)
+    assert windows and secret and mutual, screen
+    return windows.group(1), secret.group(1), mutual.group(1)
+
+
+def chap_login(pair: Pair, address: str, secret: str, mutual: str = "") -> tuple[str, int]:
+    """Discovery (not authenticated: Windows' Quick Connect discovers first), then a login with
+    CHAP `secret` (none: "") and, with `mutual`, the target's secret the initiator checks."""
+    prepare_iscsi(pair.initiator)
+    (iqn,) = discover(pair.initiator, address)
+    node = f"iscsiadm -m node -T {iqn} -p {address}:3260 -o update"
+    settings = {"authmethod": "CHAP" if secret else "None", "username": "storagetm", "password": secret}
+    if mutual:
+        settings |= {"username_in": "storagetm", "password_in": mutual}
+    for name, value in settings.items():
+        if value:
+            pair.initiator.sh(f"{node} -n node.session.auth.{name} -v {value}")
+    return pair.initiator.run(f"iscsiadm -m node -T {iqn} -p {address}:3260 --login", timeout=120)
+
+
+@pytest.mark.parametrize("case", ["no-chap", "wrong-secret", "wrong-mutual-secret"])
+def test_iscsi_login_refused_without_the_right_chap_secret(pair: Pair, case: str) -> None:
+    address, secret, mutual = screen_chap(pair)
+    wrong = derive_secret(case, "initiator")
+    args = {"no-chap": ("",), "wrong-secret": (wrong,), "wrong-mutual-secret": (secret, wrong)}[case]
+    try:
+        out, rc = chap_login(pair, address, *args)
+        assert rc != 0, out
+        assert pair.initiator.run("iscsiadm -m session")[1] != 0  # no session
+    finally:
+        logout_all(pair.initiator)
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["chap", "mutual-chap"])
+def test_iscsi_with_the_chap_secret_from_the_screen_reads_the_disk(pair: Pair, mutual: bool) -> None:
+    address, secret, target_secret = screen_chap(pair)
+    try:
+        out, rc = chap_login(pair, address, secret, target_secret if mutual else "")
+        assert rc == 0, out
+        (iqn,) = discover(pair.initiator, address)
+        device = login(pair.initiator, iqn, f"{address}:3260")  # logged in already: finds its disk
+        assert pair.initiator.sh(f"sha256sum {device}").split()[0] == pair.sum_now("AUTH0001")
+    finally:
+        logout_all(pair.initiator)
+
+
 def test_only_storagetm_listens(pair: Pair) -> None:
     ports = set(re.findall(r":(\d+)\s", pair.target.sh("ss -Htln")))
-    assert ports == {"4420", "8009"}, ports
+    assert ports == {"4420", "8009", "3260"}, ports
     # UDP: networkd's DHCP client and resolved's mDNS responder (the announcement), nothing else.
     udp = pair.target.sh("ss -Hulnp")
     others = [line for line in udp.splitlines()

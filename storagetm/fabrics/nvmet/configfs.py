@@ -1,129 +1,32 @@
 """A typed model of the kernel's nvmet configfs tree (/sys/kernel/config/nvmet).
 
 Each node knows its path; attributes are files named `<group>_<name>`
-(`attr_model`, `device_path`, `addr_traddr`). All file-system access goes through
-`ConfigfsOps`, so unit tests can run on a temp-dir fake that behaves like the kernel.
-Paths are plain strings: a hot-plugged disk is exported through a dozen of them, and
-pathlib's objects cost more than the configfs calls' own work on a slow CPU.
+(`attr_model`, `device_path`, `addr_traddr`). The file operations and the node base are
+shared with LIO's tree (storagetm.fabrics.configfs).
 """
 
 from __future__ import annotations
 
-import errno
 import os
-from collections.abc import Iterator
-from typing import Protocol
 
 from storagetm.errors import ConfigfsError
-from storagetm.system.kernelfs import read_attribute
+from storagetm.fabrics.configfs import ConfigfsNode, ConfigfsOps, OsOps, describe
+from storagetm.fabrics.configfs import basename as _basename
 
 NVMET_ROOT = "/sys/kernel/config/nvmet"
 # Attributes whose values never go into an error message (journal, console).
 SECRET_ATTRIBUTES = frozenset({"dhchap_key", "dhchap_ctrl_key"})
 
 
-class ConfigfsOps(Protocol):
-    """The file operations configfs needs; `OsOps` is the real one."""
-
-    def mkdir(self, path: str) -> None: ...
-    def rmdir(self, path: str) -> None: ...
-    def read(self, path: str) -> str: ...
-    def write(self, path: str, value: str) -> None: ...
-    def symlink(self, target: str, link: str) -> None: ...
-    def unlink(self, path: str) -> None: ...
-
-
-class OsOps:
-    def mkdir(self, path: str) -> None:
-        os.mkdir(path)
-
-    def rmdir(self, path: str) -> None:
-        os.rmdir(path)
-
-    def read(self, path: str) -> str:
-        return read_attribute(path)
-
-    def write(self, path: str, value: str) -> None:
-        # configfs wants the whole value in one write() call.
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.write(fd, value.encode())
-        finally:
-            os.close(fd)
-
-    def symlink(self, target: str, link: str) -> None:
-        os.symlink(target, link)
-
-    def unlink(self, path: str) -> None:
-        os.unlink(path)
-
-
-def _basename(path: str) -> str:
-    return path.rpartition("/")[2]
-
-
-def _describe(exc: OSError) -> str:
-    return exc.strerror or errno.errorcode.get(exc.errno or 0) or str(exc)
-
-
-class Node:
-    """One configfs directory."""
-
-    def __init__(self, path: str, ops: ConfigfsOps) -> None:
-        self.path = path
-        self.ops = ops
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.path!r})"
-
-    @property
-    def name(self) -> str:
-        return _basename(self.path)
-
-    def exists(self) -> bool:
-        return os.path.isdir(self.path)
+class Node(ConfigfsNode):
+    """One nvmet directory: its attributes are files named `<group>_<name>`."""
 
     def get(self, group: str, name: str) -> str:
-        try:
-            return self.ops.read(f"{self.path}/{group}_{name}").strip()
-        except OSError as exc:
-            raise ConfigfsError(f"cannot read {self.path}/{group}_{name}: {_describe(exc)}") from exc
+        return self._read(f"{group}_{name}")
 
     def set(self, group: str, name: str, value: str) -> None:
         attribute = f"{group}_{name}"
-        try:
-            self.ops.write(f"{self.path}/{attribute}", value)
-        except OSError as exc:
-            shown = "the secret" if attribute in SECRET_ATTRIBUTES else repr(value)
-            raise ConfigfsError(f"cannot set {self.path}/{attribute} to {shown}: {_describe(exc)}") from exc
-
-    def _mkdir(self) -> None:
-        try:
-            self.ops.mkdir(self.path)
-        except OSError as exc:
-            raise ConfigfsError(f"cannot create {self.path}: {_describe(exc)}") from exc
-
-    def _rmdir(self) -> None:
-        try:
-            self.ops.rmdir(self.path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise ConfigfsError(f"cannot remove {self.path}: {_describe(exc)}") from exc
-
-    def _unlink(self, link: str, failure: str) -> None:
-        """Remove a symlink of this node's; one already gone is no error."""
-        try:
-            self.ops.unlink(link)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise ConfigfsError(f"{failure}: {_describe(exc)}") from exc
-
-    def _children(self, group: str) -> Iterator[str]:
-        directory = f"{self.path}/{group}"
-        if os.path.isdir(directory):
-            yield from (f"{directory}/{name}" for name in sorted(os.listdir(directory)))
+        self._write(attribute, value, secret=attribute in SECRET_ATTRIBUTES)
 
 
 class Namespace(Node):
@@ -140,14 +43,14 @@ class Namespace(Node):
             self.ops.write(f"{self.path}/enable", "1" if on else "0")
         except OSError as exc:
             verb = "enable" if on else "disable"
-            raise ConfigfsError(f"cannot {verb} namespace {self.path}: {_describe(exc)}") from exc
+            raise ConfigfsError(f"cannot {verb} namespace {self.path}: {describe(exc)}") from exc
 
     def revalidate(self) -> None:
         """Have the target re-read the backing device's size and tell connected hosts."""
         try:
             self.ops.write(f"{self.path}/revalidate_size", "1")
         except OSError as exc:
-            raise ConfigfsError(f"cannot update the size of namespace {self.path}: {_describe(exc)}") from exc
+            raise ConfigfsError(f"cannot update the size of namespace {self.path}: {describe(exc)}") from exc
 
     def delete(self) -> None:
         if not self.exists():
@@ -184,10 +87,10 @@ class Subsystem(Node):
         except FileExistsError:
             pass  # allowed already
         except OSError as exc:
-            raise ConfigfsError(f"cannot allow host {host.name} on {self.nqn}: {_describe(exc)}") from exc
+            raise ConfigfsError(f"cannot allow host {host.name} on {self.nqn}: {describe(exc)}") from exc
 
     def disallow_host(self, hostnqn: str) -> None:
-        self._unlink(f"{self.path}/allowed_hosts/{hostnqn}", f"cannot disallow host {hostnqn} on {self.nqn}")
+        self._unlink(f"allowed_hosts/{hostnqn}")
 
     def remove(self) -> None:
         """Remove the subsystem itself (its namespaces and links must be gone)."""
@@ -216,7 +119,7 @@ class Referral(Node):
             self.ops.write(f"{self.path}/enable", "1" if on else "0")
         except OSError as exc:
             verb = "enable" if on else "disable"
-            raise ConfigfsError(f"cannot {verb} referral {self.path}: {_describe(exc)}") from exc
+            raise ConfigfsError(f"cannot {verb} referral {self.path}: {describe(exc)}") from exc
 
     def delete(self) -> None:
         if not self.exists():
@@ -256,12 +159,12 @@ class Port(Node):
         except OSError as exc:
             raise ConfigfsError(
                 f"cannot link {subsystem.name} to port {self.name} "
-                f"({self.get('addr', 'traddr')}:{self.get('addr', 'trsvcid')}): {_describe(exc)}",
+                f"({self.get('addr', 'traddr')}:{self.get('addr', 'trsvcid')}): {describe(exc)}",
                 hint="another program may already listen on that address and port; see dmesg",
             ) from exc
 
     def unlink(self, nqn: str) -> None:
-        self._unlink(f"{self.path}/subsystems/{nqn}", f"cannot unlink {nqn} from port {self.name}")
+        self._unlink(f"subsystems/{nqn}")
 
     def delete(self) -> None:
         if not self.exists():
@@ -310,3 +213,13 @@ class Root(Node):
         if not host.exists():
             host._mkdir()
         return host
+
+    def free_port_id(self, preferred: int) -> int:
+        """`preferred` if no port has that id yet, else the lowest free id above it."""
+        taken = {p.port_id for p in self.ports()}
+        port_id = preferred
+        while port_id in taken:
+            port_id += 1
+        if port_id > 0xFFFF:
+            raise ConfigfsError("no free nvmet port id")
+        return port_id

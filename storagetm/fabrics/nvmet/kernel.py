@@ -1,4 +1,5 @@
-"""Make sure configfs is mounted and the nvmet modules are loaded."""
+"""Make sure configfs is mounted and the nvmet modules are loaded (storagetm.fabrics.lio.kernel
+loads LIO's the same way)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=False)
 
 
-def ensure_nvmet(transport: str = "tcp") -> Path:
-    """Mount configfs and load nvmet + nvmet_<transport> if needed; return the nvmet root."""
+def ensure_configfs() -> None:
     if not _is_mounted(CONFIGFS):
         if not CONFIGFS.is_dir():
             _run("modprobe", "configfs")
@@ -34,16 +34,23 @@ def ensure_nvmet(transport: str = "tcp") -> Path:
                 f"configfs is not available: {result.stderr.strip() or 'mount failed'}",
                 hint="this kernel needs CONFIG_CONFIGFS_FS; run as root",
             )
-    nvmet = CONFIGFS / "nvmet"
-    for module in ("nvmet", f"nvmet_{transport}"):
+
+
+def load_modules(modules: tuple[str, ...], hint: str) -> None:
+    for module in modules:
         if (SYS_MODULE / module).is_dir():  # loaded (modprobe@ did it at boot) or built in
             continue
         result = _run("modprobe", module)
         if result.returncode != 0:
-            raise KernelError(
-                f"cannot load kernel module {module}: {result.stderr.strip() or 'modprobe failed'}",
-                hint="this kernel needs CONFIG_NVME_TARGET and CONFIG_NVME_TARGET_TCP",
-            )
+            raise KernelError(f"cannot load kernel module {module}: {result.stderr.strip() or 'modprobe failed'}",
+                              hint=hint)  # fmt: skip
+
+
+def ensure_nvmet(transport: str = "tcp") -> Path:
+    """Mount configfs and load nvmet + nvmet_<transport> if needed; return the nvmet root."""
+    ensure_configfs()
+    nvmet = CONFIGFS / "nvmet"
+    load_modules(("nvmet", f"nvmet_{transport}"), "this kernel needs CONFIG_NVME_TARGET and CONFIG_NVME_TARGET_TCP")
     if not nvmet.is_dir():
         raise KernelError(f"{nvmet} does not exist after loading nvmet", hint="check dmesg")
     return nvmet
