@@ -200,9 +200,22 @@ class VM:
         self.qmp.cmd("device_add", driver=driver, **args)
         return plugged
 
-    def unplug(self, disk: Disk) -> None:
-        """Pull a disk `hotplug()` plugged in, as if from its slot."""
+    def unplug(self, disk: Disk, timeout: float = 60) -> None:
+        """Pull a disk `hotplug()` plugged in, as if from its slot, and drop its block nodes
+        once the guest let the device go (so the same disk can be plugged in again)."""
+        from qemu.qmp import ExecuteError
+
         self.qmp.cmd("device_del", id=disk.device_id)
+        for node in (disk.node, f"{disk.node}-file"):
+
+            def released(node: str = node) -> bool:
+                try:
+                    self.qmp.cmd("blockdev-del", **{"node-name": node})
+                except ExecuteError:  # the device holds it until the guest acknowledged its removal
+                    return False
+                return True
+
+            until(released, timeout, f"{self.name}: {node} still in use {timeout:.0f} s after device_del")
 
     def send_keys(self, *keys: str) -> None:
         """Press each key (a QMP qcode: "down", "ret", "e", "end", …) on the VM's keyboard."""
