@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from storagetm import state
 from storagetm.backing import modes
-from storagetm.backing.layer import DM, STORE, BackingLayer
+from storagetm.backing.layer import DM, HOLD, STORE, BackingLayer
 from storagetm.config.options import with_credentials
 from storagetm.config.settings import Settings
 from storagetm.console import stats
@@ -138,7 +138,11 @@ class Daemon:
 
     def export_wanted(self) -> None:
         """Plan and apply the exports for the disks known now; the screen is not redrawn."""
-        exported = {export.disk.devnode for export in self.state.exports.values()}
+        # What a previous instance exported counts as exported too: its objects are still in
+        # the kernel (our dm devices hold those disks) until this pass adopts them.
+        assert self.reconciler is not None
+        exported = {export.disk.devnode for export in self.state.exports.values()} | {
+            name for kind, name in self.reconciler.owned if kind == HOLD}
         result = plan(list(self.disks.values()), self.settings, self.facts(), self.state.nqn_base,
                       exported=exported, held=self.held)  # fmt: skip
         self.wanted = result.exports

@@ -25,7 +25,7 @@ AFTER = "--all --port=5000 --mode=snapshot,FLT00001=rw,FLT00003=ro --snapshot-si
 JOURNAL = "/run/storagetm/owned.jsonl"
 # Everything storagetm makes in the kernel, in a form two runs can compare (no minor numbers).
 KERNEL_STATE = (
-    "cd /sys/kernel/config/nvmet && find . -path ./ports/*/ana_groups -prune -o -print | sort"
+    "cd /sys/kernel/config/nvmet && find . -path './ports/*/ana_groups' -prune -o -print | sort"
     " && find . -type l -printf '%p -> %l\\n' | sed 's|-> .*/|-> |' | sort"
     " && echo dm: && (dmsetup info -c --noheadings -o name 2>/dev/null | grep -v 'No devices' | sort || true)"
     " && echo loop: && losetup -l -n -O BACK-FILE | sort"
@@ -182,7 +182,9 @@ def test_connected_initiator_keeps_its_data_across_a_crash(idle: Pair, reference
         until(lambda: not active(pair), 60, "storagetm not killed")
         pair.target.run(f"systemctl reset-failed {UNIT}")
         must_start(pair, AFTER, "restart after SIGKILL")  # adopts everything: the same settings
-        assert kernel_state(pair) == reference.after
+        state = kernel_state(pair)
+        log = pair.target.sh(f"journalctl -b --no-pager -n 30 -u {UNIT}")
+        assert state == reference.after, f"after restart:\n{state}\n-- expected\n{reference.after}\n-- log\n{log}"
         controllers = pair.initiator.sh("ls /sys/class/nvme")
         after = {r.serial: pair.initiator.sh(f"sha256sum /dev/{r.block}", timeout=300).split()[0]
                  for r in connected(pair.initiator)}  # fmt: skip

@@ -31,6 +31,7 @@ def iscsi(pair: Pair) -> Iterator[tuple[Pair, str]]:
     pair.target.wait_for(r"Exported disks \(2\)", BOOT_TIMEOUT)
     address = wait_address(pair.target, "169.254.")
     prepare_iscsi(pair.initiator)
+    discover(pair.initiator, address)  # the node records a login needs (the last test deleted them)
     try:
         yield pair, address
     finally:
