@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
+from testbed import VMError
 from testbed.machine import VM
 from testbed.wait import until
 
@@ -56,14 +58,31 @@ def screen_rows_joined(target: VM) -> str:
     return "".join(target.console().splitlines())
 
 
-def connected(initiator: VM) -> list[Remote]:
-    script = (
-        'for s in /sys/class/nvme-subsystem/nvme-subsys*; do [ -e "$s" ] || continue; '
-        'for n in $s/nvme*n*; do [ -e "$n" ] || continue; '
-        'echo "$(cat $s/subsysnqn)|$(cat $s/model)|$(cat $s/serial)|$(basename $n)"; done; done'
-    )
+CONNECTED = (
+    'for s in /sys/class/nvme-subsystem/nvme-subsys*; do [ -e "$s" ] || continue; '
+    'case "$(cat $s/subsysnqn)" in *nvmexpress.discovery) continue;; esac; found=; '
+    'for n in $s/nvme*n*; do [ -e "$n" ] || continue; found=1; '
+    'echo "$(cat $s/subsysnqn)|$(cat $s/model)|$(cat $s/serial)|$(basename $n)"; done; '
+    '[ -n "$found" ] || echo "scanning|$(cat $s/subsysnqn)"; done'
+)
+
+
+def connected(initiator: VM, settle: float = 10) -> list[Remote]:
+    """The namespaces of every connected subsystem. A controller's namespaces appear once
+    the kernel's scan of it is done, a moment after `nvme connect-all` returned: wait up to
+    `settle` seconds for each connected subsystem to show one (one whose disk was pulled
+    shows none for good)."""
+    lines: list[str] = []
+
+    def scanned() -> bool:
+        nonlocal lines
+        lines = initiator.sh(CONNECTED).splitlines()
+        return not any(line.startswith("scanning|") for line in lines)
+
+    with contextlib.suppress(VMError):  # one whose disk was pulled shows none for good
+        until(scanned, settle, "", pause=0.5)
     remotes = []
-    for line in initiator.sh(script).splitlines():
+    for line in lines:
         parts = [p.strip() for p in line.split("|")]
         if len(parts) == 4 and parts[0].startswith("nqn."):
             remotes.append(Remote(*parts))

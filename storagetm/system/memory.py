@@ -10,7 +10,7 @@ from pathlib import Path
 
 from storagetm.errors import ExitCode, StorageTMError
 
-MINIMUM_RAM_MIB = 512  # measured under QEMU: 448 MiB unpacks partly, 512 MiB fully (README)
+MINIMUM_RAM_MIB = 576  # measured under QEMU: 512 MiB unpacks partly (with iSCSI), 576 MiB fully (README)
 UNPACK_FAILED = "Initramfs unpacking failed"
 RAM_ROOT_TYPES = {"rootfs", "tmpfs", "ramfs"}
 
