@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.compare import dd_mib_s
+from bench.summary import save, summarise
 from testbed.initiator import CONNECT, connected, disconnect_all, wait_address
 from testbed.iscsi import discover, login, logout_all, prepare_iscsi, targets_by_serial
 from testbed.pair import TARGET_APPEND, vm_pair
@@ -57,18 +56,9 @@ def main() -> int:
             disconnect_all(pair.initiator)
             logout_all(pair.initiator)
             discover(pair.initiator, address)  # the node records again, for the next login
-        median = {name: statistics.median(values) for name, values in samples.items()}
-        result = {
-            "date": time.strftime("%Y-%m-%d"),
-            "size_mib": args.size_mib,
-            "rounds": args.rounds,
-            "mib_s": samples,
-            "median_mib_s": median,
-            "iscsi_to_nvme": {op: median[f"iscsi_{op}"] / median[f"nvme_{op}"] for op in ("read", "write")},
-        }
-        out_dir = Path(__file__).parent / "results"
-        out_dir.mkdir(exist_ok=True)
-        (out_dir / "iscsi.json").write_text(json.dumps(result, indent=1))
+        median, result = summarise(args.size_mib, args.rounds, samples)
+        result["iscsi_to_nvme"] = {op: median[f"iscsi_{op}"] / median[f"nvme_{op}"] for op in ("read", "write")}
+        save("iscsi", result)
         print("| | NVMe/TCP MiB/s | iSCSI MiB/s | iSCSI / NVMe/TCP |\n|---|---|---|---|")
         for op in ("read", "write"):
             print(f"| {op} | {median[f'nvme_{op}']:.1f} | {median[f'iscsi_{op}']:.1f} | "

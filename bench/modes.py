@@ -10,14 +10,12 @@ Prints a table and writes bench/results/modes.json. Not part of CI (slow, noisy)
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench.summary import save, summarise
 from testbed.initiator import connected, wait_address
 from testbed.machine import VM
 from testbed.pair import TARGET_APPEND, vm_pair
@@ -52,18 +50,9 @@ def main() -> int:
         for _ in range(args.rounds):
             for mode, serial in SERIALS.items():
                 samples[mode].append(read_mib_s(pair.initiator, blocks[serial], args.size_mib))
-        median = {mode: statistics.median(values) for mode, values in samples.items()}
-        result = {
-            "date": time.strftime("%Y-%m-%d"),
-            "size_mib": args.size_mib,
-            "rounds": args.rounds,
-            "mib_s": samples,
-            "median_mib_s": median,
-            "ratio_to_rw": {mode: median[mode] / median["rw"] for mode in SERIALS},
-        }
-        out_dir = Path(__file__).parent / "results"
-        out_dir.mkdir(exist_ok=True)
-        (out_dir / "modes.json").write_text(json.dumps(result, indent=1))
+        median, result = summarise(args.size_mib, args.rounds, samples)
+        result["ratio_to_rw"] = {mode: median[mode] / median["rw"] for mode in SERIALS}
+        save("modes", result)
         print("| mode | median MiB/s | ratio to rw |\n|---|---|---|")
         for mode in SERIALS:
             print(f"| {mode} | {median[mode]:.1f} | {result['ratio_to_rw'][mode]:.2f} |")

@@ -1,0 +1,23 @@
+"""What every side-by-side bench writes: medians of its samples, and the JSON in bench/results."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def summarise(size_mib: int, rounds: int, samples: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, Any]]:
+    """The median of each figure's samples, and the result record that holds them all."""
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    return median, {"date": time.strftime("%Y-%m-%d"), "size_mib": size_mib, "rounds": rounds, "mib_s": samples,
+                    "median_mib_s": median}  # fmt: skip
+
+
+def save(name: str, result: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
