@@ -72,12 +72,17 @@ def _label(length: int, label: str, context: str) -> bytes:
     return struct.pack("<H", length) + b"tls13 " + label.encode() + context.encode()
 
 
+def psk_identity(key: str, hostnqn: str, subnqn: str) -> str:
+    """The identity `NVMe0R0<h> <hostnqn> <subnqn>` tlshd finds the pair's PSK under."""
+    return f"NVMe0R{key.split(':')[1]} {hostnqn} {subnqn}"
+
+
 def derive_psk(key: str, hostnqn: str, subnqn: str) -> tuple[str, bytes]:
-    """The identity `NVMe0R0<h> <hostnqn> <subnqn>` and the TLS PSK tlshd finds under it:
-    the configured key turned into the retained key for the host, then into the PSK for
-    the pair (identity version 0, as `nvme check-tls-key` uses by default)."""
+    """The identity and the TLS PSK tlshd finds under it: the configured key turned into
+    the retained key for the host, then into the PSK for the pair (identity version 0, as
+    `nvme check-tls-key` uses by default)."""
     digest, configured = _hash(key), keys.key_bytes(key)
-    identity = f"NVMe0R{key.split(':')[1]} {hostnqn} {subnqn}"
+    identity = psk_identity(key, hostnqn, subnqn)
     retained = _hkdf(digest, configured, _label(len(configured), "HostNQN", hostnqn), len(configured))
     return identity, _hkdf(digest, retained, _label(len(configured), "nvme-tls-psk", identity), len(configured))
 

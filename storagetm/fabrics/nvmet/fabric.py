@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from storagetm.fabrics.nvmet.configfs import Root
 from storagetm.model import DISCOVERY_NQN, NSID, Device, Export, Listener, Want
 from storagetm.reconcile.objects import BaseDriver, Driver, Facts, FactsOf, Key, Obj, make
-from storagetm.security.tls import Keyring, derive_psk, insert_key
+from storagetm.security.tls import Keyring, insert_key, psk_identity
 from storagetm.system.network import Address
 
 HOST, PORT, SUBSYSTEM, NAMESPACE = "nvmet-host", "nvmet-port", "nvmet-subsystem", "nvmet-namespace"
@@ -113,8 +113,9 @@ class NvmetFabric:
 
 
 def _psk(key: str, hostnqn: str, subnqn: str, group: str) -> Obj:
-    identity, _ = derive_psk(key, hostnqn, subnqn)
-    return make(PSK, identity, {"key": key, "host": hostnqn, "subsystem": subnqn}, group=group, secret=("key",))
+    # The name only: the key itself is derived when the object is made, not on every plan.
+    return make(PSK, psk_identity(key, hostnqn, subnqn), {"key": key, "host": hostnqn, "subsystem": subnqn},
+                group=group, secret=("key",))
 
 
 def _pair(obj: Obj) -> tuple[str, str]:
