@@ -10,14 +10,13 @@ Prints a table and writes bench/results/iscsi.json. Not part of CI (slow, noisy)
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.compare import dd_mib_s
-from bench.summary import save, summarise
+from bench.summary import arguments, save, summarise
 from testbed.initiator import CONNECT, connected, disconnect_all, wait_address
 from testbed.iscsi import discover, login, logout_all, prepare_iscsi, targets_by_serial
 from testbed.pair import TARGET_APPEND, vm_pair
@@ -26,10 +25,7 @@ SERIALS = ("BENCHIS1", "BENCHIS2")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = arguments(__doc__ or "")
     workdir = Path(tempfile.mkdtemp(prefix="storagetm-bench-"))
     kinds = {serial: "virtio" for serial in SERIALS}
     with vm_pair(workdir, kinds, TARGET_APPEND, disk_size=args.size_mib << 20, shell_timeout=300) as pair:

@@ -9,13 +9,12 @@ Prints a table and writes bench/results/modes.json. Not part of CI (slow, noisy)
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.summary import save, summarise
+from bench.summary import arguments, save, summarise
 from testbed.initiator import connected, wait_address
 from testbed.machine import VM
 from testbed.pair import TARGET_APPEND, vm_pair
@@ -34,10 +33,7 @@ def read_mib_s(initiator: VM, block: str, size_mib: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = arguments(__doc__ or "")
     workdir = Path(tempfile.mkdtemp(prefix="storagetm-bench-"))
     kinds = {serial: "virtio" for serial in SERIALS.values()}
     append = f"{TARGET_APPEND} storagetm.mode=rw,{SERIALS['ro']}=ro,{SERIALS['snapshot']}=snapshot"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -9,6 +10,14 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def arguments(doc: str, rounds: int = 3) -> argparse.Namespace:
+    """The options every one-boot bench takes: the disk size and the rounds per figure."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    return parser.parse_args()
 
 
 def summarise(size_mib: int, rounds: int, samples: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, Any]]:
