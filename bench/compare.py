@@ -245,14 +245,19 @@ class NBDServer(Implementation):
         return rc == 0 and "BENCH001" in out
 
     def connect(self, initiator: VM, size: int) -> str:
-        initiator.sh(f"modprobe nbd; nbd-client {TARGET_LL} {NBD_PORT} /dev/nbd0 -N BENCH001 -b 4096")
+        # The netlink setup fails ("Failed to setup device") while udev still probes a fresh or
+        # just-released /dev/nbd0: settle, and try again briefly.
+        initiator.sh(f"modprobe nbd; udevadm settle; for i in $(seq 10); do "
+                     f"nbd-client {TARGET_LL} {NBD_PORT} /dev/nbd0 -N BENCH001 -b 4096 && break; "
+                     "sleep 0.5; udevadm settle; done; nbd-client -c /dev/nbd0 >/dev/null")  # fmt: skip
         got = int(initiator.sh("cat /sys/block/nbd0/size")) * 512
         if got != size:
             raise RuntimeError(f"/dev/nbd0 has {got} bytes, the bench disk {size}")
         return "/dev/nbd0"
 
     def disconnect(self, initiator: VM) -> None:
-        initiator.sh("nbd-client -d /dev/nbd0")
+        initiator.sh("nbd-client -d /dev/nbd0; for i in $(seq 20); do nbd-client -c /dev/nbd0 >/dev/null || break; "
+                     "sleep 0.2; done; udevadm settle")  # fmt: skip
 
     def daemon_pids(self, target: VM) -> list[str]:
         out = target.sh('for p in /proc/[0-9]*; do [ "$(cat $p/comm 2>/dev/null)" = nbd-server ] && '
