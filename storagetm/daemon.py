@@ -36,7 +36,7 @@ from storagetm.fabrics.lio.fabric import IscsiFabric
 from storagetm.fabrics.lio.kernel import ensure_lio
 from storagetm.fabrics.nvmet import kernel
 from storagetm.fabrics.nvmet.configfs import Root
-from storagetm.fabrics.nvmet.fabric import NvmetFabric
+from storagetm.fabrics.nvmet.fabric import NvmetFabric, discovery_group
 from storagetm.model import ISCSI_PORT, Backing, Export, IscsiConfig, Want
 from storagetm.reconcile.journal import Journal, fault_from_environment
 from storagetm.reconcile.reconciler import Reconciler
@@ -181,7 +181,8 @@ class Daemon:
         for nqn in sorted(set(before) - set(self.state.exports)):
             log.info("withdrew %s (%s)", nqn, before[nqn].disk.devnode)
         self.state.backings = {nqn: self._backing_view(export) for nqn, export in self.state.exports.items()}
-        self.state.ports = want.listeners if want.listen and "" not in failed else []
+        self.state.ports = [] if not want.listen or "" in failed else [
+            listener for listener in want.listeners if discovery_group(listener) not in failed]  # fmt: skip
         return [failure.one_line() for failure in failures]
 
     def _backing_view(self, export: Export) -> Backing:
@@ -194,7 +195,7 @@ class Daemon:
                        store.facts.get("dir", "") if store else "")  # fmt: skip
 
     def reconcile_addresses(self) -> None:
-        """The discovery port's referral follows the target's addresses."""
+        """The discovery ports and their referrals follow the target's addresses."""
         for problem in self.reconcile():
             if problem not in self.state.problems:
                 log.warning("%s", problem)

@@ -37,10 +37,11 @@ class Export:
 
 @dataclass(frozen=True)
 class Listener:
-    """One TCP listening address: family, wildcard address and service id (port)."""
+    """One TCP listening address: family, address (a wildcard, or one of the target's, with
+    its zone if link-local) and service id (port)."""
 
     adrfam: str  # "ipv4" or "ipv6"
-    traddr: str  # wildcard: "0.0.0.0" or "::"
+    traddr: str  # "0.0.0.0", "::", "169.254.1.2", "fe80::1%eth0"
     trsvcid: int
 
 
@@ -81,7 +82,7 @@ class Want:
     ipv6: bool = True
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
-    addresses: tuple[Address, ...] = ()  # the target's, for the discovery port's referral
+    addresses: tuple[Address, ...] = ()  # the target's: one discovery port on each
     listen: bool = True  # False while a bad option refuses every export: nothing listens either
     iscsi: IscsiConfig = field(default_factory=IscsiConfig)
 
@@ -90,13 +91,17 @@ class Want:
         return wildcard(self.ipv6, self.io_port)
 
     @property
-    def discovery_listener(self) -> Listener | None:
-        """Port 8009 serves discovery only, unless it is the I/O port too."""
-        return None if self.io_port == DISCOVERY_TRSVCID else wildcard(self.ipv6, DISCOVERY_TRSVCID)
+    def discovery_listeners(self) -> list[Listener]:
+        """Port 8009 serves discovery only (unless it is the I/O port too), on each of the
+        target's addresses by itself: its referral can then name the address asked."""
+        if self.io_port == DISCOVERY_TRSVCID:
+            return []
+        return [Listener(address.family, address.bindable, DISCOVERY_TRSVCID)
+                for address in self.addresses if self.ipv6 or address.family == "ipv4"]  # fmt: skip
 
     @property
     def listeners(self) -> list[Listener]:
-        return [self.io_listener] + ([d] if (d := self.discovery_listener) else [])
+        return [self.io_listener, *self.discovery_listeners]
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,11 @@ class Address:
     link_local: bool
 
     @property
+    def bindable(self) -> str:
+        """The address as a listening socket binds it: link-local IPv6 with its zone."""
+        return f"{self.address}%{self.interface}" if self.family == "ipv6" and self.link_local else self.address
+
+    @property
     def for_command(self) -> str:
         """The address as an nvme-cli `-a` argument; link-local IPv6 needs its zone."""
         if self.family == "ipv6" and self.link_local:

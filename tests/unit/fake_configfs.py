@@ -187,3 +187,12 @@ class FakeLio(FakeTree):
         if (target / "enable").is_file() and (target / "enable").read_text().strip() != "1":
             raise OSError(errno.ENODEV, "No such device", str(target))
         super().symlink(target_name, link_name)
+
+
+def discovery_ports(nvmet: Path) -> dict[str, Path]:
+    """The discovery ports (8009) under nvmet/ports, by the address each listens on."""
+    found = {}
+    for port in sorted((nvmet / "ports").iterdir()):
+        if (port / "addr_trsvcid").read_text().strip() == "8009":
+            found[(port / "addr_traddr").read_text().strip()] = port
+    return found

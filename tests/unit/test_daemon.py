@@ -78,7 +78,7 @@ def test_disk_event_exports_at_once_and_leaves_the_screen_for_later(tmp_path: Pa
     assert daemon._on_disk_events(QueuedEvents([DiskEvent("add", disk)])) is True  # type: ignore[arg-type]
     (nqn,) = daemon.state.exports
     assert [link for link in fake.links if link.endswith(nqn)] == [f"ports/4420/subsystems/{nqn}"]  # I/O port only
-    assert daemon.state.ports == [Listener("ipv4", "0.0.0.0", 4420), Listener("ipv4", "0.0.0.0", 8009)]
+    assert daemon.state.ports == [Listener("ipv4", "0.0.0.0", 4420)]  # no address yet: no discovery port
     assert daemon.state.backings == {nqn: Backing(disk.devnode)}
     assert screen.shown == []
     assert daemon._on_disk_events(QueuedEvents([DiskEvent("change", disk)])) is False  # type: ignore[arg-type]
@@ -97,7 +97,7 @@ def test_an_export_that_fails_is_a_problem_and_not_shown_as_exported(tmp_path: P
     daemon._on_disk_events(QueuedEvents([DiskEvent("add", disk)]))  # type: ignore[arg-type]
     assert daemon.state.exports == {} and daemon.state.backings == {}
     assert len(daemon.state.problems) == 1 and "Input/output error" in daemon.state.problems[0]
-    assert len(daemon.state.ports) == 2  # the ports listen all the same
+    assert len(daemon.state.ports) == 1  # the I/O port listens all the same (no address: no discovery port)
     del fake.fail_on["enable"]
     daemon.export_wanted()  # the next pass makes it
     assert len(daemon.state.exports) == 1 and daemon.state.problems == []

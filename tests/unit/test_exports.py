@@ -15,14 +15,14 @@ from storagetm.disks.disk import Disk
 from storagetm.disks.identity import identity_for
 from storagetm.errors import ConfigfsError
 from storagetm.fabrics.nvmet.configfs import Root
-from storagetm.fabrics.nvmet.fabric import NvmetFabric, anchor_nqn
-from storagetm.model import DISCOVERY_TRSVCID, Export, Want, wildcard
+from storagetm.fabrics.nvmet.fabric import NvmetFabric, anchor_nqn, port_ids
+from storagetm.model import DISCOVERY_TRSVCID, Export, Listener, Want, wildcard
 from storagetm.reconcile.journal import Journal
 from storagetm.reconcile.reconciler import Failure, Reconciler
 from storagetm.security.auth import AuthConfig
 from storagetm.security.tls import Keyring, TLSConfig
 from storagetm.system.network import Address
-from tests.unit.fake_configfs import FakeConfigfs
+from tests.unit.fake_configfs import FakeConfigfs, discovery_ports
 from tests.unit.fake_machine import FakeKeyring, FakeMachine
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
@@ -85,7 +85,7 @@ def target(tmp_path: Path) -> Target:
 
 def test_export_sets_identity_and_links_the_io_port_only(tmp_path: Path, target: Target) -> None:
     export = export_of(file_disk(tmp_path, "a"))
-    assert target.apply(export) == []
+    assert target.apply(export, addresses=(ADDRESS,)) == []
     sub = target.fake.root / "subsystems" / export.nqn
     assert (sub / "attr_allow_any_host").read_text().strip() == "1"
     assert (sub / "attr_serial").read_text().strip() == "a"
@@ -96,26 +96,50 @@ def test_export_sets_identity_and_links_the_io_port_only(tmp_path: Path, target:
     # nvmet's discovery log gives each entry the port it was asked on: linked into 8009,
     # a subsystem would do its I/O there. 8009 holds only the anchor nobody may use.
     assert target.names("ports", "4420", "subsystems") == sorted([export.nqn, ANCHOR])
-    assert target.names("ports", "8009", "subsystems") == [ANCHOR]
-    for port in ("4420", "8009"):
-        assert (target.fake.root / "ports" / port / "addr_traddr").read_text().strip() == "::"
+    assert (target.fake.root / "ports" / "4420" / "addr_traddr").read_text().strip() == "::"
+    (discovery,) = discovery_ports(target.fake.root).values()
+    assert sorted(os.listdir(discovery / "subsystems")) == [ANCHOR]
+    assert (discovery / "addr_traddr").read_text().strip() == "169.254.1.2"
     assert (target.fake.root / "subsystems" / ANCHOR / "attr_allow_any_host").read_text().strip() == "0"
     assert target.names("subsystems", ANCHOR, "namespaces") == []
 
 
-def test_discovery_port_refers_to_the_io_port_at_the_first_address(target: Target) -> None:
-    second = Address("ipv4", "192.0.2.7", "enp0s4", False)
-    assert target.apply(port=5000, addresses=(ADDRESS, second)) == []
-    assert target.names("ports") == ["5000", "8009"]
-    assert target.names("ports", "8009", "referrals") == ["storagetm"]  # one: two would be multipath
-    referral = target.fake.root / "ports" / "8009" / "referrals" / "storagetm"
-    assert {a: (referral / f"addr_{a}").read_text().strip() for a in ("adrfam", "traddr", "trsvcid", "portid")} == {
-        "adrfam": "ipv4", "traddr": "169.254.1.2", "trsvcid": "5000", "portid": "5000"}  # fmt: skip
+def referral_of(port: Path) -> dict[str, str]:
+    assert sorted(os.listdir(port / "referrals")) == ["storagetm"]  # one per port: more would be multipath
+    referral = port / "referrals" / "storagetm"
     assert (referral / "enable").read_text().strip() == "1"
-    assert target.apply(port=5000, addresses=(second,)) == []  # the address went: the referral follows
-    assert (referral / "addr_traddr").read_text().strip() == "192.0.2.7"
-    assert target.apply(port=5000) == []  # no address at all: no referral
-    assert target.names("ports", "8009", "referrals") == []
+    return {a: (referral / f"addr_{a}").read_text().strip() for a in ("adrfam", "traddr", "trsvcid", "portid")}
+
+
+def test_each_address_has_a_discovery_port_that_refers_to_that_address(target: Target) -> None:
+    """An initiator that reached the target at one address is referred to that address: a
+    target with two networks (a network boot's and the cable's) or an initiator without
+    link-local IPv4 is referred to an address it can reach."""
+    second = Address("ipv4", "192.0.2.7", "enp0s4", False)
+    v6 = Address("ipv6", "fe80::1", "enp0s3", True)
+    assert target.apply(port=5000, addresses=(ADDRESS, second, v6)) == []
+    ports = discovery_ports(target.fake.root)
+    assert sorted(ports) == ["169.254.1.2", "192.0.2.7", "fe80::1%enp0s3"]  # bound with its zone
+    assert referral_of(ports["169.254.1.2"]) == {"adrfam": "ipv4", "traddr": "169.254.1.2", "trsvcid": "5000",
+                                                 "portid": "5000"}  # fmt: skip
+    assert referral_of(ports["192.0.2.7"])["traddr"] == "192.0.2.7"
+    assert referral_of(ports["fe80::1%enp0s3"]) == {"adrfam": "ipv6", "traddr": "fe80::1", "trsvcid": "5000",
+                                                    "portid": "5000"}  # an entry carries no zone  # fmt: skip
+    kept = ports["192.0.2.7"].name
+    target.fake.writes.clear()
+    assert target.apply(port=5000, addresses=(second,)) == []  # two addresses went: their ports follow
+    assert list(discovery_ports(target.fake.root)) == ["192.0.2.7"]
+    assert discovery_ports(target.fake.root)["192.0.2.7"].name == kept  # untouched
+    assert not [w for w in target.fake.writes if f"ports/{kept}/" in w[0]]
+    assert target.apply(port=5000) == []  # no address at all: no discovery port
+    assert target.names("ports") == ["5000"]
+
+
+def test_port_ids_are_stable_and_apart() -> None:
+    listeners = [Listener("ipv4", f"10.0.0.{i}", 8009) for i in range(200)]
+    ids = port_ids(listeners, 4420)
+    assert len(set(ids)) == 200 and "4420" not in ids and all(10000 <= int(i) < 60000 for i in ids)
+    assert port_ids(listeners[5:6], 4420) == port_ids(listeners[5:6], 4420)
 
 
 def test_io_port_8009_is_one_port_without_a_referral(tmp_path: Path, target: Target) -> None:
@@ -204,7 +228,7 @@ def test_adopt_takes_over_without_rewriting(tmp_path: Path, target: Target) -> N
     assert target.apply(export, addresses=(ADDRESS,)) == []
     assert target.fake.writes == [] and target.fake.links == []
     assert {op.action for op in successor.last_ops} == {"adopt"}
-    assert target.names("ports") == ["4420", "8009"]
+    assert target.names("ports") == sorted(["4420", discovery_ports(target.fake.root)["169.254.1.2"].name])
     assert target.names("ports", "4420", "subsystems") == sorted([export.nqn, ANCHOR])
     successor.teardown()
     assert target.names("subsystems") == [] and target.names("ports") == []
@@ -216,7 +240,7 @@ def test_a_settings_change_after_a_restart_removes_what_the_old_settings_made(tm
     assert target.apply(export) == []
     target.restart()
     assert target.apply(export, port=5000) == []
-    assert target.names("ports") == ["5000", "8009"]
+    assert target.names("ports") == ["5000"]  # no address: no discovery port
     assert target.names("ports", "5000", "subsystems") == sorted([export.nqn, ANCHOR])
 
 
@@ -240,6 +264,6 @@ def test_ipv4_only_fallback(target: Target) -> None:
     assert {(lst.adrfam, lst.traddr) for lst in target.want(ipv6=False).listeners} == {("ipv4", "0.0.0.0")}
     assert {(lst.adrfam, lst.traddr) for lst in target.want().listeners} == {("ipv6", "::")}  # dual-stack
     assert wildcard(False, 4420).trsvcid == 4420
-    assert target.apply(ipv6=False) == []
-    for port in ("4420", "8009"):
-        assert (target.fake.root / "ports" / port / "addr_traddr").read_text().strip() == "0.0.0.0"
+    assert target.apply(ipv6=False, addresses=(ADDRESS, Address("ipv6", "fe80::1", "enp0s3", True))) == []
+    assert (target.fake.root / "ports" / "4420" / "addr_traddr").read_text().strip() == "0.0.0.0"
+    assert list(discovery_ports(target.fake.root)) == ["169.254.1.2"]  # no IPv6 port without IPv6

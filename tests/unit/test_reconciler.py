@@ -27,7 +27,7 @@ from storagetm.reconcile.reconciler import Reconciler
 from storagetm.security.auth import AuthConfig, generate_secret
 from storagetm.security.tls import TLSConfig, generate_key
 from storagetm.system.network import Address
-from tests.unit.fake_configfs import FakeConfigfs, FakeLio
+from tests.unit.fake_configfs import FakeConfigfs, FakeLio, discovery_ports
 from tests.unit.fake_machine import FakeKeyring, FakeMachine
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
@@ -109,10 +109,11 @@ def test_start_exports_every_disk_with_ports_anchor_and_referral(tmp_path: Path)
     want = world.want(MIXED)
     assert reconciler.apply(desired_state(want, backing, fabrics)) == []
     ports = world.fake.root / "ports"
-    assert sorted(os.listdir(ports)) == ["4420", "8009"]
-    assert sorted(os.listdir(ports / "8009" / "subsystems")) == [anchor_nqn(BASE)]  # discovery only
+    (discovery,) = discovery_ports(world.fake.root).values()
+    assert sorted(os.listdir(ports)) == sorted(["4420", discovery.name])
+    assert sorted(os.listdir(discovery / "subsystems")) == [anchor_nqn(BASE)]  # discovery only
     assert sorted(os.listdir(ports / "4420" / "subsystems")) == sorted([*want.exports, anchor_nqn(BASE)])
-    referral = ports / "8009" / "referrals" / "storagetm"
+    referral = discovery / "referrals" / "storagetm"
     assert {a: (referral / f"addr_{a}").read_text().strip() for a in ("traddr", "trsvcid", "portid")} == {
         "traddr": "169.254.1.2", "trsvcid": "4420", "portid": "4420"}  # fmt: skip
     assert (referral / "enable").read_text().strip() == "1"

@@ -13,6 +13,7 @@ from storagetm.config.settings import Settings
 from storagetm.errors import UsageError
 from storagetm.model import DISCOVERY_NQN
 from storagetm.security import tls
+from tests.unit.fake_configfs import discovery_ports
 from tests.unit.fake_machine import FakeKeyring
 from tests.unit.test_exports import ADDRESS, ANCHOR, Target, export_of, file_disk
 
@@ -78,9 +79,10 @@ def test_ports_require_tls_and_each_subsystem_gets_its_key(tmp_path: Path) -> No
     target = Target(tmp_path, keyring=keyring)
     export = export_of(file_disk(tmp_path, "a"))
     assert target.apply(export, tls=TLS, addresses=(ADDRESS,)) == []
-    for port in ("4420", "8009"):
-        assert (target.fake.root / "ports" / port / "addr_tsas").read_text().strip() == "tls1.3"
-    referral = target.fake.root / "ports" / "8009" / "referrals" / "storagetm"
+    (discovery,) = discovery_ports(target.fake.root).values()
+    for port in (target.fake.root / "ports" / "4420", discovery):
+        assert (port / "addr_tsas").read_text().strip() == "tls1.3"
+    referral = discovery / "referrals" / "storagetm"
     assert (referral / "addr_treq").read_text().strip() == "required"
     # The discovery subsystem's key first, then the export's, each before its subsystem is linked.
     assert keyring.added == [identity(DISCOVERY_NQN), identity(export.nqn)]
@@ -92,13 +94,14 @@ def test_keys_are_revoked_when_tls_goes_off_and_at_teardown(tmp_path: Path) -> N
     keyring = RecordingKeyring()
     target = Target(tmp_path, keyring=keyring)
     a, b = export_of(file_disk(tmp_path, "a")), export_of(file_disk(tmp_path, "b"))
-    assert target.apply(a, b, tls=TLS) == []
-    assert target.apply(a, tls=TLS) == []  # b withdrawn: its key goes with it
+    assert target.apply(a, b, tls=TLS, addresses=(ADDRESS,)) == []
+    assert target.apply(a, tls=TLS, addresses=(ADDRESS,)) == []  # b withdrawn: its key goes with it
     assert keyring.revoked == [identity(b.nqn)]
-    assert target.apply(a) == []  # TLS off: every key is revoked, the ports no longer ask for TLS
+    assert target.apply(a, addresses=(ADDRESS,)) == []  # TLS off: every key is revoked, the ports no longer ask for TLS
     assert keyring.keys == {} and sorted(keyring.revoked) == sorted(identity(n) for n in (DISCOVERY_NQN, a.nqn, b.nqn))
-    for port in ("4420", "8009"):
-        assert (target.fake.root / "ports" / port / "addr_tsas").read_text().strip() == ""
+    (discovery,) = discovery_ports(target.fake.root).values()
+    for port in (target.fake.root / "ports" / "4420", discovery):
+        assert (port / "addr_tsas").read_text().strip() == ""
     assert target.names("ports", "4420", "subsystems") == sorted([a.nqn, ANCHOR])
     keyring.revoked.clear()
     assert target.apply(a, tls=TLS) == []

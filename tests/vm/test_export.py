@@ -41,11 +41,14 @@ def test_connect_all_with_defaults_reads_every_byte(pair: Pair, family: str) -> 
     prefix = "fe80::" if family.startswith("ipv6") else "169.254."
     address = wait_address(pair.target, prefix)
     disconnect_all(pair.initiator)
-    # Port 8009 serves discovery only: its log refers to the I/O port's discovery service.
+    # Port 8009 serves discovery only: its log refers to the I/O port's discovery service,
+    # at the very address the initiator asked (8009 listens on each address by itself).
     referral = pair.initiator.sh(f"nvme discover -t tcp -a {address}")
     assert "subtype: nvme subsystem" not in referral, referral
     assert re.search(r"subtype:\s+(discovery subsystem )?referral", referral), referral
     assert re.search(r"trsvcid:\s+4420", referral), referral
+    asked = address.split()[0].partition("%")[0]
+    assert re.findall(r"traddr:\s+(\S+)", referral) == [asked], referral
     discover = pair.initiator.sh(f"nvme discover -t tcp -a {address} -s 4420")
     nqns = set(re.findall(r"subnqn:\s+(\S+)", discover)) - {"nqn.2014-08.org.nvmexpress.discovery"}
     pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
@@ -108,7 +111,16 @@ def test_status_json_and_configfs_agree(pair: Pair) -> None:
     anchors = [nqn for nqn in configfs if nqn.endswith(":discovery-port")]  # makes 8009 listen; no host may use it
     assert len(anchors) == 1, configfs
     assert sorted(set(configfs) - set(anchors)) == sorted(e["nqn"] for e in status["exports"])
-    assert pair.target.sh("ls /sys/kernel/config/nvmet/ports/8009/subsystems").split() == anchors
+    # One discovery port on each address (link-local IPv6 bound with its zone), each holding
+    # only the anchor.
+    discovery = pair.target.sh("cd /sys/kernel/config/nvmet/ports; for p in *; do "
+                               '[ "$(cat $p/addr_trsvcid)" = 8009 ] && echo $(cat $p/addr_traddr) $(ls $p/subsystems); '
+                               "done; true").splitlines()  # fmt: skip
+    assert sorted(line.split()[0] for line in discovery) == sorted(
+        p["traddr"] for p in status["ports"] if p["trsvcid"] == 8009), (discovery, status["ports"])  # fmt: skip
+    assert {line.split()[1:] == anchors for line in discovery} == {True}, discovery
+    assert any(line.startswith("169.254.") for line in discovery), discovery
+    assert any(line.startswith("fe80::") and "%enp0s3 " in line for line in discovery), discovery
     assert sorted(pair.target.sh("ls /sys/kernel/config/nvmet/ports/4420/subsystems").split()) == sorted(configfs)
     ports = {p["trsvcid"] for p in status["ports"]}
     assert ports == {4420, 8009}

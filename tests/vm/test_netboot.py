@@ -40,10 +40,9 @@ def reads_back(target: VM, initiator: VM, digest: str) -> None:
     address = wait_address(target, "169.254.")
     disconnect_all(initiator)
     try:
-        # The target has two networks here (QEMU's boot network first, then the cable): port
-        # 8009's one referral names the first address, which this initiator cannot reach, so
-        # it asks the I/O port's discovery service itself (README, Troubleshooting).
-        initiator.sh(f"{CONNECT_ALL} -a {address} -s 4420")
+        # The target has two networks here (QEMU's boot network first, then the cable): the
+        # discovery port on the cable's address refers to that address, which this initiator reaches.
+        initiator.sh(f"{CONNECT_ALL} -a {address}")
         (remote,) = connected(initiator)
         assert remote.serial == "NETB0001"
         assert initiator.sh(f"sha256sum /dev/{remote.block}", timeout=300).split()[0] == digest

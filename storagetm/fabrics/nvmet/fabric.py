@@ -4,25 +4,32 @@ Per export: a subsystem, its namespace on the backing device, an allowed-host li
 host (authentication), a TLS PSK per host (TLS), and a link into the I/O port. Shared:
 the hosts, the I/O port, and port 8009 for discovery only: nvmet's discovery log gives
 each entry the port the host asked on, so a subsystem linked into 8009 would do its I/O
-there. 8009 instead holds one subsystem no host may use (a port listens only once one
-is linked) and a referral to the I/O port's discovery service at the target's address.
+there. 8009 instead listens on each of the target's addresses by itself, each holding one
+subsystem no host may use (a port listens only once one is linked) and a referral to the
+I/O port's discovery service at that same address: an initiator that reached the target
+at an address is referred to that address, whichever networks either machine has.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from storagetm.fabrics.nvmet.configfs import Root
 from storagetm.model import DISCOVERY_NQN, NSID, Device, Export, Listener, Want
-from storagetm.reconcile.objects import BaseDriver, Driver, Facts, FactsOf, Key, Obj, make
+from storagetm.reconcile.objects import BaseDriver, Driver, Facts, FactsOf, Obj, make
 from storagetm.security.tls import Keyring, insert_key, psk_identity
-from storagetm.system.network import Address
 
 HOST, PORT, SUBSYSTEM, NAMESPACE = "nvmet-host", "nvmet-port", "nvmet-subsystem", "nvmet-namespace"
 ALLOWED_HOST, PORT_LINK, REFERRAL, PSK = "nvmet-allowed-host", "nvmet-port-link", "nvmet-referral", "tls-psk"
 REFERRAL_NAME = "storagetm"
+DISCOVERY_IDS = range(10000, 60000)  # nvmet port ids are 16 bits
+
+
+def discovery_group(listener: Listener) -> str:
+    return f"discovery {listener.traddr}"
 
 
 def anchor_nqn(nqn_base: str) -> str:
@@ -30,22 +37,29 @@ def anchor_nqn(nqn_base: str) -> str:
     return f"{nqn_base}:discovery-port"
 
 
-def referral_address(addresses: Sequence[Address]) -> Address | None:
-    """One referral, to the address the screen offers first (routable, IPv4 first): one per
-    address would give an initiator that reaches two of them every disk twice (multipath),
-    and nvme-cli fails on one it cannot reach."""
-    return addresses[0] if addresses else None
+def port_ids(listeners: Sequence[Listener], io_port: int) -> list[str]:
+    """Each port's configfs id, known before it is made so that a make cut short is found:
+    the I/O port's is its TCP port; a discovery port's is drawn from its address (stable
+    while the address stays), away from the I/O port's and the others'."""
+    taken, ids = {io_port}, []
+    for listener in listeners:
+        number = DISCOVERY_IDS.start + zlib.crc32(listener.traddr.encode()) % len(DISCOVERY_IDS)
+        while number in taken:
+            number = number + 1 if number + 1 in DISCOVERY_IDS else DISCOVERY_IDS.start
+        taken.add(number)
+        ids.append(str(number))
+    return ids
 
 
-def port_key(listener: Listener) -> Key:
-    return (PORT, str(listener.trsvcid))
+def port_obj(port_id: str, listener: Listener, tls: bool, group: str = "") -> Obj:
+    return make(PORT, port_id, {"trtype": "tcp", "adrfam": listener.adrfam, "traddr": listener.traddr,
+                                "trsvcid": str(listener.trsvcid), "tsas": "tls1.3" if tls else ""},
+                group=group)  # fmt: skip
 
 
-def port_obj(listener: Listener, tls: bool) -> Obj:
-    # The port id is its TCP port: known before it is made, so a make cut short is found.
-    return make(PORT, str(listener.trsvcid), {"trtype": "tcp", "adrfam": listener.adrfam,
-                                              "traddr": listener.traddr, "trsvcid": str(listener.trsvcid),
-                                              "tsas": "tls1.3" if tls else ""})  # fmt: skip
+def referred_address(listener: Listener) -> str:
+    """A discovery log entry carries no zone: the initiator names its own interface."""
+    return listener.traddr.partition("%")[0]
 
 
 @dataclass(frozen=True)
@@ -57,7 +71,7 @@ class NvmetFabric:
     def objects(self, want: Want, devices: Mapping[str, Device]) -> list[Obj]:
         if not want.listen:
             return []
-        io = port_obj(want.io_listener, want.tls.enabled)
+        io = port_obj(str(want.io_port), want.io_listener, want.tls.enabled)
         objs = [io]
         for hostnqn in want.auth.hosts:
             attrs = {"dhchap_key": want.auth.secret, "dhchap_ctrl_key": want.auth.ctrl_secret}
@@ -71,21 +85,22 @@ class NvmetFabric:
 
     def _listening(self, want: Want, io: Obj) -> list[Obj]:
         """Every port listens from the start, before any disk is exported (a watching
-        initiator's discovery controller waits there): each holds the anchor subsystem."""
+        initiator's discovery controller waits there): each holds the anchor subsystem.
+        Each discovery port is a group of its own: one whose address cannot be bound (gone
+        again) fails alone."""
         anchor = make(SUBSYSTEM, anchor_nqn(want.nqn_base), {"allow_any_host": "0"})
-        ports = [io]
-        discovery = want.discovery_listener
-        if discovery is not None:
-            ports.append(port_obj(discovery, want.tls.enabled))
-        objs = [*ports[1:], anchor]
-        objs += [make(PORT_LINK, f"{port.name} {anchor.name}", needs=(port.key, anchor.key)) for port in ports]
-        address = referral_address(want.addresses)
-        if discovery is not None and address is not None:
-            objs.append(make(REFERRAL, f"{ports[1].name} {REFERRAL_NAME}", {
-                "trtype": "tcp", "adrfam": address.family, "traddr": address.address,
-                "trsvcid": str(want.io_port), "portid": io.name,
-                "treq": "required" if want.tls.enabled else "not specified"},
-                needs=(ports[1].key, io.key)))  # fmt: skip
+        objs = [anchor, make(PORT_LINK, f"{io.name} {anchor.name}", needs=(io.key, anchor.key))]
+        listeners = want.discovery_listeners
+        for port_id, listener in zip(port_ids(listeners, want.io_port), listeners, strict=True):
+            group = discovery_group(listener)
+            port = port_obj(port_id, listener, want.tls.enabled, group)
+            objs += [port,
+                     make(PORT_LINK, f"{port.name} {anchor.name}", needs=(port.key, anchor.key), group=group),
+                     make(REFERRAL, f"{port.name} {REFERRAL_NAME}", {
+                         "trtype": "tcp", "adrfam": listener.adrfam, "traddr": referred_address(listener),
+                         "trsvcid": str(want.io_port), "portid": io.name,
+                         "treq": "required" if want.tls.enabled else "not specified"},
+                         needs=(port.key, io.key), group=group)]  # fmt: skip
         return objs
 
     def _export(self, want: Want, nqn: str, export: Export, device: Device, io: Obj) -> list[Obj]:
