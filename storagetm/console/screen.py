@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from storagetm.backing.modes import Mode
+from storagetm.connection import screen_lines as connection_code_lines
 from storagetm.console.stats import DiskActivity
 from storagetm.model import DISCOVERY_TRSVCID, IO_TRSVCID, Export
 from storagetm.security.chap import CHAP_USER
@@ -170,6 +171,7 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
         lines += [wrapped for warning in warnings(state) for wrapped in textwrap.wrap(warning, WIDTH)]
         lines += blank
         lines += connect_lines(state, io_port)
+        lines += connection_code_lines(state, WIDTH)  # storagetm connect on the other machine
         lines += iscsi_lines(state)
     if state.announced:
         lines.append(f"Announced over mDNS as {state.announced} (_nvme-disc._tcp, port {DISCOVERY_TRSVCID})")
