@@ -148,7 +148,7 @@ def decode(text: str) -> ConnectionCode:
         payload = base64.b32decode(letters + "=" * (-len(letters) % 8))
     except binascii.Error:
         raise _fail("it is too short or too long — a character is missing or one too many") from None
-    if len(payload) < 9:
+    if len(payload) < 6:
         raise _fail("it is too short — copy the whole code")
     if struct.pack(">I", zlib.crc32(payload[:-4])) != payload[-4:]:
         raise _fail("checksum wrong — a character was mistyped")

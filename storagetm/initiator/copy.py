@@ -288,9 +288,7 @@ class Copier:
             record = self._record(out, sidecar, record, done)
             progress.finish(done)
             return record
-        finally:
-            view.release()
-            buffer.close()
+        finally:  # the buffer goes with its last view (a traceback may hold one)
             reader.close()
             os.close(out)
 
@@ -341,10 +339,6 @@ class Copier:
             progress.finish(offset)
             return "identical"
         finally:
-            a.release()
-            b.release()
-            for buffer in buffers:
-                buffer.close()
             source.close()
             copy.close()
 

@@ -29,7 +29,7 @@ class Progress:
         self.terminal = self.stream.isatty()
         self.now = now
         self.began = now()
-        self.drawn_at = 0.0
+        self.drawn_at = float("-inf")
         self.tenth = -1
 
     def line(self, done: int) -> str:

@@ -20,7 +20,8 @@ class Connection:
     address: str
 
 
-def load(path: Path = RECORD) -> list[Connection]:
+def load(path: Path | None = None) -> list[Connection]:
+    path = path or RECORD
     try:
         return [Connection(**entry) for entry in json.loads(path.read_text())]
     except FileNotFoundError:
@@ -29,7 +30,8 @@ def load(path: Path = RECORD) -> list[Connection]:
         return []  # damaged: disconnect then finds nothing of ours, which is the safe side
 
 
-def save(connections: list[Connection], path: Path = RECORD) -> None:
+def save(connections: list[Connection], path: Path | None = None) -> None:
+    path = path or RECORD
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps([asdict(c) for c in connections]))
