@@ -33,10 +33,15 @@ def key_text(prefix: str, hash_id: int, key: bytes) -> str:
     return f"{prefix}:{hash_id:02d}:" + base64.b64encode(key + struct.pack("<I", zlib.crc32(key))).decode() + ":"
 
 
-secrets = st.one_of(st.just(""), st.builds(lambda h, k: key_text("DHHC-1", h, k), st.integers(0, 3),
-                                           st.sampled_from([32, 48, 64]).flatmap(lambda n: st.binary(min_size=n, max_size=n))))  # fmt: skip
-tls_keys = st.one_of(st.just(""), st.builds(lambda h, k: key_text("NVMeTLSkey-1", h, k), st.integers(1, 2),
-                                            st.sampled_from([32, 48]).flatmap(lambda n: st.binary(min_size=n, max_size=n))))  # fmt: skip
+
+
+def keys_of(prefix: str, hash_ids: tuple[int, int], lengths: list[int]) -> st.SearchStrategy[str]:
+    raw = st.sampled_from(lengths).flatmap(lambda n: st.binary(min_size=n, max_size=n))
+    return st.one_of(st.just(""), st.builds(lambda h, k: key_text(prefix, h, k), st.integers(*hash_ids), raw))
+
+
+secrets = keys_of("DHHC-1", (0, 3), [32, 48, 64])
+tls_keys = keys_of("NVMeTLSkey-1", (1, 2), [32, 48])
 host_nqns = st.one_of(st.just(""), st.uuids().map(lambda u: f"nqn.2014-08.org.nvmexpress:uuid:{u}"),
                       st.text(max_size=60).filter(lambda t: len(t.encode()) <= 223))  # fmt: skip
 codes = st.builds(ConnectionCode, st.lists(st.ip_addresses().map(str), min_size=1, max_size=6).map(tuple),
@@ -128,7 +133,8 @@ def secret_state() -> RunState:
         ports=[Listener("ipv6", "::", 4420), Listener("ipv6", "::", 8009)],
         auth=AuthConfig(full_code().secret, full_code().ctrl_secret, (HOST,)),
         tls=TLSConfig(full_code().tls_key, (HOST,)),
-        addresses=[Address("ipv4", "169.254.12.34", "eth0", True), Address("ipv6", "fe80::5054:ff:fe00:1", "eth0", True)],
+        addresses=[Address("ipv4", "169.254.12.34", "eth0", True),
+                   Address("ipv6", "fe80::5054:ff:fe00:1", "eth0", True)],  # fmt: skip
     )
 
 
