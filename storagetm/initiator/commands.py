@@ -57,8 +57,22 @@ def _is_address(text: str) -> bool:
     return True
 
 
+def given(spec: str | None) -> str | None:
+    """`-`: the code from standard input; `@FILE`: from FILE. Either keeps the code, with
+    its secrets, off the command line, which every user of this machine can read."""
+    if spec == "-":
+        return sys.stdin.readline().strip()
+    if spec and spec.startswith("@"):
+        try:
+            return Path(spec[1:]).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read the connection code from {spec[1:]}: {exc.strerror or exc}") from None
+    return spec
+
+
 def choose_target(spec: str | None, port: int | None) -> Target:
     """A code, an address, an announced name, or (none given) the one target announced."""
+    spec = given(spec)
     if spec and connection.looks_like_code(spec):
         code = decode_code(spec)
         return Target(code.addresses[0], code.addresses, port or code.port, code)
@@ -117,11 +131,12 @@ def _disk_line(ns: fabrics.Namespace) -> str:
 
 def targets(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="storagetm targets", description="Find storagetm targets on the local links.")
-    parser.add_argument("code", nargs="?", help="a connection code: list that target, through TLS if it has a key")
+    parser.add_argument("code", nargs="?", help="a connection code (- reads it from stdin, @FILE from FILE): "
+                        "list that target, through TLS if it has a key")  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.code:
-        code = decode_code(args.code)
+    if text := given(args.code):
+        code = decode_code(text)
         found = [Target(code.addresses[0], code.addresses, code.port, code)]
     else:
         found = [Target(a.host, a.addresses, a.port, None, a.txt) for a in mdns.browse()]
@@ -177,7 +192,8 @@ def _disk_row(rec: fabrics.Record, ns: fabrics.Namespace | None) -> dict[str, ob
 
 def connect(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="storagetm connect", description="Connect a target's disks.")
-    parser.add_argument("target", nargs="?", help="connection code, mDNS name or address (default: the one announced)")
+    parser.add_argument("target", nargs="?", help="connection code (- reads it from stdin, @FILE from FILE), mDNS "
+                        "name or address (default: the one target announced)")  # fmt: skip
     parser.add_argument("--disk", action="append", default=[], help="only disks whose NQN contains this (repeatable)")
     parser.add_argument("--port", type=int, help="the target's port (default: the code's, or 8009)")
     args = parser.parse_args(argv)

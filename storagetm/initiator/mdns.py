@@ -4,6 +4,7 @@ each target announces over mDNS, browsed with systemd-resolved or, failing that,
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shutil
 import subprocess
@@ -35,7 +36,8 @@ class Announced:
 
 
 def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, check=False, timeout=30)
+    env = dict(os.environ, SYSTEMD_COLORS="0", SYSTEMD_PAGER="", LC_ALL="C")
+    return subprocess.run(list(argv), capture_output=True, text=True, check=False, timeout=30, env=env)
 
 
 def _address(text: str) -> str:
@@ -70,7 +72,8 @@ def parse_resolvectl_service(text: str) -> Announced | None:
         value = line.strip()
         if not line.startswith(" ") or not value:
             continue
-        if address := _address(value):
+        # An address line may end in "-- link: IFACE", and carry a %zone (an ifindex).
+        if address := _address(value.split()[0]):
             addresses.append(address)
         elif "=" in value:
             key, _, rest = value.partition("=")

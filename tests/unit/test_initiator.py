@@ -4,6 +4,7 @@ mDNS answers come as resolvectl and avahi print them."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -149,8 +150,8 @@ _nvme-disc._tcp.local IN PTR storagetm-0123456789ab._nvme-disc._tcp.local -- lin
 """
 RESOLVECTL_SERVICE = """\
 storagetm-0123456789ab._nvme-disc._tcp.local: storagetm-0123456789ab.local:8009 [priority=0, weight=0]
-                                             169.254.1.2%enp0s3
-                                             fe80::5054:ff:fe00:1%enp0s3
+                                             169.254.1.2                        -- link: enp0s3
+                                             fe80::5054:ff:fe00:1%2             -- link: enp0s3
                                              p=tcp
                                              NQN=nqn.2014-08.org.nvmexpress.discovery
 
@@ -240,7 +241,8 @@ def test_connect_with_a_code_keys_the_keyring_and_keeps_every_secret_off_argv(
     monkeypatch.setattr(fabrics, "connected_nqns", lambda: set())
     monkeypatch.setattr(fabrics, "wait_namespaces", lambda nqns: [
         Namespace(nqn, f"/dev/nvme{i}n1", "QEMU", f"S{i}", 32 << 20, (f"nvme{i}",)) for i, nqn in enumerate(nqns, 1)])
-    assert commands.run(["connect", encode(code)]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO(encode(code) + "\n"))  # `connect -`: the code not on argv
+    assert commands.run(["connect", "-"]) == 0
     out = capsys.readouterr().out
     assert f"/dev/nvme1n1  QEMU  S1  32.0 MiB  {DISK1}" in out and f"/dev/nvme2n1  QEMU  S2  32.0 MiB  {DISK2}" in out
     called = fake_nvme.read_text()
