@@ -172,3 +172,26 @@ def test_status_json_shows_a_code_without_secrets(capsys: pytest.CaptureFixture[
 def test_no_address_no_code() -> None:
     assert connection.code_text(RunState(pid=1)) == ""
     assert connection.screen_lines(RunState(pid=1)) == []
+
+
+def test_the_dashboard_shows_the_code_when_it_fits_and_still_fits_when_it_does_not() -> None:
+    open_target = RunState(pid=1, ports=[Listener("ipv6", "::", 4420)],
+                           addresses=[Address("ipv4", "192.0.2.5", "eth0", False)])  # fmt: skip
+    assert encode(for_state(open_target)) in render(open_target, dashboard=True)
+    code = encode(full_code())
+    crowded = render(secret_state(), dashboard=True, rows=25)
+    assert code[:20] not in crowded and crowded == render(secret_state(), dashboard=True, code=False)
+    assert code[:20] in render(secret_state(), dashboard=True, rows=60)
+
+
+def test_pip_install_packages_the_helper() -> None:
+    """pip/pipx build from pyproject.toml: the helper's subpackage is among the packages."""
+    import tomllib
+
+    import setuptools  # type: ignore[import-untyped]
+
+    config = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    found = setuptools.find_packages(str(Path(__file__).resolve().parents[2]),
+                                     include=config["tool"]["setuptools"]["packages"]["find"]["include"])  # fmt: skip
+    assert "storagetm.initiator" in found and "storagetm" in found
+    assert config["project"]["scripts"]["storagetm"] == "storagetm.cli:main"
