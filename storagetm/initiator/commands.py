@@ -205,11 +205,16 @@ def connect(argv: Sequence[str]) -> int:
     if not chosen:
         raise UsageError(f"the target offers no disk{' matching ' + ', '.join(args.disk) if args.disk else ''}",
                          hint="see `storagetm targets`")  # fmt: skip
-    already = fabrics.connected_nqns()
     connections = record.load()
     for rec in chosen:
-        if rec.nqn in already:
+        present = fabrics.controllers(rec.nqn)
+        if any(state == "live" for _, state in present):
             continue
+        # Controllers still trying to reach a target that restarted (with new secrets, after
+        # a clean stop): they never will; this connection replaces them.
+        for name, _ in present:
+            fabrics.delete_controller(name)
+        connections = [c for c in connections if c.controller not in {name for name, _ in present}]
         if target.code is not None and target.code.tls_key:
             from storagetm.security import tls
 

@@ -45,7 +45,8 @@ class CopyError(StorageTMError):
 
 class TargetGone(CopyError):
     def __init__(self, offset: int) -> None:
-        super().__init__(f"target went away at offset {offset}; run the same command again to resume")
+        super().__init__(f"target went away at offset {offset}; run the same command again to resume",
+                         hint="if storagetm restarted there, connect again first: storagetm connect")  # fmt: skip
         self.offset = offset
 
 

@@ -267,8 +267,11 @@ def connected(sys_root: Path = SYS) -> list[Namespace]:
     return found
 
 
-def connected_nqns(sys_root: Path = SYS) -> set[str]:
-    return {_read(s / "subsysnqn") for s in (sys_root / "class/nvme-subsystem").glob("nvme-subsys*")}
+def controllers(nqn: str, sys_root: Path = SYS) -> list[tuple[str, str]]:
+    """(name, state) of each controller connected to subsystem `nqn`: "live", or
+    "connecting" while the kernel tries to reach a target that went away."""
+    return [(ctrl.name, _read(ctrl / "state")) for ctrl in sorted((sys_root / "class/nvme").glob("nvme*"))
+            if _read(ctrl / "subsysnqn") == nqn]  # fmt: skip
 
 
 def wait_namespaces(nqns: Sequence[str], timeout: float = 15, sys_root: Path = SYS) -> list[Namespace]:

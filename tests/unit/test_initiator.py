@@ -238,7 +238,11 @@ def test_connect_with_a_code_keys_the_keyring_and_keeps_every_secret_off_argv(
         return f"nvme{len(lines)}"
 
     monkeypatch.setattr(fabrics, "connect", kernel_connect)
-    monkeypatch.setattr(fabrics, "connected_nqns", lambda: set())
+    # DISK1 still has a controller reconnecting to a target that restarted: it is replaced.
+    present = {DISK1: [("nvme9", "connecting")], DISK2: []}
+    deleted: list[str] = []
+    monkeypatch.setattr(fabrics, "controllers", lambda nqn: present[nqn])
+    monkeypatch.setattr(fabrics, "delete_controller", deleted.append)
     monkeypatch.setattr(fabrics, "wait_namespaces", lambda nqns: [
         Namespace(nqn, f"/dev/nvme{i}n1", "QEMU", f"S{i}", 32 << 20, (f"nvme{i}",)) for i, nqn in enumerate(nqns, 1)])
     monkeypatch.setattr("sys.stdin", io.StringIO(encode(code) + "\n"))  # `connect -`: the code not on argv
@@ -252,6 +256,17 @@ def test_connect_with_a_code_keys_the_keyring_and_keeps_every_secret_off_argv(
     assert [(e.address, e.port, n, c.secret, c.ctrl_secret) for e, n, c in lines] == [
         ("169.254.1.2", 4420, DISK1, secret, ctrl), ("169.254.1.2", 4420, DISK2, secret, ctrl)]  # fmt: skip
     assert [c.controller for c in record.load()] == ["nvme1", "nvme2"]
+    assert deleted == ["nvme9"]
+
+
+def test_connect_leaves_a_live_disk_as_it_is(fake_nvme: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    monkeypatch.setattr(fabrics, "controllers", lambda nqn: [("nvme1", "live")])
+    monkeypatch.setattr(fabrics, "connect", lambda *_args: pytest.fail("connected again"))
+    monkeypatch.setattr(fabrics, "wait_namespaces", lambda nqns: [
+        Namespace(nqn, f"/dev/nvme{i}n1", "QEMU", f"S{i}", 1 << 20, (f"nvme{i}",)) for i, nqn in enumerate(nqns, 1)])
+    assert commands.run(["connect", "169.254.1.2", "--disk", "virt0001"]) == 0
+    assert capsys.readouterr().out.strip() == f"/dev/nvme1n1  QEMU  S1  1.0 MiB  {DISK1}"
 
 
 def test_disconnect_takes_only_what_connect_connected(monkeypatch: pytest.MonkeyPatch) -> None:

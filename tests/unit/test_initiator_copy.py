@@ -71,6 +71,7 @@ def test_target_gone_mid_copy_then_the_same_command_resumes_and_verifies(tmp_pat
 
     with pytest.raises(TargetGone, match=r"^target went away at offset 8388608; run the same command again to resume$"):
         Copier(source, dest, opener=gone_at_8_mib, progress=quiet, block=MIB).run()
+    assert TargetGone(1).one_line().endswith("(if storagetm restarted there, connect again first: storagetm connect)")
     assert json.loads(sidecar_of(dest).read_text())["done"] == 8 * MIB
     reads: list[int] = []
 

@@ -30,7 +30,8 @@ def status(pair: Pair) -> dict[str, Any]:
 def connection_code(pair: Pair) -> str:
     pair.target.wait_for(rf"Exported disks \({len(DISKS)}\)", BOOT_TIMEOUT)
     wait_address(pair.target, "169.254.")
-    code = str(status(pair)["connection_code"])
+    # Empty until the target has an address (after a restart the console still shows the old one).
+    code = until(lambda: str(status(pair)["connection_code"]), 120, "the target shows no connection code", pause=2)
     assert code.startswith("STM1-"), code
     assert json.loads(pair.target.sh("storagetm status --json"))["connection_code"] == "(hidden)"
     return code
@@ -115,9 +116,13 @@ def test_a_copy_killed_halfway_resumes_and_verifies(pair: Pair) -> None:
 
 
 def test_target_stopped_mid_copy_says_so_and_the_resume_finishes(pair: Pair) -> None:
+    """A clean stop withdraws the exports and forgets the secrets: the started target has a
+    new code, `connect` with it replaces the controllers still trying the old one, and the
+    copy, named by the disk's NQN, continues where it stopped."""
     remotes = helper_connect(pair)
-    device, dest = f"/dev/{by_serial(remotes, 'HELP0002').block}", "/var/tmp/stopped.img"
-    copy = f"{PYZ} copy {device} {dest}"
+    remote = by_serial(remotes, "HELP0002")
+    dest = "/var/tmp/stopped.img"
+    copy = f"{PYZ} copy {remote.nqn} {dest}"
     try:
         pair.initiator.sh(f"rm -f {dest} {dest}.storagetm-copy /var/tmp/stopped.out /var/tmp/stopped.rc")
         # 2 MiB/s: the 32 MiB copy runs for 16 s, long enough to stop the target under it.
@@ -133,10 +138,11 @@ def test_target_stopped_mid_copy_says_so_and_the_resume_finishes(pair: Pair) -> 
         gone = re.search(r"storagetm: target went away at offset (\d+); run the same command again to resume", out)
         assert gone, out
         assert 0 < int(gone.group(1)) < 32 * MIB and int(gone.group(1)) == sidecar_done(pair, dest)
+        since = len(pair.target.console())
         pair.target.sh("systemctl start storagetm", timeout=BOOT_TIMEOUT)
-        # The controller reconnects by itself (the helper connects with ctrl_loss_tmo=-1).
-        until(lambda: pair.initiator.run(f"dd if={device} of=/dev/null bs=4096 count=1 iflag=direct")[1] == 0, 180,
-              "the disk did not come back after storagetm started again", pause=2)  # fmt: skip
+        pair.target.wait_for(rf"Exported disks \({len(DISKS)}\)", BOOT_TIMEOUT, since=since)
+        again = helper_connect(pair)
+        assert sorted(r.serial for r in again) == sorted(DISKS)
         out = pair.initiator.sh(copy, timeout=600)
         assert out.splitlines()[-1] == "identical", out
         assert pair.initiator.sh(f"sha256sum {dest}").split()[0] == pair.sum_now("HELP0002")
