@@ -302,3 +302,37 @@ def test_copy_names_a_disk_by_device_nqn_or_serial() -> None:
         commands.resolve_disk("qemu", disks)
     with pytest.raises(UsageError, match="no connected NVMe-oF disk"):
         commands.resolve_disk("/dev/sda", disks)
+
+
+def test_targets_with_a_code_lists_the_disks_from_the_discovery_log(
+    fake_nvme: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(fabrics, "connected", lambda: [Namespace(DISK2, "/dev/nvme4n1", "QEMU NVMe Ctrl", "NVME0001",
+                                                                 32 << 20, ("nvme4",))])  # fmt: skip
+    assert commands.run(["targets", encode(ConnectionCode(("169.254.1.2",), 4420))]) == 0
+    out = capsys.readouterr().out
+    assert "169.254.1.2  port 4420  TLS" in out
+    assert f"  {DISK1}\n    qemu-harddisk-virt0001 (model, serial and size once connected" in out
+    assert f"  {DISK2}\n    connected: /dev/nvme4n1  QEMU NVMe Ctrl  NVME0001  32.0 MiB" in out
+    assert "mode (read-write, read-only, snapshot): shown on the target's screen" in out
+
+
+def test_copy_all_copies_every_connected_storagetm_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    disks = []
+    for i, nqn in enumerate((DISK1, DISK2), 1):
+        path = tmp_path / f"nvme{i}n1"
+        path.write_bytes(os.urandom(1 << 20) * 3)
+        disks.append(Namespace(nqn, str(path), "QEMU", f"S{i}", 3 << 20, (f"nvme{i}",)))
+    monkeypatch.setattr(fabrics, "connected", lambda: disks)
+    into = tmp_path / "copies"
+    into.mkdir()
+    assert commands.run(["copy", "--all", str(into)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{disks[0].device} -> {into}/qemu-harddisk-virt0001.img: identical",
+                     f"{disks[1].device} -> {into}/qemu-nvme-ctrl-nvme0001.img: identical"]  # fmt: skip
+    assert (into / "qemu-nvme-ctrl-nvme0001.img").read_bytes() == Path(disks[1].device).read_bytes()
+    with pytest.raises(UsageError, match="give DISK DEST, or --all DIR"):
+        commands.run(["copy", "/dev/nvme1n1"])
