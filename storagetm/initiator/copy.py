@@ -240,10 +240,15 @@ class Copier:
             record = self._copy(record, block_device, sidecar)
         if not verify:
             return "copied (not verified: --no-verify)"
-        if not record.verified:
-            record = Record(record.identity, record.size, record.done, self._verify())
-            record.save(sidecar)
-        return record.verified
+        if record.verified:
+            return record.verified
+        difference = self._verify()
+        if difference is None:
+            Record(record.identity, record.size, record.done, "identical").save(sidecar)
+            return "identical"
+        # The next run copies again from the block that differs, and checks everything again.
+        Record(record.identity, record.size, difference // self.block * self.block).save(sidecar)
+        return f"differ at offset {difference}"
 
     def _copy(self, record: Record, block_device: bool, sidecar: Path) -> Record:
         env = os.environ if self.environ is None else self.environ
@@ -311,8 +316,8 @@ class Copier:
         saved.save(sidecar)
         return saved
 
-    def _verify(self) -> str:
-        """Both read anew and compared; "identical" or "differ at offset N"."""
+    def _verify(self) -> int | None:
+        """Both read anew and compared: the first offset where they differ, None if nowhere."""
         size = self.source.size
         source = self.opener(self.source.path, True)
         copy = self.opener(str(self.dest), True)
@@ -334,11 +339,11 @@ class Copier:
                 mine = _read_full(copy, b[:want], offset)
                 if got != want or mine != want or buffers[0][:want] != buffers[1][:want]:
                     progress.finish(offset)
-                    return f"differ at offset {offset + _first_difference(a[:got], b[:mine])}"
+                    return offset + _first_difference(a[:got], b[:mine])
                 offset += want
                 progress.update(offset)
             progress.finish(offset)
-            return "identical"
+            return None
         finally:
             source.close()
             copy.close()

@@ -89,7 +89,7 @@ def browse_resolved(runner: Runner = run) -> list[Announced]:
         raise DiscoveryError(f"resolvectl: {result.stderr.strip() or 'failed'}")
     found = []
     for label in parse_resolvectl_ptr(result.stdout):
-        service = runner(["resolvectl", "service", "-p", "mdns", label, SERVICE_TYPE, "local"])
+        service = runner(["resolvectl", "service", label, SERVICE_TYPE, "local"])
         announced = parse_resolvectl_service(service.stdout) if service.returncode == 0 else None
         if announced is not None:
             found.append(announced)

@@ -114,6 +114,9 @@ def test_verification_reads_the_copy_again_and_names_the_first_difference(tmp_pa
         f.seek(5 * MIB + 77)
         f.write(b"\xff")
     assert Copier(source, dest, progress=quiet).run() == f"differ at offset {5 * MIB + 77}"
+    # The same command again copies from the block that differs, and then finds it identical.
+    assert json.loads(sidecar_of(dest).read_text())["done"] == 4 * MIB
+    assert Copier(source, dest, progress=quiet).run() == "identical"
 
 
 def test_a_resume_past_stale_blocks_writes_the_zeros_they_must_become(tmp_path: Path) -> None:
