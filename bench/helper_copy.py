@@ -28,10 +28,12 @@ DEST = "/var/tmp/bench-copy.img"
 
 def timed_mib_s(initiator: VM, command: str, size_mib: int) -> float:
     """MiB/s of a command, timed on the initiator itself (the shell's round trip left out)."""
-    out = initiator.sh(f"s=$(date +%s.%N); {command} >/dev/null 2>&1 || exit 1; e=$(date +%s.%N); "
-                       'echo "$s $e"', timeout=1800)  # fmt: skip
-    start, end = (float(x) for x in out.split()[-2:])
-    return size_mib / (end - start)
+    out = initiator.sh(f"s=$(date +%s.%N); {command} >/tmp/bench-copy.out 2>&1; rc=$?; e=$(date +%s.%N); "
+                       'echo "$rc $s $e"', timeout=1800)  # fmt: skip
+    rc, start, end = out.split()[-3:]
+    if rc != "0":
+        raise RuntimeError(f"`{command}` failed: {initiator.sh('cat /tmp/bench-copy.out')}")
+    return size_mib / (float(end) - float(start))
 
 
 def main() -> int:

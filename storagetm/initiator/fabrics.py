@@ -208,6 +208,8 @@ REFUSALS = {
     errno.EKEYREJECTED: "the target refused the key: the connection code is wrong or from an earlier start",
     errno.EACCES: "the target refused this host: the connection code is wrong or from an earlier start",
     errno.EPERM: "the target refused this host: the connection code is wrong or from an earlier start",
+    errno.ENOKEY: "no TLS key for it in the kernel keyring (is tlshd running? is the code from the target's "
+                  "current start?)",
     errno.ECONNREFUSED: "nothing listens there (is storagetm running on the target?)",
     errno.EHOSTUNREACH: "the address is unreachable from here",
     errno.ENETUNREACH: "the address is unreachable from here (wrong interface?)",
