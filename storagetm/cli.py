@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
-from storagetm import __version__, state
+from storagetm import __version__, connection, state
 from storagetm.config import options
 from storagetm.config.settings import Settings
 from storagetm.console.screen import Screen, active_consoles, human_size, render
@@ -31,6 +31,13 @@ EPILOG = """\
 subcommands:
   storagetm status [--json] [--show-secrets]   show what a running storagetm exports
   storagetm stop                               stop it (its exports are torn down)
+
+on the other machine (the initiator; root, nvme-cli):
+  storagetm targets [CODE]                     find targets on the local links (mDNS)
+  storagetm connect [TARGET|CODE] [--disk D]   connect every disk (or D), print the devices
+  storagetm copy DISK DEST | --all DIR         copy with progress, resumable, verified
+  storagetm disconnect [TARGET]                disconnect what connect connected
+  storagetm decode CODE                        show what a connection code holds
 
 secrets: --dhchap-secret=@FILE, --tls-key=@FILE or the systemd credentials storagetm.*
          keep them off the command line, which every user can read
@@ -159,7 +166,11 @@ def status(argv: Sequence[str]) -> int:
     current = running_state("status")
     shown = current if args.show_secrets else current.without_secrets()
     if args.json:
-        json.dump(shown.to_json(), sys.stdout, indent=1)
+        data = shown.to_json()
+        code = connection.code_text(current)
+        secret = current.auth.enabled or current.tls.enabled
+        data["connection_code"] = HIDDEN if code and secret and not args.show_secrets else code
+        json.dump(data, sys.stdout, indent=1)
         print()
         return ExitCode.OK
     print(render(shown), end="")
@@ -195,6 +206,9 @@ def setup_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
 
 
+INITIATOR_COMMANDS = ("targets", "connect", "copy", "disconnect", "decode")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -202,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])
+        if argv and argv[0] in INITIATOR_COMMANDS:
+            from storagetm.initiator.commands import run  # the other machine's side: stdlib only
+
+            return run(argv)
         return serve(argv)
     except StorageTMError as exc:
         if debug:

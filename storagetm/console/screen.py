@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from storagetm.backing.modes import Mode
+from storagetm.connection import screen_lines as connection_code_lines
 from storagetm.console.stats import DiskActivity
 from storagetm.model import DISCOVERY_TRSVCID, IO_TRSVCID, Export
 from storagetm.security.chap import CHAP_USER
@@ -160,9 +161,11 @@ def alert_lines(state: RunState) -> list[str]:
     return lines
 
 
-def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = False, rows: int = 25) -> str:
+def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = False, rows: int = 25,
+           code: bool = True) -> str:  # fmt: skip
     """The operator's screen. With `dashboard`, also live I/O per disk and the initiators
-    connected, trimmed to `rows` lines (80x25 by default)."""
+    connected, trimmed to `rows` lines (80x25 by default); the connection code only if it
+    fits there too."""
     blank = [] if dashboard else [""]  # the dashboard has no room for empty lines
     lines = alert_lines(state)
     lines += [TITLE + SECURE_BOOT[state.secure_boot]]
@@ -170,6 +173,7 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
         lines += [wrapped for warning in warnings(state) for wrapped in textwrap.wrap(warning, WIDTH)]
         lines += blank
         lines += connect_lines(state, io_port)
+        lines += connection_code_lines(state, WIDTH) if code else []  # for `storagetm connect`
         lines += iscsi_lines(state)
     if state.announced:
         lines.append(f"Announced over mDNS as {state.announced} (_nvme-disc._tcp, port {DISCOVERY_TRSVCID})")
@@ -201,6 +205,8 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
         lines += textwrap.wrap(f"! {problem}", WIDTH, subsequent_indent="  ")
     if not dashboard:
         lines += ["", STOP]
+    elif code and len(lines) > rows and connection_code_lines(state, WIDTH):
+        return render(state, io_port, dashboard=True, rows=rows, code=False)
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from storagetm import state
+from storagetm.initiator import record
 from storagetm.reconcile import journal
 
 
@@ -15,4 +16,5 @@ def _private_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> I
     go to the test's own directory."""
     monkeypatch.setattr(state, "STATE_FILE", tmp_path / "run" / "state.json")
     monkeypatch.setattr(journal, "JOURNAL_FILE", tmp_path / "run" / "owned.jsonl")
+    monkeypatch.setattr(record, "RECORD", tmp_path / "run" / "helper" / "connected.json")
     yield

@@ -1,0 +1,38 @@
+"""What `storagetm connect` connected, so that `storagetm disconnect` takes away that and
+nothing else (not the machine's own NVMe-oF disks). In /run: gone with the connections at
+reboot."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RECORD = Path("/run/storagetm-helper/connected.json")
+
+
+@dataclass(frozen=True)
+class Connection:
+    controller: str  # nvmeN
+    nqn: str
+    target: str  # what the target was called: its mDNS name or address
+    address: str
+
+
+def load(path: Path | None = None) -> list[Connection]:
+    path = path or RECORD
+    try:
+        return [Connection(**entry) for entry in json.loads(path.read_text())]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, TypeError):
+        return []  # damaged: disconnect then finds nothing of ours, which is the safe side
+
+
+def save(connections: list[Connection], path: Path | None = None) -> None:
+    path = path or RECORD
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps([asdict(c) for c in connections]))
+    os.replace(temporary, path)

@@ -1,0 +1,194 @@
+"""`storagetm copy` on regular files: the copy is identical and sparse, resumes where an
+interruption (the target gone, the process killed) left it, is verified by reading both
+again, and refuses destinations it must not write."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from storagetm.errors import UsageError
+from storagetm.initiator import copy as copying
+from storagetm.initiator.copy import Copier, Reader, Source, TargetGone, open_reader, sidecar_of
+from storagetm.initiator.progress import Progress
+
+REPO = Path(__file__).resolve().parents[2]
+MIB = 1 << 20
+NQN = "nqn.2023-10.io.systemd:storagetm.abc.qemu-disk-src1"
+
+
+def make_source(path: Path, size: int = 24 * MIB) -> Source:
+    """Data, then a long run of zeros (sparse in the copy), then data again."""
+    with path.open("wb") as f:
+        f.write(os.urandom(3 * MIB + 123))
+        f.seek(size - 2 * MIB)
+        f.write(os.urandom(2 * MIB))
+    return Source(str(path), NQN, size)
+
+
+def quiet(label: str, total: int, start: int) -> Progress:
+    return Progress(label, total, start, stream=io.StringIO())
+
+
+class FailingReader:
+    """The target goes away: reads from `fail_at` on fail with EIO, as the kernel's do."""
+
+    def __init__(self, inner: Reader, fail_at: int) -> None:
+        self.inner, self.fail_at = inner, fail_at
+
+    def read_into(self, buffer: memoryview, offset: int) -> int:
+        if offset >= self.fail_at:
+            raise OSError(errno.EIO, "Input/output error")
+        return self.inner.read_into(buffer, offset)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_copy_is_identical_and_sparse(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "disk")
+    dest = tmp_path / "copy.img"
+    assert Copier(source, dest, progress=quiet).run() == "identical"
+    assert dest.read_bytes() == Path(source.path).read_bytes()
+    assert dest.stat().st_blocks * 512 < 12 * MIB  # the 19 MiB of zeros were not written
+
+
+def test_target_gone_mid_copy_then_the_same_command_resumes_and_verifies(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "disk")
+    dest = tmp_path / "copy.img"
+    opened: list[bool] = []
+
+    def gone_at_8_mib(path: str, direct: bool) -> Reader:
+        opened.append(direct)
+        return FailingReader(open_reader(path, direct), 8 * MIB)
+
+    with pytest.raises(TargetGone, match=r"^target went away at offset 8388608; run the same command again to resume$"):
+        Copier(source, dest, opener=gone_at_8_mib, progress=quiet, block=MIB).run()
+    assert TargetGone(1).one_line().endswith("(if storagetm restarted there, connect again first: storagetm connect)")
+    assert json.loads(sidecar_of(dest).read_text())["done"] == 8 * MIB
+    reads: list[int] = []
+
+    def counting(path: str, direct: bool) -> Reader:
+        reader = open_reader(path, direct)
+
+        class Counting:
+            def read_into(self, buffer: memoryview, offset: int) -> int:
+                if not direct:
+                    reads.append(offset)
+                return reader.read_into(buffer, offset)
+
+            def close(self) -> None:
+                reader.close()
+
+        return Counting()
+
+    assert Copier(source, dest, opener=counting, progress=quiet, block=MIB).run() == "identical"
+    assert min(reads) == 8 * MIB  # resumed, not started over
+    assert dest.read_bytes() == Path(source.path).read_bytes()
+
+
+def test_a_copy_killed_halfway_resumes(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "disk")
+    dest = tmp_path / "copy.img"
+    script = ("import sys; from pathlib import Path; from storagetm.initiator.copy import Copier, Source; "
+              f"Copier(Source({source.path!r}, {NQN!r}, {source.size}), Path({str(dest)!r}), block=1 << 20).run()")
+    env = dict(os.environ, STORAGETM_TEST_COPY_KILL_AT=str(10 * MIB), PYTHONPATH=str(REPO))
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, check=False)
+    assert killed.returncode == -9, killed.stderr
+    assert json.loads(sidecar_of(dest).read_text())["done"] == 10 * MIB
+    assert Copier(source, dest, progress=quiet).run() == "identical"
+
+
+def test_verification_reads_the_copy_again_and_names_the_first_difference(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "disk")
+    dest = tmp_path / "copy.img"
+    assert Copier(source, dest, progress=quiet).run(verify=False) == "copied (not verified: --no-verify)"
+    with dest.open("r+b") as f:  # what was written is not what the source holds
+        f.seek(5 * MIB + 77)
+        f.write(b"\xff")
+    assert Copier(source, dest, progress=quiet).run() == f"differ at offset {5 * MIB + 77}"
+    # The same command again copies from the block that differs, and then finds it identical.
+    assert json.loads(sidecar_of(dest).read_text())["done"] == 4 * MIB
+    assert Copier(source, dest, progress=quiet).run() == "identical"
+
+
+def test_a_resume_past_stale_blocks_writes_the_zeros_they_must_become(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "disk")
+    dest = tmp_path / "copy.img"
+    # Copied up to 2 MiB; beyond, blocks an interrupted write left before it recorded them.
+    dest.write_bytes(Path(source.path).read_bytes()[: 2 * MIB] + b"\xee" * (source.size - 2 * MIB))
+    copying.Record(NQN, source.size, 2 * MIB).save(sidecar_of(dest))
+    assert Copier(source, dest, progress=quiet).run() == "identical"
+
+
+def test_refuses_the_source_itself_a_directory_and_a_file_that_is_no_copy(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "disk")
+    with pytest.raises(UsageError, match="is the disk being copied"):
+        Copier(source, Path(source.path), progress=quiet).run()
+    with pytest.raises(UsageError, match="is a directory"):
+        Copier(source, tmp_path, progress=quiet).run()
+    other = tmp_path / "precious.img"
+    other.write_bytes(b"keep me")
+    with pytest.raises(UsageError, match="exists and is no unfinished copy"):
+        Copier(source, other, progress=quiet).run()
+    assert other.read_bytes() == b"keep me"
+    with pytest.raises(UsageError, match="does not exist"):
+        Copier(source, tmp_path / "nowhere" / "x.img", progress=quiet).run()
+
+
+def test_refuses_to_resume_a_copy_of_another_disk(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "disk")
+    dest = tmp_path / "copy.img"
+    copying.Record("nqn.other", source.size, MIB).save(sidecar_of(dest))
+    with pytest.raises(UsageError, match="holds part of another disk"):
+        Copier(source, dest, progress=quiet).run()
+
+
+def test_a_finished_and_verified_copy_is_not_copied_again(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "disk")
+    dest = tmp_path / "copy.img"
+    assert Copier(source, dest, progress=quiet).run() == "identical"
+
+    def no_reads(path: str, direct: bool) -> Reader:
+        raise AssertionError("read again")
+
+    assert Copier(source, dest, opener=no_reads, progress=quiet).run() == "identical"
+
+
+def test_mounted_is_seen_through_its_partitions(tmp_path: Path) -> None:
+    sys_root = tmp_path / "sys"
+    part = sys_root / "dev/block/8:16/sdb1"
+    part.mkdir(parents=True)
+    (part / "partition").write_text("1\n")
+    (part / "dev").write_text("8:17\n")
+    assert copying._with_partitions(os.makedev(8, 16), sys_root) == {"8:16", "8:17"}
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("36 35 8:17 / /mnt rw,relatime shared:1 - ext4 /dev/sdb1 rw\n")
+    assert "8:17" in copying._mounted_devices(mountinfo)
+
+
+def test_progress_is_one_line_on_a_terminal_with_rate_and_eta() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    clock = [0.0]
+    stream = Terminal()
+    progress = Progress("copying /dev/nvme1n1", 100 * MIB, stream=stream, now=lambda: clock[0])
+    clock[0] = 2.0
+    progress.update(50 * MIB)
+    clock[0] = 2.1
+    progress.update(60 * MIB)  # not redrawn: a quarter second has not passed
+    clock[0] = 4.0
+    progress.finish(100 * MIB)
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n") and text.startswith("\r")
+    assert text.count("\r") == 2
+    assert "50% 50.0 MiB of 100.0 MiB, 25.0 MiB/s, ETA 0:00:02" in text
