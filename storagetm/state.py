@@ -21,6 +21,7 @@ from storagetm.security.chap import CHAP_USER
 from storagetm.security.tls import TLSConfig
 from storagetm.statefile import write_atomic
 from storagetm.system.network import Address
+from storagetm.web.links import urls
 
 STATE_FILE = Path("/run/storagetm/state.json")
 FORMAT = 1
@@ -84,7 +85,7 @@ class RunState:
             "refused": self.refused,
             "iscsi": _plain(self.iscsi) | {"port": ISCSI_PORT, "chap": self.iscsi.chap,
                                            "chap_user": CHAP_USER if self.iscsi.chap else ""},
-            "web": _plain(self.web),
+            "web": _plain(self.web) | {"urls": urls(self)},
         }
 
     def _export_json(self, nqn: str, export: Export) -> dict[str, Any]:
