@@ -33,6 +33,7 @@ class HashJob:
     digest: str = ""
     error: str = ""
     finished: bool = False
+    cancelled: bool = False  # its device is going away
 
     @property
     def fraction(self) -> float:
@@ -45,7 +46,7 @@ class Hashes:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.jobs: dict[str, HashJob] = {}
-        self.threads: list[threading.Thread] = []
+        self.threads: dict[str, threading.Thread] = {}
         self.stopping = threading.Event()
 
     def request(self, name: str, key: HashKey) -> HashJob:
@@ -57,7 +58,7 @@ class Hashes:
                 return job
             job = self.jobs[name] = HashJob(key)
             thread = threading.Thread(target=self._run, args=(job,), name=f"sha256 {name}", daemon=True)
-            self.threads = [t for t in self.threads if t.is_alive()] + [thread]
+            self.threads[name] = thread
         thread.start()
         return job
 
@@ -80,7 +81,7 @@ class Hashes:
             job.error, job.finished = f"cannot open {job.key.path}: {exc.strerror}", True
             return
         try:
-            while job.done < job.key.size and not self.stopping.is_set():
+            while job.done < job.key.size and not self.stopping.is_set() and not job.cancelled:
                 block = os.pread(fd, min(CHUNK, job.key.size - job.done), job.done)
                 if not block:
                     break
@@ -91,14 +92,24 @@ class Hashes:
         finally:
             os.close(fd)
         if not job.error and job.done != job.key.size:
-            job.error = "stopped" if self.stopping.is_set() else f"the device ended at byte {job.done}"
+            job.error = "stopped" if self.stopping.is_set() or job.cancelled else f"the device ended at byte {job.done}"
         if job.error:
             log.warning("sha256 of %s: %s", job.key.path, job.error)
         else:
             job.digest = digest.hexdigest()
         job.finished = True
 
+    def release(self, paths: set[str], timeout: float = 5.0) -> None:
+        """Stop the computations reading these devices, and wait until they closed them."""
+        with self.lock:
+            going = [name for name, job in self.jobs.items() if job.key.path in paths and not job.finished]
+            for name in going:
+                self.jobs[name].cancelled = True
+            threads = [self.threads[name] for name in going if name in self.threads]
+        for thread in threads:
+            thread.join(timeout)
+
     def stop(self, timeout: float = 5.0) -> None:
         self.stopping.set()
-        for thread in self.threads:
+        for thread in list(self.threads.values()):
             thread.join(timeout)

@@ -22,7 +22,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -104,6 +104,14 @@ class WebServer:
         """Disk name -> how far its sha256 has got, for the disks being hashed now."""
         return self.hashes.progress()
 
+    def release(self, paths: set[str]) -> None:
+        """Close every download and hash computation reading these devices, and wait until
+        they let go: the exports on them are about to be withdrawn or changed (a device
+        mapper device held open cannot be removed)."""
+        if self.httpd is not None:
+            self.httpd.close_connections(paths)
+        self.hashes.release(paths)
+
     def stop(self) -> None:
         if self.httpd is None:
             return
@@ -137,6 +145,7 @@ class _Server(ThreadingHTTPServer):
         self.slots = threading.BoundedSemaphore(web.max_connections)
         self.lock = threading.Lock()
         self.active: dict[socket.socket, threading.Thread] = {}
+        self.reading: dict[socket.socket, str] = {}  # the device each download is sending from
         super().__init__(address, Handler)
 
     def server_bind(self) -> None:
@@ -166,11 +175,24 @@ class _Server(ThreadingHTTPServer):
         finally:
             with self.lock:
                 self.active.pop(request, None)
+                self.reading.pop(request, None)
             self.slots.release()
 
-    def close_connections(self) -> None:
+    @contextlib.contextmanager
+    def sending_from(self, request: socket.socket, path: str) -> Iterator[None]:
         with self.lock:
-            active = dict(self.active)
+            self.reading[request] = path
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.reading.pop(request, None)
+
+    def close_connections(self, paths: set[str] | None = None) -> None:
+        """Every connection, or those sending from one of `paths`; waits for their threads."""
+        with self.lock:
+            active = {sock: thread for sock, thread in self.active.items()
+                      if paths is None or self.reading.get(sock) in paths}  # fmt: skip
         for sock in active:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -313,7 +335,7 @@ class Handler(BaseHTTPRequestHandler):
         except OSError as exc:
             self.send_text(HTTPStatus.SERVICE_UNAVAILABLE, f"cannot open {image.name}: {exc.strerror}\n", head)
             return
-        with os.fdopen(fd, "rb", buffering=0) as device:
+        with os.fdopen(fd, "rb", buffering=0) as device, self.server.sending_from(self.connection, image.path):
             if as_vhd and size % vhd.SECTOR:
                 self.send_text(HTTPStatus.NOT_FOUND, f"{image.name} is not whole 512-byte sectors: no VHD\n", head)
                 return

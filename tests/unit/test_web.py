@@ -277,3 +277,27 @@ def test_stop_closes_a_download_in_progress(state: RunState, tmp_path: Path) -> 
     web.stop()
     assert time.monotonic() - started < 5 and not web.httpd
     sock.close()
+
+
+def test_release_ends_only_the_downloads_of_a_withdrawn_disk(state: RunState, tmp_path: Path) -> None:
+    import socket
+
+    web = WebServer(lambda: state, 0, host="127.0.0.1", helper=tmp_path / "none", poll=0.02)
+    web.start()
+    try:
+        socks = {}
+        for name in ("vda", "vdb"):
+            sock = socket.create_connection(web.address)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(f"GET /disks/{name}.img HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.recv(100)
+            socks[name] = sock
+        assert web.httpd is not None
+        time.sleep(0.1)
+        assert sorted(web.httpd.reading.values()) == [str(tmp_path / "vda.raw"), str(tmp_path / "vdb.raw")]
+        web.release({str(tmp_path / "vda.raw")})
+        assert list(web.httpd.reading.values()) == [str(tmp_path / "vdb.raw")]
+        for sock in socks.values():
+            sock.close()
+    finally:
+        web.stop()
