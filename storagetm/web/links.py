@@ -1,5 +1,5 @@
-"""Where the web page is, as the screen and `storagetm status` show it: by the mDNS name and
-by the first IPv4 address (a browser takes no IPv6 link-local address), with the token."""
+"""Where the web page is, as the screen and `storagetm status` show it: by the first IPv4
+address (a browser takes no IPv6 link-local address) and by the mDNS name, with the token."""
 
 from __future__ import annotations
 
@@ -19,16 +19,20 @@ def urls(state: RunState) -> list[str]:
     web = state.web
     if not web.port:
         return []
-    hosts = [state.announced] if state.announced else []
-    hosts += [a.address for a in state.addresses if a.family == "ipv4"][:1]
+    hosts = [a.address for a in state.addresses if a.family == "ipv4"][:1]
+    hosts += [state.announced] if state.announced else []
     port = "" if web.port == WEB_PORT else f":{web.port}"
     path = f"/?{QUERY}={web.token}" if web.token else "/"
     return [f"http://{host}{port}{path}" for host in hosts]
 
 
 def screen_lines(state: RunState) -> list[str]:
+    """One line (the dashboard has few to spare): the address, and the name if it fits."""
     found = urls(state)
     if not found:
         return []
-    one = "Web page (any browser): " + "  or  ".join(found)
-    return [one] if len(one) <= WIDTH else [f"Web page (any browser): {found[0]}", *(f"  or {u}" for u in found[1:])]
+    line = f"Web page (any browser): {found[0]}"
+    for url in found[1:]:
+        if len(line) + len(url) + 4 <= WIDTH:
+            line += f"  or {url}"
+    return [line]

@@ -88,7 +88,7 @@ def instructions(state: RunState, page: Page, images: dict[str, Image]) -> str:
     if page.helper:
         parts.append(f'<p>The helper (Python 3, as root): <a href="{HELPER}">storagetm.pyz</a></p>'
                      + _pre([f"curl {cookie}-O {page.base}{HELPER}", "sudo python3 storagetm.pyz --help"]))  # fmt: skip
-    parts.append("<p>Or with nvme-cli, as on the target's screen:</p>"
+    parts.append(f"<p>{'Or with' if page.helper else 'With'} nvme-cli, as on the target's screen:</p>"
                  + _pre(connect_lines(state.without_secrets(), page.io_port)))  # fmt: skip
     parts.append("<p>Or download a disk (resumes where it broke off):</p>" + _pre([curl]))
     parts.append("<h3>Windows</h3>")

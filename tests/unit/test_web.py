@@ -301,3 +301,19 @@ def test_release_ends_only_the_downloads_of_a_withdrawn_disk(state: RunState, tm
             sock.close()
     finally:
         web.stop()
+
+
+def test_the_screen_shows_the_address_with_the_token_only_where_secrets_are_shown() -> None:
+    from storagetm.console.screen import render
+    from storagetm.system.network import Address
+    from storagetm.web.links import urls
+
+    state = RunState(addresses=[Address("ipv4", "169.254.1.2", "enp0s3", True)], announced="stm-ab12.local",
+                     web=WebConfig(80, "Tok3nTok3nTok3nX"), auth=AuthConfig("DHHC-1:00:x:", "", ("nqn.h",)))  # fmt: skip
+    assert urls(state) == ["http://169.254.1.2/?token=Tok3nTok3nTok3nX", "http://stm-ab12.local/?token=Tok3nTok3nTok3nX"]
+    screen = render(state, dashboard=True)
+    assert "Web page (any browser): http://169.254.1.2/?token=Tok3nTok3nTok3nX" in screen
+    assert "Tok3nTok3nTok3nX" not in render(state.without_secrets())
+    assert "Tok3nTok3nTok3nX" not in json.dumps(state.without_secrets().to_json())
+    assert urls(RunState(addresses=state.addresses, web=WebConfig(8080))) == ["http://169.254.1.2:8080/"]
+    assert urls(RunState(addresses=state.addresses)) == []  # not serving
