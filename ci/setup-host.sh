@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything this repository needs on a fresh Debian 12 host, idempotently:
-# QEMU + OVMF for the VM suite, chromium (headless: renders the web page), xorriso/mtools/sfdisk for the ISO and USB images,
-# the Python test tools, and mkosi 25 unpacked from Debian trixie's package.
+# QEMU + OVMF for the VM suite, chromium (headless, renders the web page in the VM suite),
+# xorriso/mtools/sfdisk for the ISO and USB images, the Python test tools, and mkosi 25
+# unpacked from Debian trixie's package.
 # Never upgrades the host OS. Safe to run again at any time.
 set -euo pipefail
 

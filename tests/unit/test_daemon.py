@@ -239,3 +239,19 @@ def test_a_web_port_in_use_costs_the_page_not_the_exports(tmp_path: Path) -> Non
         daemon.start_web(host="127.0.0.1")
     assert daemon.web is None and daemon.state.web.port == 0
     assert any(f"cannot listen on TCP port {port}" in alert for alert in daemon.state.alerts)
+
+
+def test_a_withdrawn_export_has_the_web_page_let_go_of_its_device_first(tmp_path: Path) -> None:
+    disk = hot_disk(tmp_path)
+    daemon = attached(tmp_path, Settings(devices=(disk.devnode,)), FakeConfigfs(tmp_path / "configfs"))
+    daemon._on_disk_events(QueuedEvents([DiskEvent("add", disk)]))  # type: ignore[arg-type]
+    released: list[tuple[set[str], set[str]]] = []
+
+    class Web:
+        def release(self, paths: set[str]) -> None:
+            released.append((paths, {e.disk.devnode for e in daemon.state.exports.values()}))
+
+    daemon.web = Web()  # type: ignore[assignment]
+    daemon._on_disk_events(QueuedEvents([DiskEvent("remove", disk)]))  # type: ignore[arg-type]
+    assert released[-1] == ({disk.devnode}, {disk.devnode})  # asked while the export was still there
+    assert daemon.state.exports == {}

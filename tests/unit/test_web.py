@@ -317,3 +317,33 @@ def test_the_screen_shows_the_address_with_the_token_only_where_secrets_are_show
     assert "Tok3nTok3nTok3nX" not in json.dumps(state.without_secrets().to_json())
     assert urls(RunState(addresses=state.addresses, web=WebConfig(8080))) == ["http://169.254.1.2:8080/"]
     assert urls(RunState(addresses=state.addresses)) == []  # not serving
+
+
+def test_the_page_refreshes_itself_and_shows_no_secret(server: WebServer, state: RunState) -> None:
+    from storagetm.model import IscsiConfig
+    from storagetm.system.network import Address
+
+    state.auth = AuthConfig("DHHC-1:00:c2VjcmV0:", "DHHC-1:00:Y3RybA==:", ("nqn.host",))
+    state.iscsi = IscsiConfig(True, "iqn.2023-10.io.systemd.storagetm:x", "chapsecret123456", "chaptarget123456")
+    state.addresses = [Address("ipv4", "169.254.1.2", "enp0s3", True)]
+    token = web_token(state.auth, state.tls)
+    state.web = WebConfig(80, token)
+    page = get(server, "/", {"Cookie": f"{COOKIE}={token}"})[2].decode()
+    assert '<meta http-equiv="refresh" content="5">' in page
+    assert "Quick Connect" in page and "nvme connect-all -t tcp -a 169.254.1.2" in page
+    for secret in ("DHHC-1:00:c2VjcmV0:", "DHHC-1:00:Y3RybA==:", "chapsecret123456", "chaptarget123456", token):
+        assert secret not in page
+
+
+def test_downloads_go_by_sendfile(server: WebServer, disks: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[int] = []
+    real = os.sendfile
+
+    def counting(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        done = real(out_fd, in_fd, offset, count)
+        sent.append(done)
+        return done
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    assert get(server, "/disks/vda.img")[2] == disks["vda"]
+    assert sum(sent) == SIZE
