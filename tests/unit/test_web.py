@@ -309,7 +309,8 @@ def test_the_screen_shows_the_address_with_the_token_only_where_secrets_are_show
     from storagetm.web.links import urls
 
     state = RunState(addresses=[Address("ipv4", "169.254.1.2", "enp0s3", True)], announced="stm-ab12.local",
-                     web=WebConfig(80, "Tok3nTok3nTok3nX"), auth=AuthConfig("DHHC-1:00:x:", "", ("nqn.h",)))  # fmt: skip
+                     web=WebConfig(80, "Tok3nTok3nTok3nX"),
+                     auth=AuthConfig("DHHC-1:00:x:", "", ("nqn.h",)))  # fmt: skip
     assert urls(state) == ["http://169.254.1.2/?token=Tok3nTok3nTok3nX", "http://stm-ab12.local/?token=Tok3nTok3nTok3nX"]
     screen = render(state, dashboard=True)
     assert "Web page (any browser): http://169.254.1.2/?token=Tok3nTok3nTok3nX" in screen
