@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import selectors
 import socket
 import socketserver
 import stat
@@ -44,6 +45,7 @@ HELPER_FILE = Path("/usr/share/storagetm/storagetm.pyz")  # the initiator-side h
 MAX_CONNECTIONS = 16
 IDLE_TIMEOUT = 60.0  # seconds a connection may send nothing before it is closed
 STOP_WAIT = 5.0  # seconds stop() waits for each connection's thread
+SENDFILE_CHUNK = 16 << 20  # bytes per sendfile call
 DISK_PATH = re.compile(r"/disks/([^/]+)\.(img|vhd|sha256)")
 _TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s#'\"]*", re.IGNORECASE)
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 34\r\n"
@@ -54,6 +56,26 @@ _VHD_NAMESPACE = uuid.UUID("b7f0b6c2-2f0e-4c52-9a37-73746d766864")
 def redacted(text: str) -> str:
     """`text` with any token value cut out: for logs."""
     return _TOKEN_IN_TEXT.sub(r"\1…", text)
+
+
+def send_from(sock: socket.socket, fd: int, offset: int, count: int, timeout: float | None) -> int:
+    """`count` bytes of `fd` from `offset` to `sock` by os.sendfile (kernel to socket, no
+    copy through Python); the bytes sent, fewer if the source ended. Not socket.sendfile():
+    it takes the size from fstat, which is 0 for a block device, and then sends nothing."""
+    sent = 0
+    with selectors.PollSelector() as writable:
+        writable.register(sock.fileno(), selectors.EVENT_WRITE)
+        while sent < count:
+            try:
+                done = os.sendfile(sock.fileno(), fd, offset + sent, min(count - sent, SENDFILE_CHUNK))
+            except BlockingIOError:  # a socket with a timeout is non-blocking underneath
+                if not writable.select(timeout):
+                    raise TimeoutError("the client takes nothing") from None
+                continue
+            if done == 0:
+                break
+            sent += done
+    return sent
 
 
 def generation(image: Image, state: RunState) -> int:
@@ -342,7 +364,8 @@ class Handler(BaseHTTPRequestHandler):
             tail = self.server.web.footer(image, size) if as_vhd else b""
             etag = hashlib.sha256(f"{image.export.nqn}:{size}:{image.mode.value}:{self.server.web.started}"
                                   .encode()).hexdigest()[:32]  # fmt: skip
-            self.send_ranged(device, size, tail, f"{image.name}.{'vhd' if as_vhd else 'img'}", f'"{etag}"', head)
+            name = f"{image.name}.{'vhd' if as_vhd else 'img'}"
+            self.send_ranged(device.fileno(), size, tail, name, f'"{etag}"', head)
 
     def send_file(self, path: str, name: str, head: bool) -> None:
         try:
@@ -352,10 +375,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         with os.fdopen(fd, "rb", buffering=0) as file:
             etag = f'"{int(os.fstat(fd).st_mtime)}-{size}"'
-            self.send_ranged(file, size, b"", name, etag, head)
+            self.send_ranged(file.fileno(), size, b"", name, etag, head)
 
-    def send_ranged(self, source: Any, size: int, tail: bytes, name: str, etag: str, head: bool) -> None:
-        """`source`'s `size` bytes then `tail`, whole or the one range asked for. The source's
+    def send_ranged(self, fd: int, size: int, tail: bytes, name: str, etag: str, head: bool) -> None:
+        """`fd`'s `size` bytes then `tail`, whole or the one range asked for. The source's
         part goes by sendfile (kernel to socket, no copy through Python)."""
         total = size + len(tail)
         asked = self.headers.get("Range")
@@ -384,7 +407,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         if first < size:
             count = min(last + 1, size) - first
-            if self.connection.sendfile(source, first, count) != count:  # the device shrank
+            if send_from(self.connection, fd, first, count, self.timeout) != count:  # it shrank
                 self.close_connection = True
                 return
         if last >= size:

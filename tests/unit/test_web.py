@@ -279,9 +279,15 @@ def test_stop_closes_a_download_in_progress(state: RunState, tmp_path: Path) -> 
     sock.close()
 
 
-def test_release_ends_only_the_downloads_of_a_withdrawn_disk(state: RunState, tmp_path: Path) -> None:
+def test_release_ends_only_the_downloads_of_a_withdrawn_disk(tmp_path: Path) -> None:
     import socket
 
+    exports = []
+    for name in ("vda", "vdb"):  # larger than what the sockets' buffers hold
+        (tmp_path / f"{name}.raw").write_bytes(b"")
+        os.truncate(tmp_path / f"{name}.raw", 256 << 20)
+        exports.append(export_of(tmp_path / f"{name}.raw", name))
+    state = RunState(exports={e.nqn: e for e in exports})
     web = WebServer(lambda: state, 0, host="127.0.0.1", helper=tmp_path / "none", poll=0.02)
     web.start()
     try:
@@ -348,3 +354,24 @@ def test_downloads_go_by_sendfile(server: WebServer, disks: dict[str, bytes], mo
     monkeypatch.setattr(os, "sendfile", counting)
     assert get(server, "/disks/vda.img")[2] == disks["vda"]
     assert sum(sent) == SIZE
+
+
+def test_a_source_whose_fstat_says_0_bytes_is_sent_whole(
+    server: WebServer, disks: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block device's st_size is 0: its size comes from seeking to its end, and every byte
+    still goes (socket.sendfile() would send none)."""
+    real = os.fstat
+
+    def as_a_block_device(fd: int) -> os.stat_result:
+        result = real(fd)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".raw"):
+            fields = list(result)
+            fields[6] = 0  # st_size
+            return os.stat_result(fields)
+        return result
+
+    monkeypatch.setattr(os, "fstat", as_a_block_device)
+    status, headers, body = get(server, "/disks/vdb.img", {"Range": "bytes=100-"})
+    assert status == 206 and body == disks["vdb"][100:]
+    assert get(server, "/disks/vdb.vhd")[2][:SIZE] == disks["vdb"]
