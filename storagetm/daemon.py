@@ -220,6 +220,7 @@ class Daemon:
         if self.state.iscsi.enabled:
             ports.add(ISCSI_PORT)
         self.state.initiators = stats.initiators(ports)
+        self.state.hashing = self.web.hash_progress() if self.web is not None else {}
 
     def publish(self) -> None:
         self.state.snapshot_usage = {

@@ -56,6 +56,7 @@ class RunState:
     refused: list[str] = field(default_factory=list)  # bad options for which nothing is exported
     iscsi: IscsiConfig = field(default_factory=IscsiConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    hashing: dict[str, float] = field(default_factory=dict)  # disk name -> fraction of its sha256 done, while running
 
     def without_secrets(self) -> RunState:
         """A copy for showing: the secrets and the TLS key replaced by a placeholder."""
@@ -85,7 +86,7 @@ class RunState:
             "refused": self.refused,
             "iscsi": _plain(self.iscsi) | {"port": ISCSI_PORT, "chap": self.iscsi.chap,
                                            "chap_user": CHAP_USER if self.iscsi.chap else ""},
-            "web": _plain(self.web) | {"urls": urls(self)},
+            "web": _plain(self.web) | {"urls": urls(self), "hashing": self.hashing},
         }
 
     def _export_json(self, nqn: str, export: Export) -> dict[str, Any]:
@@ -145,6 +146,7 @@ class RunState:
             refused=list(data.get("refused", [])),
             iscsi=IscsiConfig(**{f.name: data.get("iscsi", {}).get(f.name, f.default) for f in fields(IscsiConfig)}),
             web=WebConfig(**{f.name: data.get("web", {}).get(f.name, f.default) for f in fields(WebConfig)}),
+            hashing={str(k): float(v) for k, v in data.get("web", {}).get("hashing", {}).items()},
             initiators=list(data.get("initiators", [])),
             announced=str(data.get("announced", "")),
             secure_boot=data.get("secure_boot") if isinstance(data.get("secure_boot"), bool) else None,

@@ -375,3 +375,30 @@ def test_a_source_whose_fstat_says_0_bytes_is_sent_whole(
     status, headers, body = get(server, "/disks/vdb.img", {"Range": "bytes=100-"})
     assert status == 206 and body == disks["vdb"][100:]
     assert get(server, "/disks/vdb.vhd")[2][:SIZE] == disks["vdb"]
+
+
+def test_state_round_trips_the_web_page_and_hash_progress() -> None:
+    state = RunState(web=WebConfig(8080, "Tok3nTok3nTok3nX"), hashing={"vda": 0.25})
+    back = RunState.from_json(json.loads(json.dumps(state.to_json())))
+    assert back.web == state.web and back.hashing == {"vda": 0.25}
+    assert state.without_secrets().to_json()["web"]["token"] == "(hidden)"
+
+
+def test_hash_progress_while_computing(server: WebServer, state: RunState, monkeypatch: pytest.MonkeyPatch) -> None:
+    import storagetm.web.hashing as hashing
+
+    gate = __import__("threading").Event()
+    real = os.pread
+
+    def slow(fd: int, n: int, offset: int) -> bytes:
+        if offset > 0:
+            gate.wait(10)
+        return real(fd, n, offset)
+
+    monkeypatch.setattr(hashing, "CHUNK", 1 << 20)
+    monkeypatch.setattr(os, "pread", slow)
+    status, _, body = get(server, "/disks/vda.sha256")
+    time.sleep(0.2)
+    assert status == 202 and server.hash_progress() == {"vda": pytest.approx(1 / 3)}
+    assert "33%" in get(server, "/")[2].decode()
+    gate.set()
