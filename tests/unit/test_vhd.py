@@ -3,8 +3,13 @@ checksum, the fixed fields; and byte ranges as RFC 9110 reads them."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import struct
+import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +79,22 @@ def test_byte_ranges(header: str | None, expected: tuple[int, int] | None) -> No
 def test_unsatisfiable_ranges(header: str) -> None:
     with pytest.raises(Unsatisfiable):
         byte_range(header, 1000)
+
+
+def test_qemu_reads_the_vhd_as_the_disk(tmp_path: Path) -> None:
+    """QEMU's own VHD reader, sizing by the footer's current size as Windows (Hyper-V) does."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        pytest.skip("qemu-img is not installed (ci/setup-host.sh installs it)")
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(hashlib.shake_256(b"vhd").digest(3 << 20))
+    image = tmp_path / "disk.vhd"
+    image.write_bytes(raw.read_bytes() + vhd.footer(3 << 20, 1_700_000_000, uuid.UUID(int=3)))
+    info = subprocess.run([qemu_img, "info", "--output=json", "-f", "vpc", str(image)], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    assert json.loads(info.stdout)["format"] == "vpc"
+    compared = subprocess.run([qemu_img, "compare", "--image-opts",
+                               f"driver=vpc,force_size_calc=current_size,file.driver=file,file.filename={image}",
+                               f"driver=raw,file.driver=file,file.filename={raw}"],
+                              capture_output=True, text=True)  # fmt: skip
+    assert compared.returncode == 0, compared.stdout + compared.stderr

@@ -134,13 +134,16 @@ def chromium(*args: str) -> str:
 
 
 def test_a_browser_renders_the_page(pair: Pair, forward: int) -> None:
+    """The browser asks for the target's mDNS name, as a user would type it; its resolver
+    maps that name to the forward (the page's commands then show the name, not 127.0.0.1)."""
     found = names(pair)
-    url = f"http://127.0.0.1:{forward}/"
-    dom = chromium("--dump-dom", url)
-    for serial, name in found.items():
-        assert f'href="/disks/{name}.img"' in dom and serial in dom, dom[-3000:]
+    name = json.loads(pair.target.sh("storagetm status --json"))["announced"] or "storagetm.local"
+    to_forward = f"--host-resolver-rules=MAP {name} 127.0.0.1:{forward}"
+    dom = chromium(to_forward, "--dump-dom", f"http://{name}/")
+    for serial, disk in found.items():
+        assert f'href="/disks/{disk}.img"' in dom and serial in dom, dom[-3000:]
     SCREENSHOT.unlink(missing_ok=True)
-    chromium(f"--screenshot={SCREENSHOT}", "--window-size=900,1100", "--hide-scrollbars", url)
+    chromium(to_forward, f"--screenshot={SCREENSHOT}", "--window-size=900,1100", "--hide-scrollbars", f"http://{name}/")
     assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and SCREENSHOT.stat().st_size > 20_000
 
 
