@@ -402,3 +402,21 @@ def test_hash_progress_while_computing(server: WebServer, state: RunState, monke
     assert status == 202 and server.hash_progress() == {"vda": pytest.approx(1 / 3)}
     assert "33%" in get(server, "/")[2].decode()
     gate.set()
+
+
+def test_the_web_options() -> None:
+    import argparse
+
+    from storagetm.config import options
+    from storagetm.config.settings import Settings
+
+    parser = argparse.ArgumentParser()
+    options.add_arguments(parser)
+    assert options.settings_of(parser.parse_args([])).web is True
+    given = options.settings_of(parser.parse_args(["--no-web", "--web-port=8080"]))
+    assert (given.web, given.web_port) == (False, 8080)
+    booted, problems = options.apply_kernel_cmdline(Settings(), "storagetm.web=0 storagetm.web_port=81")
+    assert (booted.web, booted.web_port, problems) == (False, 81, [])
+    bad, problems = options.apply_kernel_cmdline(Settings(), "storagetm.web=maybe")
+    assert bad.web is False and "not serving the web page" in problems[0] and not bad.refusals
+    assert Settings().web_port == 80

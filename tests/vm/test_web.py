@@ -67,6 +67,15 @@ def test_the_page_lists_every_disk(pair: Pair) -> None:
     assert "read-only" in reply.text and "read-write" in reply.text
 
 
+def test_the_page_answers_over_ipv4_and_ipv6_on_one_socket(pair: Pair) -> None:
+    names(pair)
+    ipv6 = wait_address(pair.target, "fe80::").split()[0]  # fe80::…%IFACE: the initiator's is named alike
+    for url in (f"{base(pair)}/", f"http://[{ipv6}]/"):
+        assert fetch(pair.initiator, url).status == 200, url
+    listening = pair.target.sh("ss -Htln 'sport = :80'").strip().splitlines()
+    assert len(listening) == 1, listening  # one dual-stack socket
+
+
 def test_status_json_is_storagetm_status_without_secrets(pair: Pair) -> None:
     names(pair)
     reply = fetch(pair.initiator, f"{base(pair)}/status.json")
