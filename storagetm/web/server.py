@@ -288,7 +288,8 @@ class Handler(BaseHTTPRequestHandler):
         if given and matches(given[-1], token):
             rest = urlencode([(key, value) for key, value in params if key != QUERY])
             self.send_response(HTTPStatus.SEE_OTHER)
-            self.send_header("Location", path + (f"?{rest}" if rest else ""))
+            here = "/" + path.lstrip("/")  # "//host/…" would send the browser to another host
+            self.send_header("Location", here + (f"?{rest}" if rest else ""))
             self.send_header("Set-Cookie", f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/")
             self.send_header("Content-Length", "0")
             self.end_headers()

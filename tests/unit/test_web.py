@@ -234,6 +234,7 @@ def test_the_token_sets_a_cookie_and_leaves_the_address(server: WebServer, locke
     status, _, body = get(server, "/disks/vda.img", {"Cookie": cookie.split(";")[0]})
     assert status == 200 and len(body) == SIZE
     assert get(server, "/", {"Cookie": cookie.split(";")[0]})[0] == 200
+    assert get(server, f"//elsewhere.example/?token={locked}&x=1")[1]["location"] == "/elsewhere.example/?x=1"
 
 
 def test_no_token_in_the_logs(server: WebServer, locked: str, caplog: pytest.LogCaptureFixture) -> None:
