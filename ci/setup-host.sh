@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything this repository needs on a fresh Debian 12 host, idempotently:
-# QEMU + OVMF for the VM suite, xorriso/mtools/sfdisk for the ISO and USB images,
-# the Python test tools, and mkosi 25 unpacked from Debian trixie's package.
+# QEMU + OVMF for the VM suite, chromium (headless, renders the web page in the VM suite),
+# xorriso/mtools/sfdisk for the ISO and USB images, the Python test tools, and mkosi 25
+# unpacked from Debian trixie's package.
 # Never upgrades the host OS. Safe to run again at any time.
 set -euo pipefail
 
@@ -10,7 +11,7 @@ MKOSI_VERSION=25.3-7
 MKOSI_SHA256=ef56c81324fd47d65490e944ec4697bb3f6fb21326d0d071bfc2fb5ba5383252
 HOST_PACKAGES=(qemu-system-x86 qemu-utils ovmf xorriso mtools dosfstools fdisk zstd
                binutils python3-venv ca-certificates imagemagick e2fsprogs
-               dnsmasq-base iproute2 fonts-dejavu-core btrfs-progs)
+               dnsmasq-base iproute2 fonts-dejavu-core btrfs-progs chromium)
 QEMU_PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data)
 SIGNED_BOOT_PACKAGES=(shim-signed shim-helpers-amd64-signed systemd-boot-efi-amd64-signed)
 SIGNED_BOOT_FILES=(usr/lib/shim/shimx64.efi.signed usr/lib/shim/mmx64.efi.signed

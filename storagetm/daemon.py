@@ -10,6 +10,7 @@ import selectors
 import signal
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from storagetm import state
 from storagetm.backing import modes
@@ -37,7 +38,7 @@ from storagetm.fabrics.lio.kernel import ensure_lio
 from storagetm.fabrics.nvmet import kernel
 from storagetm.fabrics.nvmet.configfs import Root
 from storagetm.fabrics.nvmet.fabric import NvmetFabric, discovery_group
-from storagetm.model import ISCSI_PORT, Backing, Export, IscsiConfig, Want
+from storagetm.model import ISCSI_PORT, Backing, Export, IscsiConfig, Want, WebConfig
 from storagetm.reconcile.journal import Journal, fault_from_environment
 from storagetm.reconcile.reconciler import Reconciler
 from storagetm.security import auth, tls
@@ -46,6 +47,10 @@ from storagetm.selection import explicit_files, plan
 from storagetm.system import firmware, network
 from storagetm.system.announce import Announcer
 from storagetm.system.notify import sd_notify
+from storagetm.web.token import web_token
+
+if TYPE_CHECKING:
+    from storagetm.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +120,7 @@ class Daemon:
         self.state_write_failed = False  # logged once until a write succeeds
         self.status_sent = ""
         self.ipv6 = True
+        self.web: WebServer | None = None
 
     # ---- one reconcile pass ------------------------------------------------
 
@@ -166,6 +172,9 @@ class Daemon:
         whose objects could not all be made is not exported (the reconciler undid it)."""
         assert self.reconciler is not None and self.fabrics
         want = self.want()
+        if self.web is not None:  # downloads of what changes let go of its device first
+            self.web.release({backing.path for nqn, backing in self.state.backings.items()
+                              if want.exports.get(nqn) != self.state.exports.get(nqn)})  # fmt: skip
         failures = self.reconciler.apply(desired_state(want, self.backing, self.fabrics))
         failed = {failure.group for failure in failures}
         before = self.state.exports
@@ -212,6 +221,7 @@ class Daemon:
         if self.state.iscsi.enabled:
             ports.add(ISCSI_PORT)
         self.state.initiators = stats.initiators(ports)
+        self.state.hashing = self.web.hash_progress() if self.web is not None else {}
 
     def publish(self) -> None:
         self.state.snapshot_usage = {
@@ -275,6 +285,7 @@ class Daemon:
             if self.announcer is not None:
                 self.announcer.withdraw()
             self.wanted = {}
+            self.stop_web()  # first: its downloads hold the exported devices open
             self.reconciler.teardown()
             state.STATE_FILE.unlink(missing_ok=True)
             signal.set_wakeup_fd(old_wakeup)
@@ -315,7 +326,35 @@ class Daemon:
         self.state.secure_boot = firmware.secure_boot()
         if self.announcer is not None:
             self.state.announced = self.announcer.publish(host_id(identity))
+        self.start_web()
         self.publish()
+
+    def start_web(self, host: str | None = None) -> None:
+        """The web page, once the disks are exported. Not with a refused option (nothing is
+        exported, nothing listens); a port that cannot be had costs the page, never the exports."""
+        if not self.settings.web or self.settings.refusals:
+            return
+        from storagetm.web.server import WebServer  # http.server's imports only where it runs
+
+        # The token before the first request can come in.
+        self.state.web = WebConfig(self.settings.web_port, web_token(self.state.auth, self.state.tls))
+        server = WebServer(lambda: self.state, self.settings.web_port, host=host, io_port=self.settings.port)
+        try:
+            server.start()
+        except OSError as exc:
+            self.startup_problems.append(f"no web page: cannot listen on TCP port {self.settings.web_port}: "
+                                         f"{exc.strerror}; choose another with storagetm.web_port=")  # fmt: skip
+            log.warning("%s", self.startup_problems[-1])
+            self.state.web = WebConfig()
+            return
+        self.web = server
+        self.state.web = WebConfig(server.address[1], self.state.web.token)
+
+    def stop_web(self) -> None:
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
+        self.state.web = WebConfig()
 
     def _loop(self, devices: BlockDevices, addr_sock: object, wake_r: int) -> None:
         selector = selectors.DefaultSelector()

@@ -120,3 +120,17 @@ class Backing:
     path: str
     dm_name: str = ""
     store: str = ""  # the snapshot store's own tmpfs
+
+
+WEB_PORT = 80
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The web page, as the screen and `storagetm status` show it. `port` 0: not serving."""
+
+    port: int = 0
+    token: str = ""  # "" while anyone may connect; else asked for by every page and download
+
+    def without_secrets(self) -> WebConfig:
+        return replace(self, token=keys.hidden(self.token))

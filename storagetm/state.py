@@ -15,12 +15,13 @@ from storagetm.backing.modes import Mode, SnapshotUsage
 from storagetm.console.stats import DiskActivity
 from storagetm.disks.disk import Disk
 from storagetm.disks.identity import Identity, target_iqn
-from storagetm.model import ISCSI_PORT, Backing, Export, IscsiConfig, Listener
+from storagetm.model import ISCSI_PORT, Backing, Export, IscsiConfig, Listener, WebConfig
 from storagetm.security.auth import AuthConfig
 from storagetm.security.chap import CHAP_USER
 from storagetm.security.tls import TLSConfig
 from storagetm.statefile import write_atomic
 from storagetm.system.network import Address
+from storagetm.web.links import urls
 
 STATE_FILE = Path("/run/storagetm/state.json")
 FORMAT = 1
@@ -54,11 +55,13 @@ class RunState:
     alerts: list[str] = field(default_factory=list)  # bad options, each with what storagetm does instead
     refused: list[str] = field(default_factory=list)  # bad options for which nothing is exported
     iscsi: IscsiConfig = field(default_factory=IscsiConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    hashing: dict[str, float] = field(default_factory=dict)  # disk name -> fraction of its sha256 done, while running
 
     def without_secrets(self) -> RunState:
         """A copy for showing: the secrets and the TLS key replaced by a placeholder."""
         return replace(self, auth=self.auth.without_secrets(), tls=self.tls.without_secrets(),
-                       iscsi=self.iscsi.without_secrets())  # fmt: skip
+                       iscsi=self.iscsi.without_secrets(), web=self.web.without_secrets())  # fmt: skip
 
     def iqn(self, export: Export) -> str:
         """The export's iSCSI target name; "" without iSCSI."""
@@ -83,6 +86,7 @@ class RunState:
             "refused": self.refused,
             "iscsi": _plain(self.iscsi) | {"port": ISCSI_PORT, "chap": self.iscsi.chap,
                                            "chap_user": CHAP_USER if self.iscsi.chap else ""},
+            "web": _plain(self.web) | {"urls": urls(self), "hashing": self.hashing},
         }
 
     def _export_json(self, nqn: str, export: Export) -> dict[str, Any]:
@@ -141,6 +145,8 @@ class RunState:
             alerts=list(data.get("alerts", [])),
             refused=list(data.get("refused", [])),
             iscsi=IscsiConfig(**{f.name: data.get("iscsi", {}).get(f.name, f.default) for f in fields(IscsiConfig)}),
+            web=WebConfig(**{f.name: data.get("web", {}).get(f.name, f.default) for f in fields(WebConfig)}),
+            hashing={str(k): float(v) for k, v in data.get("web", {}).get("hashing", {}).items()},
             initiators=list(data.get("initiators", [])),
             announced=str(data.get("announced", "")),
             secure_boot=data.get("secure_boot") if isinstance(data.get("secure_boot"), bool) else None,

@@ -81,6 +81,21 @@ class Disk:
         }[self.kind]
 
 
+def forwarded_nic(host_port: int, guest_port: int, mac: str = "52:54:00:00:00:03") -> list[str]:
+    """QEMU arguments for a second NIC, user-mode and restricted: the guest reaches nothing
+    through it, and the host reaches only `guest_port`, at 127.0.0.1:`host_port`. A program
+    on the host (a browser) then talks to one service of the guest and to nothing else."""
+    netdev = f"user,id=fwd,restrict=on,hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
+    return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=fwd,mac={mac},romfile="]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now (for a forward)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def boot_drive(medium: Path, device: str = USB_STICK, snapshot: bool = False) -> list[str]:
     """QEMU arguments for the medium the firmware boots (a USB stick unless `device` says
     otherwise); with `snapshot`, QEMU keeps the guest's writes to itself."""

@@ -114,13 +114,15 @@ def vm_pair(
     disk_size: int = DISK_SIZE,
     stick: Path | None = None,
     shell_timeout: float | None = BOOT_TIMEOUT,
+    target_extra: Sequence[str] = (),
 ) -> Iterator[Pair]:
     """Create the disks (serial -> kind; then let `prepare` rewrite them), start the initiator,
     then the target with the disks, and stop both on the way out. With `shell_timeout`, wait
     that long for both debug shells and prepare the initiator before yielding; with None, yield
     at once (the caller has a boot menu to drive, or waits for the screen first). With `stick`,
     the target boots from that USB stick under Secure Boot, through its boot menu
-    (`target_append` is then unused), instead of the UKI given to QEMU directly."""
+    (`target_append` is then unused), instead of the UKI given to QEMU directly. `target_extra`:
+    more QEMU arguments for the target (a second NIC, say)."""
     workdir.mkdir(parents=True, exist_ok=True)
     disks, sums = make_disks(workdir, kinds, disk_size)
     if prepare is not None:
@@ -130,10 +132,11 @@ def vm_pair(
     link.unlink(missing_ok=True)
     efi = image("storagetm.efi")
     if stick is None:
-        target = target_vm(workdir, link, kernel=efi, append=target_append, disks=list(disks.values()))
+        target = target_vm(workdir, link, kernel=efi, append=target_append, disks=list(disks.values()),
+                           extra=target_extra)  # fmt: skip
     else:
         target = target_vm(workdir, link, kernel=None, append=target_append, disks=list(disks.values()),
-                           extra=boot_drive(stick), secure_boot=True)  # fmt: skip
+                           extra=[*boot_drive(stick), *target_extra], secure_boot=True)  # fmt: skip
     pair = Pair(target, initiator_vm(workdir, link), disks, sums)
     try:
         pair.initiator.start()

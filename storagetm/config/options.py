@@ -183,6 +183,10 @@ def _no_iscsi(_name: str, _value: str, settings: Settings) -> tuple[Settings, st
     return replace(settings, iscsi=False), "not offering iSCSI"
 
 
+def _no_web(_name: str, _value: str, settings: Settings) -> tuple[Settings, str]:
+    return replace(settings, web=False), "not serving the web page"
+
+
 def _on(apply: Callable[[Settings, bool | str], Settings]) -> Callable[[Settings], Settings]:
     return lambda settings: apply(settings, True)
 
@@ -239,6 +243,11 @@ OPTIONS: tuple[Option[Any], ...] = (
     Option("each disk also as an iSCSI target (port 3260, for Windows; CHAP with authentication or TLS): on "
            "unless --no-iscsi or 0", parse_flag, _setter("iscsi"), flag="--no-iscsi", const="0", kernel="iscsi",
            kernel_value="1|0", on_bad=_no_iscsi),  # fmt: skip
+    Option("the web page (status, instructions per OS, each disk as a download; plain HTTP): on unless --no-web "
+           "or 0", parse_flag, _setter("web"), flag="--no-web", const="0", kernel="web", kernel_value="1|0",
+           on_bad=_no_web),  # fmt: skip
+    Option("TCP port of the web page (default 80)", parse_port, _setter("web_port"), flag="--web-port", metavar="N",
+           kernel="web_port", kernel_value="N"),  # fmt: skip
     Option("once started, handle disk events at real-time priority (SCHED_RR 1); the image does",
            parse_flag, _setter("realtime"), flag="--realtime", const="1", kernel="realtime",
            kernel_value="1|0"),  # fmt: skip

@@ -12,7 +12,7 @@ from storagetm.backing.modes import Mode, parse_size
 from storagetm.disks.disk import Disk, resolve_file
 from storagetm.disks.identity import NO_OVERRIDES, NvmeOverrides, check_nqn_prefix, valid_nqn
 from storagetm.errors import UsageError
-from storagetm.model import IO_TRSVCID
+from storagetm.model import IO_TRSVCID, WEB_PORT
 from storagetm.security.auth import check_secret, secret_argument
 from storagetm.security.tls import check_key, key_argument
 
@@ -44,6 +44,8 @@ class Settings:
     tls_key: str = ""  # "" with tls: generate one
     realtime: bool = False  # once started, serve disk events at real-time priority (SCHED_RR)
     iscsi: bool = True  # every export also an iSCSI target (kernel LIO), for Windows' initiator
+    web: bool = True  # the web page: status, instructions, the disks as downloads
+    web_port: int = WEB_PORT
     refusals: tuple[str, ...] = ()  # bad options that limit access; while there are any, nothing is exported
     nvme: NvmeOverrides = NO_OVERRIDES  # SYSTEMD_NVME_* from the environment
 

@@ -18,6 +18,7 @@ from storagetm.model import DISCOVERY_TRSVCID, IO_TRSVCID, Export
 from storagetm.security.chap import CHAP_USER
 from storagetm.state import RunState
 from storagetm.text import printable
+from storagetm.web.links import screen_lines as web_lines
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
         lines += connect_lines(state, io_port)
         lines += connection_code_lines(state, WIDTH) if code else []  # for `storagetm connect`
         lines += iscsi_lines(state)
+        lines += web_lines(state)
     if state.announced:
         lines.append(f"Announced over mDNS as {state.announced} (_nvme-disc._tcp, port {DISCOVERY_TRSVCID})")
     lines += blank

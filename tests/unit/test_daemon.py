@@ -189,3 +189,69 @@ def test_failed_state_write_is_one_error_and_the_daemon_goes_on(monkeypatch: pyt
                   "go on, `storagetm status` shows old news until it can (free space in /run)"),
         ("INFO", "state file written again"),
     ]  # fmt: skip
+
+
+def test_the_web_page_starts_with_the_token_and_stops_before_the_exports_go(tmp_path: Path) -> None:
+    import http.client
+    from dataclasses import replace
+
+    from storagetm.security.auth import AuthConfig
+    from storagetm.web.token import web_token
+
+    disk = hot_disk(tmp_path)
+    daemon = attached(tmp_path, Settings(devices=(disk.devnode,), web_port=0), FakeConfigfs(tmp_path / "configfs"))
+    daemon.state.auth = AuthConfig("DHHC-1:00:abc:", "", ("nqn.h",))
+    daemon._on_disk_events(QueuedEvents([DiskEvent("add", disk)]))  # type: ignore[arg-type]
+    daemon.start_web(host="127.0.0.1")
+    assert daemon.web is not None and daemon.state.web.token == web_token(daemon.state.auth, daemon.state.tls)
+    port = daemon.state.web.port
+    assert port == daemon.web.address[1] != 0
+
+    def get(path: str, cookie: str = "") -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", path, headers={"Cookie": cookie} if cookie else {})
+        reply = conn.getresponse()
+        result = reply.status, reply.read()
+        conn.close()
+        return result
+
+    assert get("/")[0] == 403
+    status, body = get("/", f"storagetm_token={daemon.state.web.token}")
+    assert status == 200 and b'href="/disks/hot.img.img"' in body
+    daemon.stop_web()
+    assert daemon.state.web.port == 0
+    with pytest.raises(OSError):
+        get("/")
+    # With a refused option nothing listens, the page neither.
+    (tmp_path / "again").mkdir()
+    refused = attached(tmp_path / "again", replace(Settings(web_port=0), refusals=("storagetm.x",)),
+                       FakeConfigfs(tmp_path / "again" / "configfs"))  # fmt: skip
+    refused.start_web(host="127.0.0.1")
+    assert refused.web is None and refused.state.web.port == 0
+
+
+def test_a_web_port_in_use_costs_the_page_not_the_exports(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = attached(tmp_path, Settings(web_port=port), FakeConfigfs(tmp_path / "configfs"))
+        daemon.start_web(host="127.0.0.1")
+    assert daemon.web is None and daemon.state.web.port == 0
+    assert any(f"cannot listen on TCP port {port}" in alert for alert in daemon.state.alerts)
+
+
+def test_a_withdrawn_export_has_the_web_page_let_go_of_its_device_first(tmp_path: Path) -> None:
+    disk = hot_disk(tmp_path)
+    daemon = attached(tmp_path, Settings(devices=(disk.devnode,)), FakeConfigfs(tmp_path / "configfs"))
+    daemon._on_disk_events(QueuedEvents([DiskEvent("add", disk)]))  # type: ignore[arg-type]
+    released: list[tuple[set[str], set[str]]] = []
+
+    class Web:
+        def release(self, paths: set[str]) -> None:
+            released.append((paths, {e.disk.devnode for e in daemon.state.exports.values()}))
+
+    daemon.web = Web()  # type: ignore[assignment]
+    daemon._on_disk_events(QueuedEvents([DiskEvent("remove", disk)]))  # type: ignore[arg-type]
+    assert released[-1] == ({disk.devnode}, {disk.devnode})  # asked while the export was still there
+    assert daemon.state.exports == {}

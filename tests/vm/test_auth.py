@@ -12,9 +12,11 @@ import pytest
 
 from storagetm.security.auth import generate_secret
 from storagetm.security.chap import derive_secret
+from storagetm.security.keys import HIDDEN
 from testbed.initiator import CONNECT, CONNECT_ALL, connected, disconnect_all, screen_rows_joined, wait_address
 from testbed.iscsi import discover, login, logout_all, prepare_iscsi
 from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, Pair
+from testbed.web import fetch, install_client
 
 pytestmark = pytest.mark.vm
 
@@ -153,10 +155,40 @@ def test_iscsi_with_the_chap_secret_from_the_screen_reads_the_disk(pair: Pair, m
 
 def test_only_storagetm_listens(pair: Pair) -> None:
     ports = set(re.findall(r":(\d+)\s", pair.target.sh("ss -Htln")))
-    assert ports == {"4420", "8009", "3260"}, ports
+    assert ports == {"4420", "8009", "3260", "80"}, ports  # NVMe/TCP I/O, discovery, iSCSI, the web page
     # UDP: networkd's DHCP client and resolved's mDNS responder (the announcement), nothing else.
     udp = pair.target.sh("ss -Hulnp")
     others = [line for line in udp.splitlines()
               if "systemd-network" not in line and not re.search(r":5353\s.*systemd-resolve", line)]  # fmt: skip
     assert others == [], udp
     assert re.search(r":5353\s", udp), udp
+
+
+def test_the_web_page_gives_nothing_without_its_token(pair: Pair) -> None:
+    """With authentication on, every page and download asks for the token; the address the
+    screen shows carries it, sets the cookie once, and then the disk downloads."""
+    address = screen_auth(pair)[0]
+    install_client(pair.initiator)
+    shown = json.loads(pair.target.sh("storagetm status --json --show-secrets"))["web"]
+    hidden = pair.target.sh("storagetm status --json")
+    token = shown["token"]
+    assert token and token not in hidden and json.loads(hidden)["web"]["token"] == HIDDEN
+    (url,) = [u for u in shown["urls"] if f"//{address}/" in u]
+    assert url == f"http://{address}/?token={token}" and url in screen_rows_joined(pair.target)
+    name = json.loads(hidden)["exports"][0]["disk"]["name"]
+    paths = ["/", "/status.json", f"/disks/{name}.img", f"/disks/{name}.vhd", f"/disks/{name}.sha256"]
+    for path in paths:
+        for headers in ({}, {"Cookie": "storagetm_token=wrong"}):
+            reply = fetch(pair.initiator, f"http://{address}{path}", headers)
+            assert reply.status == 403 and name not in reply.text, (path, headers, reply)
+        assert fetch(pair.initiator, f"http://{address}{path}?token=x{token}").status == 403
+    first = fetch(pair.initiator, url)
+    assert first.status == 303 and first.headers["location"] == "/", first
+    cookie = first.headers["set-cookie"].split(";")[0]
+    assert cookie == f"storagetm_token={token}" and "HttpOnly" in first.headers["set-cookie"]
+    page = fetch(pair.initiator, f"http://{address}/", {"Cookie": cookie})
+    assert page.status == 200 and f'href="/disks/{name}.img"' in page.text and token not in page.text
+    out = "/var/tmp/auth-web.img"
+    assert fetch(pair.initiator, f"http://{address}/disks/{name}.img", {"Cookie": cookie}, out=out).status == 200
+    assert pair.initiator.sh(f"sha256sum {out}; rm -f {out}").split()[0] == pair.sum_now("AUTH0001")
+    assert token not in pair.target.sh("journalctl -b -u storagetm --no-pager -o cat")

@@ -1,0 +1,115 @@
+"""sha256 of an exported disk, computed on the target on request: one computation per disk at
+a time, in a thread of its own, kept while the disk is the same. "The same": the same device,
+size and mode, and no byte written to it since (the write counter of the dashboard, when the
+device has one). The page and the screen show how far a computation has got."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from storagetm.web.images import open_read_only
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class HashKey:
+    path: str
+    size: int
+    mode: str
+    generation: int  # bytes written to the device since export; -1 where nothing counts them
+
+
+@dataclass
+class HashJob:
+    key: HashKey
+    done: int = 0  # bytes hashed so far
+    digest: str = ""
+    error: str = ""
+    finished: bool = False
+    cancelled: bool = False  # its device is going away
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 if self.finished else self.done / self.key.size if self.key.size else 0.0
+
+
+class Hashes:
+    """The jobs, by disk name. Threads only read the device, and stop when asked."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.jobs: dict[str, HashJob] = {}
+        self.threads: dict[str, threading.Thread] = {}
+        self.stopping = threading.Event()
+
+    def request(self, name: str, key: HashKey) -> HashJob:
+        """The job for `key`: done, running, or started now. A running job for an older key
+        is left to finish first (one at a time per disk); the next request starts anew."""
+        with self.lock:
+            job = self.jobs.get(name)
+            if job is not None and (job.key == key or not job.finished):
+                return job
+            job = self.jobs[name] = HashJob(key)
+            thread = threading.Thread(target=self._run, args=(job,), name=f"sha256 {name}", daemon=True)
+            self.threads[name] = thread
+        thread.start()
+        return job
+
+    def current(self, name: str, key: HashKey) -> HashJob | None:
+        """The job for `key` if there is one (done or running); nothing is started."""
+        with self.lock:
+            job = self.jobs.get(name)
+        return job if job is not None and job.key == key else None
+
+    def progress(self) -> dict[str, float]:
+        """Disk name -> fraction hashed, of the computations running now (for the screen)."""
+        with self.lock:
+            return {name: job.fraction for name, job in self.jobs.items() if not job.finished}
+
+    def _run(self, job: HashJob) -> None:
+        digest = hashlib.sha256()
+        try:
+            fd, _ = open_read_only(job.key.path)
+        except OSError as exc:
+            job.error, job.finished = f"cannot open {job.key.path}: {exc.strerror}", True
+            return
+        try:
+            while job.done < job.key.size and not self.stopping.is_set() and not job.cancelled:
+                block = os.pread(fd, min(CHUNK, job.key.size - job.done), job.done)
+                if not block:
+                    break
+                digest.update(block)
+                job.done += len(block)
+        except OSError as exc:
+            job.error = f"read error at byte {job.done}: {exc.strerror}"
+        finally:
+            os.close(fd)
+        if not job.error and job.done != job.key.size:
+            job.error = "stopped" if self.stopping.is_set() or job.cancelled else f"the device ended at byte {job.done}"
+        if job.error:
+            log.warning("sha256 of %s: %s", job.key.path, job.error)
+        else:
+            job.digest = digest.hexdigest()
+        job.finished = True
+
+    def release(self, paths: set[str], timeout: float = 5.0) -> None:
+        """Stop the computations reading these devices, and wait until they closed them."""
+        with self.lock:
+            going = [name for name, job in self.jobs.items() if job.key.path in paths and not job.finished]
+            for name in going:
+                self.jobs[name].cancelled = True
+            threads = [self.threads[name] for name in going if name in self.threads]
+        for thread in threads:
+            thread.join(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopping.set()
+        for thread in list(self.threads.values()):
+            thread.join(timeout)
