@@ -43,7 +43,7 @@ from storagetm.reconcile.reconciler import Reconciler
 from storagetm.security import auth, tls
 from storagetm.security.chap import chap_secrets
 from storagetm.selection import explicit_files, plan
-from storagetm.system import firmware, network
+from storagetm.system import firmware, network, power
 from storagetm.system.announce import Announcer
 from storagetm.system.notify import sd_notify
 
@@ -110,6 +110,7 @@ class Daemon:
         self.fabrics: list[Fabric] = []
         self.wanted: dict[str, Export] = {}  # what the export policy chose, before any failure
         self.stop_requested = False
+        self.end = power.End.STOP  # what follows the stop: asked for by a signal or a key
         self.meter = stats.ActivityMeter()
         self.saved_state = ""
         self.state_write_failed = False  # logged once until a write succeeds
@@ -262,7 +263,7 @@ class Daemon:
         addr_sock = network.address_monitor()
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in power.SIGNALS:
             signal.signal(sig, self._on_signal)
         self.attach(self.root)
         assert self.reconciler is not None
@@ -273,8 +274,7 @@ class Daemon:
             sd_notify(STOPPING="1", STATUS="Tearing down exports")
             if self.announcer is not None:
                 self.announcer.withdraw()
-            self.wanted = {}
-            self.reconciler.teardown()
+            self.withdraw_and_flush()
             state.STATE_FILE.unlink(missing_ok=True)
             signal.set_wakeup_fd(old_wakeup)
             addr_sock.close()
@@ -282,7 +282,21 @@ class Daemon:
             os.close(wake_w)
             self.screen.close()
             log.info("stopped; nothing left exported")
+            power.request(self.end)
         return ExitCode.OK
+
+    def withdraw_and_flush(self) -> None:
+        """The clean end: every export withdrawn (no initiator writes any more), then every disk
+        that was exported flushed, then the screen told what happened and what follows."""
+        assert self.reconciler is not None
+        disks = [export.disk.devnode for export in self.state.exports.values()]
+        self.wanted = {}
+        self.reconciler.teardown()
+        failed = power.flush_all(disks)
+        self.state.exports, self.state.backings = {}, {}
+        # A stop from systemd: the power button, Ctrl+Alt+Del or `systemctl poweroff` may be behind it.
+        follows = self.end if self.end is not power.End.STOP else power.shutdown_under_way()
+        self.screen.farewell(farewell_line(bool(disks), failed, follows))
 
     def _start(self, devices: BlockDevices, previous: state.RunState | None) -> None:
         assert self.reconciler is not None
@@ -378,5 +392,23 @@ class Daemon:
         return changed
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
+        end = power.SIGNALS.get(signum, power.End.STOP)
+        log.info("received signal %d, stopping%s", signum, f" and {end.doing}" if end.doing else "")
+        self.stop(end)
+
+    def stop(self, end: power.End = power.End.STOP) -> None:
+        """End the main loop; `end` (power off, reboot) follows the teardown. A power-off or
+        reboot asked for once is not undone by a plain stop after it."""
         self.stop_requested = True
+        if end is not power.End.STOP:
+            self.end = end
+
+
+def farewell_line(exported: bool, failed: list[str], follows: power.End) -> str:
+    """The screen's last line: what was done to the disks, and what comes now."""
+    line = "Stopping: exports withdrawn"
+    if failed:
+        line += f", NOT FLUSHED: {'; '.join(failed)}"
+    elif exported:
+        line += ", disks flushed"
+    return f"{line} - {follows.doing}" if follows.doing else f"{line}."

@@ -262,6 +262,19 @@ class Screen:
                 log.debug("cannot write to %s: %s", console, exc)
                 os.close(self.fds.pop(console))
 
+    def farewell(self, line: str) -> None:
+        """The last line under the dashboard when storagetm stops: what it did to the disks."""
+        if not self.consoles:
+            print(line, flush=True)
+            return
+        below = f"\033[{len(self.drawn) + 1};1H\033[J" if self.drawn is not None else "\r\n"
+        payload = f"{below}{printable(line)}\r\n".encode()
+        for console in self.consoles:
+            fd = self._fd(console)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    write_all(fd, payload)
+
     def fatal(self, line: str) -> None:
         """Why storagetm stopped, on every console (stderr reaches only the last console=)."""
         payload = f"\r\nstoragetm: {printable(line)}\r\n".encode()
