@@ -160,9 +160,11 @@ def alert_lines(state: RunState) -> list[str]:
     return lines
 
 
-def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = False, rows: int = 25) -> str:
+def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = False, rows: int = 25,
+           keys: bool = False) -> str:  # fmt: skip
     """The operator's screen. With `dashboard`, also live I/O per disk and the initiators
-    connected, trimmed to `rows` lines (80x25 by default)."""
+    connected, trimmed to `rows` lines (80x25 by default). With `keys`, the keys line under
+    it says how to stop, not this."""
     blank = [] if dashboard else [""]  # the dashboard has no room for empty lines
     lines = alert_lines(state)
     lines += [TITLE + SECURE_BOOT[state.secure_boot]]
@@ -178,14 +180,15 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
         lines = fit_rows(lines)
         lines.append(f"Initiators connected: {', '.join(state.initiators) or 'none'}")
     if state.exports:
-        lines.append(f"Exported disks ({len(state.exports)}):" + (f"   ({STOP})" if dashboard else ""))
+        lines.append(f"Exported disks ({len(state.exports)}):" + (f"   ({STOP})" if dashboard and not keys else ""))
         exports = sorted(state.exports.values(), key=lambda e: e.disk.name)
         per_disk = 3 if dashboard else 2
         footer = 1 + len(state.problems) + (0 if dashboard else 2)  # "Not exported", problems, stop
         room = max(1, (rows - len(lines) - footer) // per_disk)
-        for export in exports[:room] if dashboard else exports:
+        for number, export in enumerate(exports[:room] if dashboard else exports, 1):
             disk = export.disk
-            lines.append(f"  {disk.name:<10} {human_size(disk.size):>10}  {export.identity.model[:30]}"
+            label = f"{number} {disk.name}" if keys and number < 10 else disk.name  # the number a key picks it by
+            lines.append(f"  {label:<10} {human_size(disk.size):>10}  {export.identity.model[:30]}"
                          f"  {export.identity.serial}  [{mode_text(state, export)}]")  # fmt: skip
             if dashboard and export.nqn in state.activity:
                 lines.append(activity_line(state.activity[export.nqn]))
@@ -199,7 +202,7 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
         lines.append(f"Not exported: {skipped}")
     for problem in state.problems:
         lines += textwrap.wrap(f"! {problem}", WIDTH, subsequent_indent="  ")
-    if not dashboard:
+    if not dashboard and not keys:
         lines += ["", STOP]
     return "\n".join(lines) + "\n"
 
@@ -223,6 +226,13 @@ class Screen:
         self.last = ""
         self.drawn: list[str] | None = None  # lines on the consoles now; None: not drawn yet
         self.fds: dict[str, int] = {}
+        self.panel: list[str] = []  # the keys line (console/panel.py), under the dashboard
+        self.overlay: list[str] | None = None  # lines drawn instead of the dashboard (help, QR code)
+
+    def set_panel(self, lines: Sequence[str], overlay: Sequence[str] | None = None) -> None:
+        """What the next show() draws under the dashboard (wrapped at word ends), or instead of it."""
+        self.panel = [row for line in lines for row in textwrap.wrap(line, WIDTH) or [""]]
+        self.overlay = list(overlay) if overlay is not None else None
 
     def _changes(self, lines: list[str]) -> str:
         """Escape sequences that turn the drawn screen into `lines`: only changed lines are
@@ -244,7 +254,12 @@ class Screen:
         # secrets go only to the consoles (the screen in front of the machine) and to root's
         # `storagetm status --show-secrets`.
         shown = state if self.consoles else state.without_secrets()
-        text = render(shown, io_port, dashboard=self.terminal)
+        if self.overlay is not None and self.consoles:
+            text = "".join(f"{line}\n" for line in self.overlay)
+        else:
+            rows = 25 - len(self.panel)
+            text = render(shown, io_port, dashboard=self.terminal, rows=rows, keys=bool(self.panel))
+            text += "".join(f"{line}\n" for line in self.panel)
         if text == self.last:
             return
         self.last = text
