@@ -101,3 +101,16 @@ def test_ctrl_alt_del_withdraws_flushes_and_reboots(pair: Pair) -> None:
     console = pair.target.console()
     assert "Stopping: exports withdrawn, disks flushed - rebooting" in console
     assert on_disk(pair.disks["NVME0003"]) == written
+
+
+def test_power_off_key_asks_then_ends_the_same_clean_way(pair: Pair) -> None:
+    pair.target.wait_for(r"Keys: m mode", BOOT_TIMEOUT)
+    try:
+        since = len(pair.target.console())
+        pair.target.send_keys("p")
+        pair.target.wait_for(r"Power off\? .*Press y", 30, since=since)
+        pair.target.send_keys("y")
+        assert powered_off(pair) == 0
+    finally:
+        pair.target.stop()
+    assert "Stopping: exports withdrawn, disks flushed - powering off" in pair.target.console()
