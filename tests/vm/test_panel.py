@@ -121,3 +121,16 @@ def test_one_disk_by_its_number(pair: Pair) -> None:
     by_name = {e["disk"]["name"]: e["mode"] for e in json.loads(pair.target.sh("storagetm status --json"))["exports"]}
     assert by_name == {names[0]: "rw", names[1]: "ro"}
     press(pair, "2", "w", "y", then=rf"{names[1]} is now read-write")
+
+
+def test_no_login_on_another_vt(pair: Pair) -> None:
+    pair.target.wait_for(r"Exported disks \(2\)", BOOT_TIMEOUT)
+    combo = [{"type": "qcode", "data": key} for key in ("ctrl", "alt", "f2")]
+    pair.target.qmp.cmd("send-key", keys=combo)
+    try:
+        assert pair.target.sh("cat /sys/class/tty/tty0/active") == "tty2"
+        active = pair.target.sh("sleep 3; systemctl list-units --no-legend --plain 'autovt@*' 'getty@*'")
+        assert active == ""
+    finally:
+        pair.target.qmp.cmd("send-key", keys=[{"type": "qcode", "data": key} for key in ("ctrl", "alt", "f1")])
+    assert pair.target.sh("cat /sys/class/tty/tty0/active") == "tty1"
