@@ -14,6 +14,7 @@ from dataclasses import replace
 from storagetm import __version__, state
 from storagetm.config import options
 from storagetm.config.settings import Settings
+from storagetm.console import font
 from storagetm.console.screen import Screen, active_consoles, human_size, render
 from storagetm.disks.identity import default_nqn_base, host_identity, nvme_overrides
 from storagetm.disks.policy import held_by_another, system_facts
@@ -127,6 +128,8 @@ def serve(argv: Sequence[str]) -> int:
     if os.geteuid() != 0:
         raise UsageError("storagetm must run as root", hint="it configures the kernel's NVMe target")
     screen = Screen(active_consoles() if args.console else ())
+    for terminal in font.virtual_terminals(screen.consoles):
+        font.enlarge(terminal)  # before the first draw: the screen is laid out for its size
     try:
         check_system_complete()
         from storagetm.daemon import Daemon  # the engine only where it runs: status and stop need none of it

@@ -91,8 +91,17 @@ def _connect_args(state: RunState, io_port: int) -> str:
 
 def fit_rows(lines: list[str], width: int = WIDTH) -> list[str]:
     """Split lines longer than the console is wide (commands with host NQN and keys) into
-    rows of `width`, so that the in-place redraw can address every row."""
-    return [line[i : i + width] for line in lines for i in range(0, max(len(line), 1), width)]
+    rows of `width`, so that the in-place redraw can address every row: after a space where
+    there is one (no word cut in two; the space stays, so the rows joined give the line back),
+    else at `width` (a key longer than a row)."""
+    rows: list[str] = []
+    for line in lines:
+        while len(line) > width:
+            cut = line.rfind(" ", 0, width) + 1 or width
+            rows.append(line[:cut])
+            line = line[cut:]
+        rows.append(line)
+    return rows
 
 
 def progress_bar(fraction: float, width: int = 24) -> str:

@@ -111,3 +111,13 @@ def test_long_commands_are_split_into_console_rows() -> None:
     rows = fit_rows(["short", "", command])
     assert rows[:2] == ["short", ""] and all(len(row) <= 80 for row in rows)
     assert "".join(rows[2:]) == command
+
+
+def test_long_lines_are_split_after_a_space_not_in_a_word() -> None:
+    from storagetm.console.screen import fit_rows
+
+    hint = "  (for fe80:: use the other machine's interface after % and -f if its name differs, as here)"
+    rows = fit_rows([hint])
+    assert rows == ["  (for fe80:: use the other machine's interface after % and -f if its name ",
+                    "differs, as here)"]  # fmt: skip
+    assert "".join(rows) == hint
