@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 
-from testbed.initiator import CONNECT_ALL, connected, disconnect_all, wait_address
-from testbed.pair import BOOT_TIMEOUT, Pair
+from testbed.initiator import CONNECT_ALL, connected, disconnect_all, screen_rows_joined, wait_address
+from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, Pair
 from testbed.wait import until
 
 pytestmark = pytest.mark.vm
 
 DISKS = {"VIRT0004": "virtio", "NVME0004": "nvme"}
+TARGET_APPEND = f"{TARGET_APPEND} storagetm.snapshot_size=8M"  # two RAM stores in the VM's 1 GiB
 SERIAL = "VIRT0004"
 OFFSET, SIZE = 4 << 20, 1 << 20
 SWITCH_TIMEOUT = 60  # seconds from the key to the initiator reading the disk on its new backing
@@ -134,3 +136,25 @@ def test_no_login_on_another_vt(pair: Pair) -> None:
     finally:
         pair.target.qmp.cmd("send-key", keys=[{"type": "qcode", "data": key} for key in ("ctrl", "alt", "f1")])
     assert pair.target.sh("cat /sys/class/tty/tty0/active") == "tty1"
+
+
+def test_authentication_on_shows_a_new_line_to_type_and_off_lets_anyone_in(pair: Pair) -> None:
+    pair.target.wait_for(r"Exported disks \(2\)", BOOT_TIMEOUT)
+    address = wait_address(pair.target, "169.254.")
+    press(pair, "a", then=r"Authentication is on")
+    shown = re.compile(rf"nvme connect-all -t tcp -a {re.escape(address)} --hostnqn=(\S+) --dhchap-secret=(\S+:)")
+    line = until(lambda: shown.search(screen_rows_joined(pair.target)), 30, "no connect line with a secret")
+    try:
+        _, rc = pair.initiator.run(f"{CONNECT_ALL} -a {address}")
+        assert rc != 0 or connected(pair.initiator) == []  # without the secret: refused
+        pair.initiator.sh(f"{CONNECT_ALL} -a {address} --hostnqn={line.group(1)} --dhchap-secret={line.group(2)}")
+        assert sorted(r.serial for r in connected(pair.initiator)) == sorted(DISKS)
+    finally:
+        disconnect_all(pair.initiator)
+    press(pair, "a", then=r"Turn authentication OFF\?")
+    press(pair, "y", then=r"Authentication is off")
+    try:
+        pair.initiator.sh(f"{CONNECT_ALL} -a {address}")
+        assert sorted(r.serial for r in connected(pair.initiator)) == sorted(DISKS)
+    finally:
+        disconnect_all(pair.initiator)
