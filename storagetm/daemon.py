@@ -429,9 +429,9 @@ class Daemon:
     def on_key(self, key: str) -> None:
         for command in self.panel.handle(key, self.panel_disks(), self.state.auth.enabled):
             if isinstance(command, panel.SetMode):
+                chosen = self.wanted.get(command.nqn or "")
                 self.set_modes(command.mode, None if command.nqn is None else [command.nqn])
-                what = "every disk" if command.nqn is None else self.state.exports[command.nqn].disk.name \
-                    if command.nqn in self.state.exports else "the disk"  # fmt: skip
+                what = chosen.disk.name if chosen else "every disk"
                 self.panel.note = f"{what} is now {command.mode.label}."
             elif isinstance(command, panel.SetAuth):
                 self.panel.note = self.set_auth(command.on)
@@ -480,7 +480,7 @@ class Daemon:
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         end = power.SIGNALS.get(signum, power.End.STOP)
-        log.info("received signal %d, stopping%s", signum, f" and {end.doing}" if end.doing else "")
+        log.info("received %s, stopping%s", signal.strsignal(signum), f" and {end.doing}" if end.doing else "")
         self.stop(end)
 
     def stop(self, end: power.End = power.End.STOP) -> None:
