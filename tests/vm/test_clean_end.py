@@ -82,9 +82,8 @@ def test_power_button_withdraws_flushes_and_powers_off(pair: Pair) -> None:
     finally:
         disconnect_all(pair.initiator)
         pair.target.stop()  # the next test boots it again
-    console = pair.target.console()
-    assert "Stopping: exports withdrawn, disks flushed - powering off" in console
-    assert "flushed /dev/" in console
+    # Printed only once every exported disk's flush succeeded (storagetm/daemon.py, farewell_line).
+    assert "Stopping: exports withdrawn, disks flushed - powering off" in pair.target.console()
     assert on_disk(pair.disks["VIRT0003"]) == written
 
 
