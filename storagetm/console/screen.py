@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import select
 import textwrap
 import time
@@ -216,6 +217,31 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
     return "\n".join(lines) + "\n"
 
 
+RESET = "\033[0m"
+WARNING_COLOUR = "\033[1;31m"  # bold red: who can write, what is not encrypted, bad options
+MODE_COLOURS = {"read-write": "\033[1;31m", "read-only": "\033[1;32m", "snapshot": "\033[1;33m"}
+MODE_TAG = re.compile(r"\[((read-write|read-only|snapshot)[^\]]*)\]$")
+
+
+def coloured(lines: list[str], warning_rows: set[str]) -> list[str]:
+    """The dashboard's rows for a terminal: the warnings in bold red, each disk's mode in its
+    colour (read-write red, read-only green, snapshot yellow; a full snapshot red). The
+    escapes add no width: the rows stay within 80 columns."""
+    out = []
+    for line in lines:
+        if line in warning_rows or line.startswith(("!! ", "! ")):
+            line = f"{WARNING_COLOUR}{line}{RESET}"
+        elif match := MODE_TAG.search(line):
+            colour = WARNING_COLOUR if "FULL" in match.group(1) else MODE_COLOURS[match.group(2)]
+            line = f"{line[: match.start(1)]}{colour}{match.group(1)}{RESET}]"
+        out.append(line)
+    return out
+
+
+def warning_rows(state: RunState) -> set[str]:
+    return {row for warning in warnings(state) for row in textwrap.wrap(warning, WIDTH)} if not state.refused else set()
+
+
 def active_consoles(active: Path = Path("/sys/class/tty/console/active")) -> list[str]:
     """The kernel's consoles (console= on the kernel command line), as device paths."""
     try:
@@ -275,7 +301,8 @@ class Screen:
         if not self.consoles:
             print(text, flush=True)
             return
-        payload = self._changes(text.splitlines()).encode()
+        lines = text.splitlines()
+        payload = self._changes(coloured(lines, warning_rows(shown)) if self.terminal else lines).encode()
         for console in self.consoles:
             fd = self._fd(console)
             if fd is None:
