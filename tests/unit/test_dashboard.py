@@ -142,3 +142,14 @@ def test_warnings_and_modes_are_coloured_on_a_terminal_only() -> None:
     assert any(row.endswith(f"[\033[1;32mread-only{RESET}]") for row in rows)
     assert "\033[" not in render(state, dashboard=True)  # `storagetm status` and logs: plain text
     assert [ANSI.sub("", row) for row in rows] == lines
+
+
+def test_a_full_snapshot_is_red_and_a_working_one_yellow() -> None:
+    from storagetm.console.screen import RESET, coloured
+
+    full = "  sda  100.0 MiB  Disk  S0  [snapshot FULL: I/O now fails]"
+    working = "  sdb  100.0 MiB  Disk  S1  [snapshot 5% of 16.0 MiB used]"
+    assert coloured([full, working], set()) == [
+        f"  sda  100.0 MiB  Disk  S0  [\033[1;31msnapshot FULL: I/O now fails{RESET}]",
+        f"  sdb  100.0 MiB  Disk  S1  [\033[1;33msnapshot 5% of 16.0 MiB used{RESET}]",
+    ]
