@@ -492,8 +492,10 @@ class Daemon:
 
 
 def default_connection_text(run: state.RunState, io_port: int) -> str:
-    """The commands to type on the other machine, as the screen shows them."""
-    return "\n".join(line.strip() for line in connect_lines(run, io_port) if line.strip().startswith("nvme "))
+    """The first command to type on the other machine, as the screen shows it (one, so the
+    code stays small enough for 25 rows even with a host NQN and secret)."""
+    commands = [line.strip() for line in connect_lines(run, io_port) if line.strip().startswith("nvme connect")]
+    return commands[0] if commands else ""
 
 
 def farewell_line(exported: bool, failed: list[str], follows: power.End) -> str:

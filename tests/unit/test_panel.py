@@ -263,3 +263,13 @@ def test_the_qr_code_holds_the_connection_text_and_is_made_once(
     assert daemon._overlay() == ["QR", "The connection details, for a phone's camera. Any key: back."]
     daemon._overlay()
     assert made == ["code for port 4420"]
+
+
+def test_the_default_qr_text_is_the_first_connect_command() -> None:
+    from storagetm.daemon import default_connection_text
+    from storagetm.system.network import Address
+
+    addresses = [Address("ipv4", "169.254.7.7", "enp0s3", True), Address("ipv6", "fe80::1", "enp0s3", True)]
+    run = RunState(addresses=addresses)
+    assert default_connection_text(run, 4420) == "nvme connect-all -t tcp -a 169.254.7.7"
+    assert default_connection_text(RunState(), 4420) == ""
