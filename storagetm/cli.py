@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from dataclasses import replace
 from storagetm import __version__, connection, state
 from storagetm.config import options
 from storagetm.config.settings import Settings
+from storagetm.console import font
 from storagetm.console.screen import Screen, active_consoles, human_size, render
 from storagetm.disks.identity import default_nqn_base, host_identity, nvme_overrides
 from storagetm.disks.policy import held_by_another, system_facts
@@ -22,6 +22,7 @@ from storagetm.disks.udev import BlockDevices
 from storagetm.errors import ExitCode, NotRunningError, StorageTMError, UsageError
 from storagetm.security.keys import HIDDEN, ON_COMMAND_LINE, on_command_line
 from storagetm.selection import explicit_files, plan
+from storagetm.system import power
 from storagetm.system.memory import check_system_complete
 from storagetm.text import PrintableLogFilter, printable
 
@@ -30,7 +31,8 @@ log = logging.getLogger("storagetm")
 EPILOG = """\
 subcommands:
   storagetm status [--json] [--show-secrets]   show what a running storagetm exports
-  storagetm stop                               stop it (its exports are torn down)
+  storagetm stop [--poweroff|--reboot]         stop it: exports withdrawn, disks flushed
+                                               (then power off or reboot)
 
 on the other machine (the initiator; root, nvme-cli):
   storagetm targets [CODE]                     find targets on the local links (mDNS)
@@ -133,6 +135,8 @@ def serve(argv: Sequence[str]) -> int:
     if os.geteuid() != 0:
         raise UsageError("storagetm must run as root", hint="it configures the kernel's NVMe target")
     screen = Screen(active_consoles() if args.console else ())
+    for terminal in font.virtual_terminals(screen.consoles):
+        font.enlarge(terminal)  # before the first draw: the screen is laid out for its size
     try:
         check_system_complete()
         from storagetm.daemon import Daemon  # the engine only where it runs: status and stop need none of it
@@ -182,10 +186,15 @@ def status(argv: Sequence[str]) -> int:
 def stop(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="storagetm stop", description="Stop storagetm and withdraw its exports.")
     parser.add_argument("--timeout", type=float, default=30.0)
+    then = parser.add_mutually_exclusive_group()
+    then.add_argument("--poweroff", dest="end", action="store_const", const=power.End.POWEROFF,
+                      default=power.End.STOP, help="then power the machine off")  # fmt: skip
+    then.add_argument("--reboot", dest="end", action="store_const", const=power.End.REBOOT,
+                      help="then reboot the machine")  # fmt: skip
     args = parser.parse_args(argv)
     current = running_state("stop")
     try:
-        os.kill(current.pid, signal.SIGTERM)
+        os.kill(current.pid, power.SIGNAL_OF[args.end])
     except PermissionError:
         raise UsageError("storagetm stop needs root: storagetm runs as root",
                          hint="run it as root, e.g. sudo storagetm stop") from None  # fmt: skip
@@ -194,7 +203,7 @@ def stop(argv: Sequence[str]) -> int:
         if time.monotonic() > deadline:
             raise StorageTMError(f"storagetm (pid {current.pid}) did not stop within {args.timeout:.0f} s")
         time.sleep(0.1)
-    print("storagetm stopped")
+    print("storagetm stopped" + (f"; the machine is {args.end.doing}" if args.end.doing else ""))
     return ExitCode.OK
 
 

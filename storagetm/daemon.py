@@ -9,16 +9,18 @@ import os
 import selectors
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from storagetm import state
+from storagetm import connection, state
 from storagetm.backing import modes
 from storagetm.backing.layer import DM, HOLD, STORE, BackingLayer
 from storagetm.config.options import with_credentials
 from storagetm.config.settings import Settings
-from storagetm.console import stats
-from storagetm.console.screen import Screen
+from storagetm.console import panel, qr, stats
+from storagetm.console.keys import KeyInput
+from storagetm.console.screen import Screen, connect_lines
 from storagetm.desired import desired_state
 from storagetm.disks.disk import Disk
 from storagetm.disks.identity import default_nqn_base, host_id, host_identity, iqn_base, nvme_form
@@ -42,9 +44,10 @@ from storagetm.model import ISCSI_PORT, Backing, Export, IscsiConfig, Want, WebC
 from storagetm.reconcile.journal import Journal, fault_from_environment
 from storagetm.reconcile.reconciler import Reconciler
 from storagetm.security import auth, tls
+from storagetm.security.auth import AuthConfig
 from storagetm.security.chap import chap_secrets
 from storagetm.selection import explicit_files, plan
-from storagetm.system import firmware, network
+from storagetm.system import firmware, network, power
 from storagetm.system.announce import Announcer
 from storagetm.system.notify import sd_notify
 from storagetm.web.token import web_token
@@ -91,6 +94,8 @@ class Daemon:
         backing: BackingLayer | None = None,
         keyring: tls.Keyring | None = None,
         lio_root: lio.Root | None = None,
+        keys: KeyInput | None = None,
+        connection_text: Callable[[state.RunState, int], str] | None = None,
     ) -> None:
         self.settings = settings
         self.screen = screen
@@ -115,6 +120,12 @@ class Daemon:
         self.fabrics: list[Fabric] = []
         self.wanted: dict[str, Export] = {}  # what the export policy chose, before any failure
         self.stop_requested = False
+        self.end = power.End.STOP  # what follows the stop: asked for by a signal or a key
+        self.keys = keys  # None: made by run() on the screen's consoles, if it has any
+        self.panel = panel.Panel()
+        self.connection_text = connection_text or default_connection_text  # what the QR code holds
+        self.host = ""  # this machine's id, for iSCSI's names
+        self.qr_drawn: tuple[str, list[str]] = ("", [])
         self.meter = stats.ActivityMeter()
         self.saved_state = ""
         self.state_write_failed = False  # logged once until a write succeeds
@@ -230,6 +241,8 @@ class Daemon:
             if backing.store and (usage := modes.snapshot_usage(backing.dm_name)) is not None
         }
         self._save_state()
+        if self.keys is not None and self.keys.fds():
+            self.screen.set_panel(self.panel.lines(), self._overlay())
         self.screen.show(self.state, self.settings.port)
         n = len(self.state.exports)
         status = f"Exporting {n} disk{'s' if n != 1 else ''}"
@@ -273,8 +286,10 @@ class Daemon:
         addr_sock = network.address_monitor()
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in power.SIGNALS:
             signal.signal(sig, self._on_signal)
+        if self.keys is None and self.screen.consoles:
+            self.keys = KeyInput(self.screen.consoles)
         self.attach(self.root)
         assert self.reconciler is not None
         try:
@@ -284,9 +299,10 @@ class Daemon:
             sd_notify(STOPPING="1", STATUS="Tearing down exports")
             if self.announcer is not None:
                 self.announcer.withdraw()
-            self.wanted = {}
             self.stop_web()  # first: its downloads hold the exported devices open
-            self.reconciler.teardown()
+            self.withdraw_and_flush()
+            if self.keys is not None:
+                self.keys.close()
             state.STATE_FILE.unlink(missing_ok=True)
             signal.set_wakeup_fd(old_wakeup)
             addr_sock.close()
@@ -294,7 +310,21 @@ class Daemon:
             os.close(wake_w)
             self.screen.close()
             log.info("stopped; nothing left exported")
+            power.request(self.end)
         return ExitCode.OK
+
+    def withdraw_and_flush(self) -> None:
+        """The clean end: every export withdrawn (no initiator writes any more), then every disk
+        that was exported flushed, then the screen told what happened and what follows."""
+        assert self.reconciler is not None
+        disks = [export.disk.devnode for export in self.state.exports.values()]
+        self.wanted = {}
+        self.reconciler.teardown()
+        failed = power.flush_all(disks)
+        self.state.exports, self.state.backings = {}, {}
+        # A stop from systemd: the power button, Ctrl+Alt+Del or `systemctl poweroff` may be behind it.
+        follows = self.end if self.end is not power.End.STOP else power.shutdown_under_way()
+        self.screen.farewell(farewell_line(bool(disks), failed, follows))
 
     def _start(self, devices: BlockDevices, previous: state.RunState | None) -> None:
         assert self.reconciler is not None
@@ -315,7 +345,8 @@ class Daemon:
                                      previous.tls if previous else None)  # fmt: skip
         if self.state.tls.enabled:
             tls.ensure_handshake_daemon()
-        self.state.iscsi = self.iscsi_config(host_id(identity))
+        self.host = host_id(identity)
+        self.state.iscsi = self.iscsi_config(self.host)
         self.ipv6 = network.ipv6_available()
         for disk in devices.enumerate() + explicit_files(self.settings):
             self.disks[disk.devnode] = disk
@@ -361,6 +392,8 @@ class Daemon:
         selector.register(devices.fileno(), selectors.EVENT_READ, "udev")
         selector.register(addr_sock, selectors.EVENT_READ, "net")  # type: ignore[arg-type]
         selector.register(wake_r, selectors.EVENT_READ, "signal")
+        for fd in self.keys.fds() if self.keys else []:
+            selector.register(fd, selectors.EVENT_READ, "keys")
         redraw_at: float | None = None
         addresses_changed = False  # `ip -j address` runs only after rtnetlink said so
         ready_by: float | None = time.monotonic() + READY_WAIT  # None once READY=1 is sent
@@ -382,6 +415,15 @@ class Daemon:
                     if self._on_disk_events(devices):
                         soon = time.monotonic() + AFTER_DISK_EVENT
                         redraw_at = soon if redraw_at is None else min(redraw_at, soon)
+                elif key.data == "keys":
+                    assert self.keys is not None
+                    pressed = self.keys.read(key.fd)
+                    if key.fd not in self.keys.fds():
+                        selector.unregister(key.fd)  # the console went away
+                    for name in pressed:
+                        self.on_key(name)
+                    if pressed:
+                        self.publish()
                 elif key.data == "net":
                     network.drain(addr_sock)  # type: ignore[arg-type]
                     addresses_changed = True
@@ -417,6 +459,92 @@ class Daemon:
             changed = True
         return changed
 
+    # ---- the control panel: keys on the target's own keyboard -------------------
+
+    def panel_disks(self) -> list[panel.DiskChoice]:
+        """The exported disks in the screen's order, as the keys 1-9 pick them."""
+        exports = sorted(self.state.exports.values(), key=lambda e: e.disk.name)
+        return [panel.DiskChoice(e.nqn, e.disk.name, e.mode) for e in exports]
+
+    def on_key(self, key: str) -> None:
+        for command in self.panel.handle(key, self.panel_disks(), self.state.auth.enabled):
+            if isinstance(command, panel.SetMode):
+                chosen = self.wanted.get(command.nqn or "")
+                self.set_modes(command.mode, None if command.nqn is None else [command.nqn])
+                what = chosen.disk.name if chosen else "every disk"
+                self.panel.note = f"{what} is now {command.mode.label}."
+            elif isinstance(command, panel.SetAuth):
+                self.panel.note = self.set_auth(command.on)
+            else:
+                self.stop(command.end)
+
+    def _overlay(self) -> list[str] | None:
+        if self.panel.stage is panel.Stage.QR:
+            text = self.connection_text(self.state, self.settings.port)
+            if self.qr_drawn[0] != text:  # qrencode runs once per text, not at every redraw
+                self.qr_drawn = (text, qr.render(text))
+            return [*self.qr_drawn[1], "The connection details, for a phone's camera. Any key: back."]
+        return self.panel.overlay
+
+    def set_modes(self, mode: modes.Mode, nqns: Iterable[str] | None = None) -> None:
+        """Every disk (or the exports `nqns`) in `mode` from now on, also for disks that come
+        later (all) or come back (one), through the one reconciler: the namespace is
+        withdrawn from the old backing, then offered on the new. Each disk is flushed once
+        the old namespace is gone: every write the initiator saw complete is then on the
+        disk, and any write after it failed or goes to the new backing."""
+        if nqns is None:
+            self.settings = replace(self.settings, mode=mode, disk_modes=(), mode_unsure=False)
+        else:
+            chosen = tuple((self.wanted[nqn].disk.devnode, mode) for nqn in nqns if nqn in self.wanted)
+            self.settings = replace(self.settings, disk_modes=chosen + self.settings.disk_modes)
+        disks = [export.disk.devnode for export in self.state.exports.values()]
+        self.export_wanted()
+        power.flush_all(disks)
+        self.publish()
+
+    def set_auth(self, on: bool) -> str:
+        """Authentication on (a new secret and host NQN, shown on the screen) or off; the
+        exports follow through the reconciler. What happened, for the screen."""
+        if self.state.tls.enabled:
+            return "Authentication stays as booted while TLS is on (its keys are for that host NQN)."
+        if on:
+            hosts = self.settings.allow_hosts or (auth.generated_host_nqn(),)
+            self.state.auth = AuthConfig(auth.generate_secret(), "", hosts)
+        else:
+            self.state.auth = AuthConfig()
+        self.state.iscsi = self.iscsi_config(self.host)
+        self.reconcile_addresses()
+        log.info("authentication turned %s from the keyboard", "on" if on else "off")
+        return "Authentication is on: connect with the new line above." if on else \
+            "Authentication is off: anyone on the network can connect."  # fmt: skip
+
     def _on_signal(self, signum: int, _frame: object) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
+        end = power.SIGNALS.get(signum, power.End.STOP)
+        log.info("received %s, stopping%s", signal.strsignal(signum), f" and {end.doing}" if end.doing else "")
+        self.stop(end)
+
+    def stop(self, end: power.End = power.End.STOP) -> None:
+        """End the main loop; `end` (power off, reboot) follows the teardown. A power-off or
+        reboot asked for once is not undone by a plain stop after it."""
         self.stop_requested = True
+        if end is not power.End.STOP:
+            self.end = end
+
+
+def default_connection_text(run: state.RunState, io_port: int) -> str:
+    """The connection code `storagetm connect` takes (addresses, port, host NQN, secrets);
+    without an address yet, the first command to type on the other machine."""
+    if code := connection.code_text(run):
+        return code
+    commands = [line.strip() for line in connect_lines(run, io_port) if line.strip().startswith("nvme connect")]
+    return commands[0] if commands else ""
+
+
+def farewell_line(exported: bool, failed: list[str], follows: power.End) -> str:
+    """The screen's last line: what was done to the disks, and what comes now."""
+    line = "Stopping: exports withdrawn"
+    if failed:
+        line += f", NOT FLUSHED: {'; '.join(failed)}"
+    elif exported:
+        line += ", disks flushed"
+    return f"{line} - {follows.doing}" if follows.doing else f"{line}."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import select
 import textwrap
 import time
@@ -93,8 +94,17 @@ def _connect_args(state: RunState, io_port: int) -> str:
 
 def fit_rows(lines: list[str], width: int = WIDTH) -> list[str]:
     """Split lines longer than the console is wide (commands with host NQN and keys) into
-    rows of `width`, so that the in-place redraw can address every row."""
-    return [line[i : i + width] for line in lines for i in range(0, max(len(line), 1), width)]
+    rows of `width`, so that the in-place redraw can address every row: after a space where
+    there is one (no word cut in two; the space stays, so the rows joined give the line back),
+    else at `width` (a key longer than a row)."""
+    rows: list[str] = []
+    for line in lines:
+        while len(line) > width:
+            cut = line.rfind(" ", 0, width) + 1 or width
+            rows.append(line[:cut])
+            line = line[cut:]
+        rows.append(line)
+    return rows
 
 
 def progress_bar(fraction: float, width: int = 24) -> str:
@@ -163,10 +173,10 @@ def alert_lines(state: RunState) -> list[str]:
 
 
 def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = False, rows: int = 25,
-           code: bool = True) -> str:  # fmt: skip
+           code: bool = True, keys: bool = False) -> str:  # fmt: skip
     """The operator's screen. With `dashboard`, also live I/O per disk and the initiators
     connected, trimmed to `rows` lines (80x25 by default); the connection code only if it
-    fits there too."""
+    fits there too. With `keys`, the keys line under it says how to stop, not this."""
     blank = [] if dashboard else [""]  # the dashboard has no room for empty lines
     lines = alert_lines(state)
     lines += [TITLE + SECURE_BOOT[state.secure_boot]]
@@ -184,14 +194,15 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
         lines = fit_rows(lines)
         lines.append(f"Initiators connected: {', '.join(state.initiators) or 'none'}")
     if state.exports:
-        lines.append(f"Exported disks ({len(state.exports)}):" + (f"   ({STOP})" if dashboard else ""))
+        lines.append(f"Exported disks ({len(state.exports)}):" + (f"   ({STOP})" if dashboard and not keys else ""))
         exports = sorted(state.exports.values(), key=lambda e: e.disk.name)
         per_disk = 3 if dashboard else 2
         footer = 1 + len(state.problems) + (0 if dashboard else 2)  # "Not exported", problems, stop
         room = max(1, (rows - len(lines) - footer) // per_disk)
-        for export in exports[:room] if dashboard else exports:
+        for number, export in enumerate(exports[:room] if dashboard else exports, 1):
             disk = export.disk
-            lines.append(f"  {disk.name:<10} {human_size(disk.size):>10}  {export.identity.model[:30]}"
+            label = f"{number} {disk.name}" if keys and number < 10 else disk.name  # the number a key picks it by
+            lines.append(f"  {label:<10} {human_size(disk.size):>10}  {export.identity.model[:30]}"
                          f"  {export.identity.serial}  [{mode_text(state, export)}]")  # fmt: skip
             if dashboard and export.nqn in state.activity:
                 lines.append(activity_line(state.activity[export.nqn]))
@@ -205,11 +216,36 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
         lines.append(f"Not exported: {skipped}")
     for problem in state.problems:
         lines += textwrap.wrap(f"! {problem}", WIDTH, subsequent_indent="  ")
-    if not dashboard:
+    if not dashboard and not keys:
         lines += ["", STOP]
     elif code and len(lines) > rows and connection_code_lines(state, WIDTH):
-        return render(state, io_port, dashboard=True, rows=rows, code=False)
+        return render(state, io_port, dashboard=True, rows=rows, code=False, keys=keys)
     return "\n".join(lines) + "\n"
+
+
+RESET = "\033[0m"
+WARNING_COLOUR = "\033[1;31m"  # bold red: who can write, what is not encrypted, bad options
+MODE_COLOURS = {"read-write": "\033[1;31m", "read-only": "\033[1;32m", "snapshot": "\033[1;33m"}
+MODE_TAG = re.compile(r"\[((read-write|read-only|snapshot)[^\]]*)\]$")
+
+
+def coloured(lines: list[str], warning_rows: set[str]) -> list[str]:
+    """The dashboard's rows for a terminal: the warnings in bold red, each disk's mode in its
+    colour (read-write red, read-only green, snapshot yellow; a full snapshot red). The
+    escapes add no width: the rows stay within 80 columns."""
+    out = []
+    for line in lines:
+        if line in warning_rows or line.startswith(("!! ", "! ")):
+            line = f"{WARNING_COLOUR}{line}{RESET}"
+        elif match := MODE_TAG.search(line):
+            colour = WARNING_COLOUR if "FULL" in match.group(1) else MODE_COLOURS[match.group(2)]
+            line = f"{line[: match.start(1)]}{colour}{match.group(1)}{RESET}]"
+        out.append(line)
+    return out
+
+
+def warning_rows(state: RunState) -> set[str]:
+    return {row for warning in warnings(state) for row in textwrap.wrap(warning, WIDTH)} if not state.refused else set()
 
 
 def active_consoles(active: Path = Path("/sys/class/tty/console/active")) -> list[str]:
@@ -231,6 +267,13 @@ class Screen:
         self.last = ""
         self.drawn: list[str] | None = None  # lines on the consoles now; None: not drawn yet
         self.fds: dict[str, int] = {}
+        self.panel: list[str] = []  # the keys line (console/panel.py), under the dashboard
+        self.overlay: list[str] | None = None  # lines drawn instead of the dashboard (help, QR code)
+
+    def set_panel(self, lines: Sequence[str], overlay: Sequence[str] | None = None) -> None:
+        """What the next show() draws under the dashboard (wrapped at word ends), or instead of it."""
+        self.panel = [row for line in lines for row in textwrap.wrap(line, WIDTH) or [""]]
+        self.overlay = list(overlay) if overlay is not None else None
 
     def _changes(self, lines: list[str]) -> str:
         """Escape sequences that turn the drawn screen into `lines`: only changed lines are
@@ -252,14 +295,20 @@ class Screen:
         # secrets go only to the consoles (the screen in front of the machine) and to root's
         # `storagetm status --show-secrets`.
         shown = state if self.consoles else state.without_secrets()
-        text = render(shown, io_port, dashboard=self.terminal)
+        if self.overlay is not None and self.consoles:
+            text = "".join(f"{line}\n" for line in self.overlay)
+        else:
+            rows = 25 - len(self.panel)
+            text = render(shown, io_port, dashboard=self.terminal, rows=rows, keys=bool(self.panel))
+            text += "".join(f"{line}\n" for line in self.panel)
         if text == self.last:
             return
         self.last = text
         if not self.consoles:
             print(text, flush=True)
             return
-        payload = self._changes(text.splitlines()).encode()
+        lines = text.splitlines()
+        payload = self._changes(coloured(lines, warning_rows(shown)) if self.terminal else lines).encode()
         for console in self.consoles:
             fd = self._fd(console)
             if fd is None:
@@ -269,6 +318,19 @@ class Screen:
             except OSError as exc:
                 log.debug("cannot write to %s: %s", console, exc)
                 os.close(self.fds.pop(console))
+
+    def farewell(self, line: str) -> None:
+        """The last line under the dashboard when storagetm stops: what it did to the disks."""
+        if not self.consoles:
+            print(line, flush=True)
+            return
+        below = f"\033[{len(self.drawn) + 1};1H\033[J" if self.drawn is not None else "\r\n"
+        payload = f"{below}{printable(line)}\r\n".encode()
+        for console in self.consoles:
+            fd = self._fd(console)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    write_all(fd, payload)
 
     def fatal(self, line: str) -> None:
         """Why storagetm stopped, on every console (stderr reaches only the last console=)."""

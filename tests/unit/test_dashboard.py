@@ -1,16 +1,21 @@
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from storagetm.backing.modes import Mode
 from storagetm.console.screen import Screen, render
 from storagetm.console.stats import ActivityMeter, Counters, activity, initiators, read_counters
 from storagetm.disks.disk import Disk
 from storagetm.disks.identity import identity_for
 from storagetm.model import Export
 from storagetm.state import RunState
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
 
@@ -111,3 +116,40 @@ def test_long_commands_are_split_into_console_rows() -> None:
     rows = fit_rows(["short", "", command])
     assert rows[:2] == ["short", ""] and all(len(row) <= 80 for row in rows)
     assert "".join(rows[2:]) == command
+
+
+def test_long_lines_are_split_after_a_space_not_in_a_word() -> None:
+    from storagetm.console.screen import fit_rows
+
+    hint = "  (for fe80:: use the other machine's interface after % and -f if its name differs, as here)"
+    rows = fit_rows([hint])
+    assert rows == ["  (for fe80:: use the other machine's interface after % and -f if its name ",
+                    "differs, as here)"]  # fmt: skip
+    assert "".join(rows) == hint
+
+
+def test_warnings_and_modes_are_coloured_on_a_terminal_only() -> None:
+    from storagetm.console.screen import RESET, coloured, render, warning_rows
+
+    state = state_with(2)
+    second = sorted(state.exports)[1]
+    state.exports[second] = replace(state.exports[second], mode=Mode.READ_ONLY)
+    lines = render(state, dashboard=True).splitlines()
+    rows = coloured(lines, warning_rows(state))
+    warning = next(row for row in rows if "can READ AND WRITE" in row)
+    assert warning.startswith("\033[1;31m") and warning.endswith(RESET)
+    assert any(row.endswith(f"[\033[1;31mread-write{RESET}]") for row in rows)
+    assert any(row.endswith(f"[\033[1;32mread-only{RESET}]") for row in rows)
+    assert "\033[" not in render(state, dashboard=True)  # `storagetm status` and logs: plain text
+    assert [ANSI.sub("", row) for row in rows] == lines
+
+
+def test_a_full_snapshot_is_red_and_a_working_one_yellow() -> None:
+    from storagetm.console.screen import RESET, coloured
+
+    full = "  sda  100.0 MiB  Disk  S0  [snapshot FULL: I/O now fails]"
+    working = "  sdb  100.0 MiB  Disk  S1  [snapshot 5% of 16.0 MiB used]"
+    assert coloured([full, working], set()) == [
+        f"  sda  100.0 MiB  Disk  S0  [\033[1;31msnapshot FULL: I/O now fails{RESET}]",
+        f"  sdb  100.0 MiB  Disk  S1  [\033[1;33msnapshot 5% of 16.0 MiB used{RESET}]",
+    ]
