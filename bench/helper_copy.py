@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from bench.compare import dd_mib_s
-from bench.summary import arguments, save, summarise
+from bench.summary import arguments, save_ratios
 from testbed.initiator import connected, disconnect_all, wait_address
 from testbed.machine import VM
 from testbed.pair import TARGET_APPEND, vm_pair
@@ -57,12 +57,7 @@ def main() -> int:
             pair.initiator.sh(clean)
             samples["helper_verified"].append(timed_mib_s(pair.initiator, f"{PYZ} copy {device} {DEST}", args.size_mib))
         pair.initiator.sh(f"{clean}; {PYZ} disconnect")
-        median, result = summarise(args.size_mib, args.rounds, samples)
-        result["helper_to_dd"] = {name: median[name] / median["dd"] for name in ("helper_no_verify", "helper_verified")}
-        save("helper_copy", result)
-        print("| | MiB/s | / dd |\n|---|---|---|")
-        for name in samples:
-            print(f"| {name} | {median[name]:.1f} | {median[name] / median['dd']:.2f} |")
+        save_ratios("helper_copy", args.size_mib, args.rounds, samples, "dd")
         return 0
 
 

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.summary import arguments, save, summarise
+from bench.summary import arguments, save_ratios
 from testbed.initiator import connected, wait_address
 from testbed.machine import VM
 from testbed.pair import TARGET_APPEND, vm_pair
@@ -46,12 +46,7 @@ def main() -> int:
         for _ in range(args.rounds):
             for mode, serial in SERIALS.items():
                 samples[mode].append(read_mib_s(pair.initiator, blocks[serial], args.size_mib))
-        median, result = summarise(args.size_mib, args.rounds, samples)
-        result["ratio_to_rw"] = {mode: median[mode] / median["rw"] for mode in SERIALS}
-        save("modes", result)
-        print("| mode | median MiB/s | ratio to rw |\n|---|---|---|")
-        for mode in SERIALS:
-            print(f"| {mode} | {median[mode]:.1f} | {result['ratio_to_rw'][mode]:.2f} |")
+        save_ratios("modes", args.size_mib, args.rounds, samples, "rw")
         return 0
 
 

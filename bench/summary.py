@@ -30,3 +30,15 @@ def summarise(size_mib: int, rounds: int, samples: dict[str, list[float]]) -> tu
 def save(name: str, result: dict[str, Any]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+
+
+def save_ratios(name: str, size_mib: int, rounds: int, samples: dict[str, list[float]], anchor: str) -> dict[str, Any]:
+    """Medians, each figure's ratio to `anchor`'s (in the record as `ratio_to_<anchor>`),
+    the JSON saved, and a table printed."""
+    median, result = summarise(size_mib, rounds, samples)
+    result[f"ratio_to_{anchor}"] = ratios = {figure: median[figure] / median[anchor] for figure in samples}
+    save(name, result)
+    print(f"| | median MiB/s | ratio to {anchor} |\n|---|---|---|")
+    for figure in samples:
+        print(f"| {figure} | {median[figure]:.1f} | {ratios[figure]:.2f} |")
+    return result
