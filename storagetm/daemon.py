@@ -512,6 +512,8 @@ class Daemon:
             self.state.auth = AuthConfig(auth.generate_secret(), "", hosts)
         else:
             self.state.auth = AuthConfig()
+        if self.state.web.port:  # its downloads read the whole disk: the page asks for what the disks do
+            self.state.web = replace(self.state.web, token=web_token(self.state.auth, self.state.tls))
         self.state.iscsi = self.iscsi_config(self.host)
         self.reconcile_addresses()
         log.info("authentication turned %s from the keyboard", "on" if on else "off")

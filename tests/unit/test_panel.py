@@ -276,3 +276,44 @@ def test_the_default_qr_text_is_the_connection_code() -> None:
     code = connection.decode(default_connection_text(run, 4420))  # what `storagetm connect CODE` takes
     assert code.addresses == ("169.254.7.7", "fe80::1") and code.port == 4420
     assert default_connection_text(RunState(), 4420) == ""  # no address yet: nothing to connect to
+
+
+def test_authentication_turned_on_from_the_keyboard_locks_the_web_page_too(tmp_path: Path) -> None:
+    """The page's downloads read the whole disk: once the NVMe side asks for a secret, the
+    page asks for the token derived from it, and an earlier token no longer passes."""
+    import http.client
+
+    from storagetm.web.token import web_token
+
+    disk = hot_disk(tmp_path)
+    daemon = attached(tmp_path, Settings(devices=(disk.devnode,), web_port=0), FakeConfigfs(tmp_path / "configfs"))
+    daemon._on_disk_events(QueuedEvents([DiskEvent("add", disk)]))  # type: ignore[arg-type]
+    daemon.start_web(host="127.0.0.1")
+    assert daemon.web is not None and daemon.state.web.token == ""
+    port = daemon.state.web.port
+
+    def status(path: str, cookie: str = "") -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", path, headers={"Cookie": cookie} if cookie else {})
+            reply = conn.getresponse()
+            reply.read()
+            return reply.status
+        finally:
+            conn.close()
+
+    try:
+        assert status("/disks/hot.img.img") == 200  # open while the disks are
+        daemon.on_key("a")
+        token = daemon.state.web.token
+        assert token and token == web_token(daemon.state.auth, daemon.state.tls)
+        assert daemon.state.web.port == port
+        assert status("/disks/hot.img.img") == 403
+        assert status("/disks/hot.img.img", f"storagetm_token={token}") == 200
+        daemon.on_key("a")
+        daemon.on_key("y")
+        daemon.on_key("a")  # on again: a new secret, so a new token
+        assert daemon.state.web.token not in ("", token)
+        assert status("/disks/hot.img.img", f"storagetm_token={token}") == 403
+    finally:
+        daemon.stop_web()
