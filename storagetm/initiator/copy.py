@@ -148,9 +148,13 @@ def _mounted_devices(mountinfo: Path = Path("/proc/self/mountinfo")) -> set[str]
         return set()
 
 
+def _number(device: int) -> str:
+    return f"{os.major(device)}:{os.minor(device)}"
+
+
 def _with_partitions(rdev: int, sys_root: Path = Path("/sys")) -> set[str]:
-    base = sys_root / "dev/block" / f"{os.major(rdev)}:{os.minor(rdev)}"
-    found = {f"{os.major(rdev)}:{os.minor(rdev)}"}
+    base = sys_root / "dev/block" / _number(rdev)
+    found = {_number(rdev)}
     try:
         for child in base.iterdir():
             dev = child / "dev"
@@ -161,24 +165,37 @@ def _with_partitions(rdev: int, sys_root: Path = Path("/sys")) -> set[str]:
     return found
 
 
-def check_destination(source: Source, dest: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
-    """Refuse a DEST that is the source, mounted, or too small; True if it is a block device."""
+def source_devices(path: str, sys_root: Path = Path("/sys")) -> set[str]:
+    """major:minor of the disk being copied and of its partitions: a DEST that is one of
+    them, or a file on a file system of theirs, would overwrite the source as it is read."""
+    source_stat = os.stat(path)
+    return _with_partitions(source_stat.st_rdev, sys_root) if stat.S_ISBLK(source_stat.st_mode) else set()
+
+
+def check_destination(source: Source, dest: Path, mountinfo: Path = Path("/proc/self/mountinfo"),
+                      sys_root: Path = Path("/sys")) -> bool:  # fmt: skip
+    """Refuse a DEST that is the source (or on it), mounted, or too small; True if it is a block device."""
+    on_source = source_devices(source.path, sys_root)
     try:
         dest_stat = dest.stat()
     except FileNotFoundError:
         if not dest.parent.is_dir():
             raise UsageError(f"{dest.parent} does not exist", hint="create the directory first") from None
+        if _number(dest.parent.stat().st_dev) in on_source:
+            raise UsageError(f"{dest.parent} is on the disk being copied",
+                             hint="give a destination on another disk") from None  # fmt: skip
         return False
     source_stat = os.stat(source.path)
-    same_device = stat.S_ISBLK(dest_stat.st_mode) and stat.S_ISBLK(source_stat.st_mode) and (
-        dest_stat.st_rdev == source_stat.st_rdev)  # fmt: skip
+    same_device = stat.S_ISBLK(dest_stat.st_mode) and _number(dest_stat.st_rdev) in on_source
     if same_device or (dest_stat.st_dev, dest_stat.st_ino) == (source_stat.st_dev, source_stat.st_ino):
-        raise UsageError(f"{dest} is the disk being copied", hint="give another destination")
+        raise UsageError(f"{dest} is the disk being copied (or a partition of it)", hint="give another destination")
+    if not stat.S_ISBLK(dest_stat.st_mode) and _number(dest_stat.st_dev) in on_source:
+        raise UsageError(f"{dest} is on the disk being copied", hint="give a destination on another disk")
     if stat.S_ISDIR(dest_stat.st_mode):
         raise UsageError(f"{dest} is a directory", hint="give a file name, or use --all DIR for every disk")
     if not stat.S_ISBLK(dest_stat.st_mode):
         return False
-    if _with_partitions(dest_stat.st_rdev) & _mounted_devices(mountinfo):
+    if _with_partitions(dest_stat.st_rdev, sys_root) & _mounted_devices(mountinfo):
         raise UsageError(f"{dest} (or a partition of it) is mounted", hint="unmount it, or give another destination")
     fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
     try:

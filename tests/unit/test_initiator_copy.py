@@ -192,3 +192,37 @@ def test_progress_is_one_line_on_a_terminal_with_rate_and_eta() -> None:
     assert text.count("\n") == 1 and text.endswith("\n") and text.startswith("\r")
     assert text.count("\r") == 2
     assert "50% 50.0 MiB of 100.0 MiB, 25.0 MiB/s, ETA 0:00:02" in text
+
+
+def test_refuses_a_partition_of_the_source_and_a_file_on_its_file_system(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Either would overwrite the disk being copied while it is read."""
+    source = make_source(tmp_path / "disk")
+    here = os.stat(tmp_path).st_dev
+    monkeypatch.setattr(copying, "source_devices", lambda path, sys_root=None: {f"{os.major(here)}:{os.minor(here)}"})
+    with pytest.raises(UsageError, match="is on the disk being copied"):
+        Copier(source, tmp_path / "copy.img", progress=quiet).run()
+    (tmp_path / "old.img").write_bytes(b"")
+    with pytest.raises(UsageError, match="is on the disk being copied"):
+        Copier(source, tmp_path / "old.img", progress=quiet).run()
+    assert not (tmp_path / "copy.img").exists()
+
+
+def test_the_source_devices_are_the_disk_and_its_partitions(tmp_path: Path) -> None:
+    node = tmp_path / "nvme1n1"
+    try:
+        os.mknod(node, 0o600 | 0o060000, os.makedev(259, 0))  # S_IFBLK
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+    sys_root = tmp_path / "sys"
+    part = sys_root / "dev/block/259:0/nvme1n1p1"
+    part.mkdir(parents=True)
+    (part / "partition").write_text("1\n")
+    (part / "dev").write_text("259:1\n")
+    assert copying.source_devices(str(node), sys_root) == {"259:0", "259:1"}
+    partition = tmp_path / "nvme1n1p1"
+    os.mknod(partition, 0o600 | 0o060000, os.makedev(259, 1))
+    with pytest.raises(UsageError, match="is the disk being copied"):
+        copying.check_destination(Source(str(node), NQN, MIB), partition, sys_root=sys_root)
+    assert copying.source_devices(str(tmp_path / "nvme1n1p1"), tmp_path / "none") == {"259:1"}
