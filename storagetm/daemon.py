@@ -472,7 +472,11 @@ class Daemon:
                 chosen = self.wanted.get(command.nqn or "")
                 self.set_modes(command.mode, None if command.nqn is None else [command.nqn])
                 what = chosen.disk.name if chosen else "every disk"
-                self.panel.note = f"{what} is now {command.mode.label}."
+                now = self.state.exports.get(command.nqn or "")
+                if now is not None and now.mode is not command.mode:  # a bad mode option keeps it read-only
+                    self.panel.note = f"{what} stays {now.mode.label} (a bad mode option); m: every disk's mode."
+                else:
+                    self.panel.note = f"{what} is now {command.mode.label}."
             elif isinstance(command, panel.SetAuth):
                 self.panel.note = self.set_auth(command.on)
             else:

@@ -317,3 +317,17 @@ def test_authentication_turned_on_from_the_keyboard_locks_the_web_page_too(tmp_p
         assert status("/disks/hot.img.img", f"storagetm_token={token}") == 403
     finally:
         daemon.stop_web()
+
+
+def test_a_disk_kept_read_only_by_a_bad_mode_option_is_not_said_to_be_changed(tmp_path: Path) -> None:
+    """A bad default mode makes every disk read-only whatever else says (fail closed): one
+    disk's key cannot lift that, and the screen must not claim it did."""
+    disk = hot_disk(tmp_path)
+    settings = Settings(devices=(disk.devnode,), mode=Mode.READ_ONLY, mode_unsure=True)
+    daemon = attached(tmp_path, settings, FakeConfigfs(tmp_path / "configfs"))
+    daemon._on_disk_events(QueuedEvents([DiskEvent("add", disk)]))  # type: ignore[arg-type]
+    (nqn,) = daemon.state.exports
+    for key in "1wy":
+        daemon.on_key(key)
+    assert daemon.state.exports[nqn].mode is Mode.READ_ONLY
+    assert "read-write" not in daemon.panel.note and "read-only" in daemon.panel.note
