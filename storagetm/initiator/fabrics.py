@@ -187,6 +187,11 @@ def _discover_once(endpoint: Endpoint, creds: Credentials, runner: Runner) -> tu
 
 def connect_options(endpoint: Endpoint, nqn: str, creds: Credentials) -> str:
     """The line /dev/nvme-fabrics takes (drivers/nvme/host/fabrics.c's option tokens)."""
+    for value in (endpoint.traddr, nqn, creds.host_nqn):
+        if any(c in value for c in ",=\n") or any(c.isspace() for c in value):
+            # The kernel splits at commas, a later option winning: a value must stay one option.
+            raise FabricsError(f"{value!r} cannot be passed to the kernel (a comma, = or space in it)",
+                               hint="is this a storagetm target? its names never hold one")  # fmt: skip
     options = [f"transport=tcp,traddr={endpoint.traddr},trsvcid={endpoint.port},nqn={nqn}"]
     if endpoint.interface:
         options.append(f"host_iface={endpoint.interface}")

@@ -336,3 +336,13 @@ def test_copy_all_copies_every_connected_storagetm_disk(
     assert (into / "qemu-nvme-ctrl-nvme0001.img").read_bytes() == Path(disks[1].device).read_bytes()
     with pytest.raises(UsageError, match="give DISK DEST, or --all DIR"):
         commands.run(["copy", "/dev/nvme1n1"])
+
+
+def test_a_name_with_a_comma_cannot_add_options_to_the_connect_line() -> None:
+    """The kernel splits the line at commas and a later option wins: a subsystem NQN from
+    the discovery log (or an mDNS name) must not redirect the connection elsewhere."""
+    sneaky = f"{DISK1},traddr=192.0.2.66,trsvcid=4420"
+    with pytest.raises(fabrics.FabricsError, match="cannot be passed to the kernel"):
+        fabrics.connect_options(Endpoint("169.254.1.2", 4420), sneaky, Credentials(HOST))
+    with pytest.raises(fabrics.FabricsError, match="cannot be passed to the kernel"):
+        fabrics.connect_options(Endpoint("169.254.1.2", 4420, "eth0,tls"), DISK1, Credentials(HOST))
