@@ -69,6 +69,7 @@ class Panel:
     def __init__(self) -> None:
         self.stage = Stage.KEYS
         self.target: DiskChoice | None = None  # the disk a MODE stage is for; None: all
+        self.covered: list[DiskChoice] = []  # the disks a MODE stage changes
         self.pending: Command | None = None
         self.question = ""
         self.note = ""  # the last thing done or refused, shown under the keys line
@@ -91,14 +92,14 @@ class Panel:
     def _start(self, key: str, disks: list[DiskChoice], auth_on: bool) -> list[Command]:
         self.note = ""
         if key == "m":
-            self.stage, self.target = Stage.MODE, None
+            self.stage, self.target, self.covered = Stage.MODE, None, list(disks)
         elif key.isdigit() and key != "0":
             index = int(key) - 1
             if index >= len(disks):
                 self.note = f"There is no disk {key}: the disks are numbered 1-{len(disks)}." if disks else \
                     "No disk is exported."  # fmt: skip
             else:
-                self.stage, self.target = Stage.MODE, disks[index]
+                self.stage, self.target, self.covered = Stage.MODE, disks[index], [disks[index]]
         elif key == "a":
             if not auth_on:
                 return [SetAuth(True)]
@@ -119,8 +120,14 @@ class Panel:
             return []  # Esc or any other key: back
         target = self.target
         command = SetMode(mode, target.nqn if target else None)
+        what = target.name if target else "every disk"
+        # Leaving snapshot mode drops the RAM copy: what the other machine wrote there is gone.
+        dropped = [d.name for d in self.covered if d.mode is Mode.SNAPSHOT and mode is not Mode.SNAPSHOT]
+        if dropped:
+            also = f" and make {what} READ-WRITE" if mode is Mode.READ_WRITE else ""
+            self._ask(command, f"Discard what was written to the snapshot of {', '.join(dropped)}{also}?")
+            return []
         if mode is Mode.READ_WRITE:
-            what = target.name if target else "every disk"
             self._ask(command, f"Make {what} READ-WRITE? The other machine can then change it.")
             return []
         return [command]

@@ -331,3 +331,19 @@ def test_a_disk_kept_read_only_by_a_bad_mode_option_is_not_said_to_be_changed(tm
         daemon.on_key(key)
     assert daemon.state.exports[nqn].mode is Mode.READ_ONLY
     assert "read-write" not in daemon.panel.note and "read-only" in daemon.panel.note
+
+
+def test_leaving_snapshot_mode_asks_first_its_writes_are_dropped() -> None:
+    """The RAM copy goes with snapshot mode: what the other machine wrote there is lost."""
+    disks = [DiskChoice("nqn.a", "sda", Mode.SNAPSHOT), DiskChoice("nqn.b", "sdb", Mode.READ_ONLY)]
+    panel = Panel()
+    for key in "mo":
+        assert panel.handle(key, disks, False) == []
+    assert panel.stage is Stage.CONFIRM and "snapshot of sda?" in panel.lines()[0]
+    assert panel.handle("n", disks, False) == []
+    assert [c for key in "1oy" for c in panel.handle(key, disks, False)] == [SetMode(Mode.READ_ONLY, "nqn.a")]
+    assert [c for key in "2o" for c in panel.handle(key, disks, False)] == [SetMode(Mode.READ_ONLY, "nqn.b")]
+    assert [c for key in "ms" for c in panel.handle(key, disks, False)] == [SetMode(Mode.SNAPSHOT)]
+    for key in "1w":
+        panel.handle(key, disks, False)
+    assert panel.lines()[0].startswith("Discard what was written to the snapshot of sda and make sda READ-WRITE?")

@@ -103,7 +103,8 @@ def test_modes_switch_live_and_nothing_written_is_lost(pair: Pair) -> None:
         assert back.strip() == in_ram  # the initiator reads its own writes back
         assert pair.sum_now(SERIAL) == before  # the disk itself is not written
 
-        press(pair, "m", "w", then=r"Make every disk READ-WRITE\?")
+        # Leaving snapshot mode drops what was written to RAM: asked for first, with read-write.
+        press(pair, "m", "w", then=r"Discard what was written to the snapshot of .* and make every disk READ-WRITE\?")
         press(pair, "y", then=r"every disk is now read-write")
         assert modes(pair) == {"rw"}
         assert pair.target.sh(STORES) == ""  # the snapshot's RAM store is freed
