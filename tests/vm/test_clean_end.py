@@ -26,7 +26,8 @@ def flushes(pair: Pair, disk: Disk) -> int:
     """Cache flushes the guest sent to `disk` since QEMU started (its device's block backend)."""
     stats: list[dict[str, Any]] = pair.target.qmp.cmd("query-blockstats")
     for entry in stats:
-        if entry.get("qdev", "").split("/")[3:4] == [disk.device_id]:
+        qdev = entry.get("qdev", "")  # virtio: /machine/peripheral/ID/virtio-backend; NVMe: ID
+        if disk.device_id in (qdev, *qdev.split("/")[3:4]):
             return int(entry["stats"]["flush_operations"])
     raise AssertionError(f"no block backend of {disk.device_id} in query-blockstats: {stats}")
 

@@ -127,7 +127,7 @@ def test_target_stopped_mid_copy_says_so_and_the_resume_finishes(pair: Pair) -> 
         pair.initiator.sh(f"rm -f {dest} {dest}.storagetm-copy /var/tmp/stopped.out /var/tmp/stopped.rc")
         # 2 MiB/s: the 32 MiB copy runs for 16 s, long enough to stop the target under it.
         pair.initiator.sh(f"(STORAGETM_TEST_COPY_RATE={2 * MIB} {copy} >/var/tmp/stopped.out 2>&1; "
-                          "echo $? >/var/tmp/stopped.rc) </dev/null >/dev/null 2>&1 &")  # fmt: skip
+                          "echo $? >/var/tmp/stopped.rc) </dev/null >/dev/null 2>&1 & true")  # fmt: skip
         until(lambda: sidecar_done(pair, dest) > 0, 60, "the copy recorded no progress", pause=0.5)
         pair.target.sh("systemctl stop storagetm", timeout=120)
         until(lambda: pair.initiator.run("cat /var/tmp/stopped.rc")[1] == 0, 180,
