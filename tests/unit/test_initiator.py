@@ -188,6 +188,12 @@ def test_targets_found_through_avahi_when_resolved_is_absent() -> None:
     assert (found.host, found.port, set(found.addresses)) == (FOUND.host, 8009, set(FOUND.addresses))
 
 
+def test_an_avahi_record_with_a_port_that_is_no_number_is_skipped() -> None:
+    bad = AVAHI.replace(";8009;", ";80x9;", 1)
+    (found,) = mdns.parse_avahi(bad)
+    assert (found.port, found.addresses) == (8009, ("169.254.1.2",))
+
+
 def test_without_resolved_or_avahi_it_says_what_to_install() -> None:
     with pytest.raises(StorageTMError, match=r"neither systemd-resolved .* nor avahi ") as info:
         mdns.browse(fake_tools({}), lambda _tool: None)
