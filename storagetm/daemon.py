@@ -513,7 +513,9 @@ class Daemon:
             return "Authentication stays as booted while TLS is on (its keys are for that host NQN)."
         if on:
             hosts = self.settings.allow_hosts or (auth.generated_host_nqn(),)
-            self.state.auth = AuthConfig(auth.generate_secret(), "", hosts)
+            # Bidirectional as asked at boot: the controller secret is new too, like the host's.
+            ctrl_secret = auth.generate_secret() if self.settings.dhchap_ctrl_secret else ""
+            self.state.auth = AuthConfig(auth.generate_secret(), ctrl_secret, hosts)
         else:
             self.state.auth = AuthConfig()
         if self.state.web.port:  # its downloads read the whole disk: the page asks for what the disks do

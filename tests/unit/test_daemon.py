@@ -255,3 +255,20 @@ def test_a_withdrawn_export_has_the_web_page_let_go_of_its_device_first(tmp_path
     daemon._on_disk_events(QueuedEvents([DiskEvent("remove", disk)]))  # type: ignore[arg-type]
     assert released[-1] == ({disk.devnode}, {disk.devnode})  # asked while the export was still there
     assert daemon.state.exports == {}
+
+
+@pytest.mark.parametrize("asked", ["generate", "DHHC-1:00:given:"])
+def test_authentication_turned_on_again_keeps_it_bidirectional_as_asked_at_boot(tmp_path: Path, asked: str) -> None:
+    daemon = attached(tmp_path, Settings(auth=True, dhchap_ctrl_secret=asked), FakeConfigfs(tmp_path / "configfs"))
+    daemon.set_auth(False)
+    assert daemon.state.auth.ctrl_secret == ""
+    daemon.set_auth(True)
+    on = daemon.state.auth
+    assert on.enabled and on.secret.startswith("DHHC-1:") and on.ctrl_secret.startswith("DHHC-1:")
+    assert on.ctrl_secret not in (on.secret, asked)
+
+
+def test_authentication_turned_on_without_a_controller_secret_asked_is_one_way(tmp_path: Path) -> None:
+    daemon = attached(tmp_path, Settings(), FakeConfigfs(tmp_path / "configfs"))
+    daemon.set_auth(True)
+    assert daemon.state.auth.enabled and daemon.state.auth.ctrl_secret == ""
