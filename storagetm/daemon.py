@@ -183,10 +183,16 @@ class Daemon:
         whose objects could not all be made is not exported (the reconciler undid it)."""
         assert self.reconciler is not None and self.fabrics
         want = self.want()
-        if self.web is not None:  # downloads of what changes let go of its device first
-            self.web.release({backing.path for nqn, backing in self.state.backings.items()
-                              if want.exports.get(nqn) != self.state.exports.get(nqn)})  # fmt: skip
-        failures = self.reconciler.apply(desired_state(want, self.backing, self.fabrics))
+        changing = {backing.path for nqn, backing in self.state.backings.items()
+                    if want.exports.get(nqn) != self.state.exports.get(nqn)}  # fmt: skip
+        web = self.web
+        if web is not None:  # downloads of what changes let go of its device first, and stay off it
+            web.release(changing)
+        try:
+            failures = self.reconciler.apply(desired_state(want, self.backing, self.fabrics))
+        finally:
+            if web is not None:
+                web.resume(changing)
         failed = {failure.group for failure in failures}
         before = self.state.exports
         self.state.exports = {nqn: export for nqn, export in want.exports.items() if nqn not in failed}

@@ -246,14 +246,28 @@ def test_a_withdrawn_export_has_the_web_page_let_go_of_its_device_first(tmp_path
     daemon = attached(tmp_path, Settings(devices=(disk.devnode,)), FakeConfigfs(tmp_path / "configfs"))
     daemon._on_disk_events(QueuedEvents([DiskEvent("add", disk)]))  # type: ignore[arg-type]
     released: list[tuple[set[str], set[str]]] = []
+    resumed: list[tuple[set[str], list[int]]] = []
+    applied: list[int] = []
+    assert daemon.reconciler is not None
+    apply = daemon.reconciler.apply
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        applied.append(1)
+        return apply(*args, **kwargs)
+
+    daemon.reconciler.apply = counted  # type: ignore[method-assign]
 
     class Web:
         def release(self, paths: set[str]) -> None:
             released.append((paths, {e.disk.devnode for e in daemon.state.exports.values()}))
 
+        def resume(self, paths: set[str]) -> None:
+            resumed.append((paths, applied[:]))
+
     daemon.web = Web()  # type: ignore[assignment]
     daemon._on_disk_events(QueuedEvents([DiskEvent("remove", disk)]))  # type: ignore[arg-type]
     assert released[-1] == ({disk.devnode}, {disk.devnode})  # asked while the export was still there
+    assert resumed == [({disk.devnode}, [1])]  # and given back once the reconciler is done
     assert daemon.state.exports == {}
 
 

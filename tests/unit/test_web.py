@@ -310,6 +310,18 @@ def test_release_ends_only_the_downloads_of_a_withdrawn_disk(tmp_path: Path) -> 
         web.stop()
 
 
+def test_a_disk_being_released_is_not_opened_until_resumed(server: WebServer, tmp_path: Path) -> None:
+    vda = {str(tmp_path / "vda.raw")}
+    server.release(vda)
+    for path in ("/disks/vda.img", "/disks/vda.vhd", "/disks/vda.sha256"):
+        status, _, body = get(server, path)
+        assert (status, body) == (503, b"disk is changing, retry in a moment\n")
+    assert server.hashes.jobs == {} and server.readers.get(str(tmp_path / "vda.raw"), 0) == 0
+    assert get(server, "/")[0] == 200 and get(server, "/disks/vdb.img")[0] == 200
+    server.resume(vda)
+    assert get(server, "/disks/vda.img")[0] == 200
+
+
 def test_the_screen_shows_the_address_with_the_token_only_where_secrets_are_shown() -> None:
     from storagetm.console.screen import render
     from storagetm.system.network import Address
