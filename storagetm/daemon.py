@@ -374,7 +374,8 @@ class Daemon:
         from storagetm.web.server import WebServer  # http.server's imports only where it runs
 
         # The token before the first request can come in.
-        self.state.web = WebConfig(self.settings.web_port, web_token(self.state.auth, self.state.tls))
+        self.state.web = WebConfig(self.settings.web_port, web_token(self.state.auth, self.state.tls),
+                                   downloads=not self.state.tls.enabled or self.settings.web_downloads)  # fmt: skip
         server = WebServer(lambda: self.state, self.settings.web_port, host=host, io_port=self.settings.port)
         try:
             server.start()
@@ -385,7 +386,7 @@ class Daemon:
             self.state.web = WebConfig()
             return
         self.web = server
-        self.state.web = WebConfig(server.address[1], self.state.web.token)
+        self.state.web = replace(self.state.web, port=server.address[1])
 
     def stop_web(self) -> None:
         if self.web is not None:

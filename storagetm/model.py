@@ -131,6 +131,7 @@ class WebConfig:
 
     port: int = 0
     token: str = ""  # "" while anyone may connect; else asked for by every page and download
+    downloads: bool = True  # the disks as downloads; not with TLS on unless asked for (plain HTTP)
 
     def without_secrets(self) -> WebConfig:
         return replace(self, token=keys.hidden(self.token))

@@ -36,6 +36,7 @@ from storagetm.state import RunState
 from storagetm.web import page, vhd
 from storagetm.web.hashing import Hashes, HashJob, HashKey
 from storagetm.web.images import Image, images, open_read_only
+from storagetm.web.links import NO_DOWNLOADS
 from storagetm.web.ranges import Unsatisfiable, byte_range
 from storagetm.web.token import COOKIE, QUERY, matches
 
@@ -313,6 +314,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_body(HTTPStatus.OK, "application/json", body, head)
         elif path == page.HELPER and web.helper.is_file():
             self.send_file(str(web.helper), "storagetm.pyz", head)
+        elif path.startswith("/disks/") and not state.web.downloads:
+            self.send_text(HTTPStatus.FORBIDDEN, NO_DOWNLOADS + "\n", head)
         elif (match := DISK_PATH.fullmatch(path)) and (image := images(state).get(match.group(1))):
             if match.group(2) == "sha256":
                 self.sha256(image, state, head)
@@ -363,7 +366,8 @@ class Handler(BaseHTTPRequestHandler):
                 key = None
             jobs[name] = web.hashes.current(name, key) if key else None
         host = self.headers.get("Host") or f"{self.server.server_name}"
-        view = page.Page(host=host, io_port=web.io_port, token=bool(state.web.token), helper=web.helper.is_file())
+        view = page.Page(host=host, io_port=web.io_port, token=bool(state.web.token), helper=web.helper.is_file(),
+                         downloads=state.web.downloads)  # fmt: skip
         body = page.render(state, view, found, jobs).encode()
         self.send_body(HTTPStatus.OK, "text/html; charset=utf-8", body, head)
 

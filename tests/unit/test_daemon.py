@@ -286,3 +286,22 @@ def test_authentication_turned_on_without_a_controller_secret_asked_is_one_way(t
     daemon = attached(tmp_path, Settings(), FakeConfigfs(tmp_path / "configfs"))
     daemon.set_auth(True)
     assert daemon.state.auth.enabled and daemon.state.auth.ctrl_secret == ""
+
+
+def test_with_tls_on_the_web_page_offers_downloads_only_when_asked(tmp_path: Path) -> None:
+    from storagetm.security.tls import TLSConfig, generate_key
+
+    for asked, offered in ((False, False), (True, True)):
+        (tmp_path / str(asked)).mkdir()
+        daemon = attached(tmp_path / str(asked), Settings(web_port=0, web_downloads=asked),
+                          FakeConfigfs(tmp_path / str(asked) / "configfs"))  # fmt: skip
+        daemon.state.tls = TLSConfig(generate_key(), ("nqn.h",))
+        daemon.start_web(host="127.0.0.1")
+        try:
+            assert daemon.state.web.port and daemon.state.web.downloads is offered
+        finally:
+            daemon.stop_web()
+    daemon = attached(tmp_path, Settings(web_port=0), FakeConfigfs(tmp_path / "configfs"))
+    daemon.start_web(host="127.0.0.1")
+    assert daemon.state.web.downloads
+    daemon.stop_web()
