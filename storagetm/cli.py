@@ -40,6 +40,7 @@ on the other machine (the initiator; root, nvme-cli):
   storagetm copy DISK DEST | --all DIR         copy with progress, resumable, verified
   storagetm disconnect [TARGET]                disconnect what connect connected
   storagetm decode CODE                        show what a connection code holds
+  (CODE as - reads it from stdin, @FILE from FILE: off the command line, which every user can read)
 
 secrets: --dhchap-secret=@FILE, --tls-key=@FILE or the systemd credentials storagetm.*
          keep them off the command line, which every user can read

@@ -237,4 +237,5 @@ def screen_lines(state: RunState, width: int = 80) -> list[str]:
             piece = group
         row = piece
     rows.append(f"  {row}")
-    return ["Or, with storagetm on the other machine: storagetm connect CODE, where CODE is", *rows]
+    # `-`: the code, secrets and all, is typed at the prompt, not into argv (which every user reads).
+    return ["Or, with storagetm on the other machine: storagetm connect -, then type CODE:", *rows]

@@ -300,10 +300,11 @@ def disconnect(argv: Sequence[str]) -> int:
 
 def decode(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="storagetm decode", description="Show what a connection code holds.")
-    parser.add_argument("code", nargs="+", help="the code (spaces and line breaks are fine)")
+    parser.add_argument("code", nargs="+", help="the code (spaces and line breaks are fine; - reads it from "
+                        "stdin, @FILE from FILE)")  # fmt: skip
     parser.add_argument("--show-secrets", action="store_true")
     args = parser.parse_args(argv)
-    code = decode_code(" ".join(args.code))
+    code = decode_code(given(args.code[0]) or "" if len(args.code) == 1 else " ".join(args.code))
     shown = {"addresses": list(code.addresses), "port": code.port, "host_nqn": code.host_nqn}
     for name in ("secret", "ctrl_secret", "tls_key"):
         value = getattr(code, name)
