@@ -17,8 +17,8 @@ from storagetm import connection
 from storagetm.errors import ExitCode, StorageTMError, UsageError
 from storagetm.initiator import fabrics, mdns, record
 from storagetm.initiator.copy import Copier, Source
-from storagetm.initiator.progress import human
 from storagetm.security.keys import HIDDEN
+from storagetm.text import human_size
 
 DISCOVERY_PORT = 8009
 MODE_NOTE = "mode (read-write, read-only, snapshot): shown on the target's screen, not announced"
@@ -126,7 +126,7 @@ def discover(target: Target) -> tuple[fabrics.Endpoint, list[fabrics.Record]]:
 
 
 def _disk_line(ns: fabrics.Namespace) -> str:
-    return f"{ns.device}  {ns.model}  {ns.serial}  {human(ns.size)}"
+    return f"{ns.device}  {ns.model}  {ns.serial}  {human_size(ns.size)}"
 
 
 def targets(argv: Sequence[str]) -> int:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from html import escape
 
-from storagetm.console.screen import connect_lines, human_size, mode_text, warnings
+from storagetm.console.screen import connect_lines, mode_text, warnings
 from storagetm.model import IO_TRSVCID
 from storagetm.security.chap import CHAP_USER
 from storagetm.state import RunState
+from storagetm.text import human_size
 from storagetm.web.hashing import HashJob
 from storagetm.web.images import Image
 from storagetm.web.links import NO_DOWNLOADS
