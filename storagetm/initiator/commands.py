@@ -17,10 +17,10 @@ from storagetm import connection
 from storagetm.errors import ExitCode, StorageTMError, UsageError
 from storagetm.initiator import fabrics, mdns, record
 from storagetm.initiator.copy import Copier, Source
+from storagetm.protocol import DISCOVERY_NQN, DISCOVERY_TRSVCID
 from storagetm.security.keys import HIDDEN
 from storagetm.text import human_size
 
-DISCOVERY_PORT = 8009
 MODE_NOTE = "mode (read-write, read-only, snapshot): shown on the target's screen, not announced"
 
 
@@ -78,7 +78,7 @@ def choose_target(spec: str | None, port: int | None) -> Target:
         return Target(code.addresses[0], code.addresses, port or code.port, code)
     if spec and _is_address(spec):
         address = spec.split("%")[0]
-        return Target(address, (address,), port or DISCOVERY_PORT)
+        return Target(address, (address,), port or DISCOVERY_TRSVCID)
     announced = mdns.browse()
     if spec:
         wanted = spec.removesuffix(".local")
@@ -104,7 +104,7 @@ def _prepare(target: Target, command: str) -> None:
         from storagetm.security import tls
 
         tls.ensure_handshake_daemon()
-        tls.insert_key(target.code.host_nqn, fabrics.DISCOVERY_NQN, target.code.tls_key)
+        tls.insert_key(target.code.host_nqn, DISCOVERY_NQN, target.code.tls_key)
 
 
 def discover(target: Target) -> tuple[fabrics.Endpoint, list[fabrics.Record]]:
