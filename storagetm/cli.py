@@ -15,7 +15,7 @@ from storagetm import __version__, connection, state
 from storagetm.config import options
 from storagetm.config.settings import Settings
 from storagetm.console import font
-from storagetm.console.screen import Screen, active_consoles, human_size, render
+from storagetm.console.screen import Screen, active_consoles, render
 from storagetm.disks.identity import default_nqn_base, host_identity, nvme_overrides
 from storagetm.disks.policy import held_by_another, system_facts
 from storagetm.disks.udev import BlockDevices
@@ -24,7 +24,7 @@ from storagetm.security.keys import HIDDEN, ON_COMMAND_LINE, on_command_line
 from storagetm.selection import explicit_files, plan
 from storagetm.system import power
 from storagetm.system.memory import check_system_complete
-from storagetm.text import PrintableLogFilter, printable
+from storagetm.text import PrintableLogFilter, human_size, printable
 
 log = logging.getLogger("storagetm")
 
@@ -40,6 +40,7 @@ on the other machine (the initiator; root, nvme-cli):
   storagetm copy DISK DEST | --all DIR         copy with progress, resumable, verified
   storagetm disconnect [TARGET]                disconnect what connect connected
   storagetm decode CODE                        show what a connection code holds
+  (CODE as - reads it from stdin, @FILE from FILE: off the command line, which every user can read)
 
 secrets: --dhchap-secret=@FILE, --tls-key=@FILE or the systemd credentials storagetm.*
          keep them off the command line, which every user can read

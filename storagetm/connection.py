@@ -20,14 +20,14 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from storagetm.protocol import DISCOVERY_TRSVCID, UUID_NQN_PREFIX
+
 if TYPE_CHECKING:
     from storagetm.state import RunState
 
 PREFIX = "STM1"
 VERSION = 1
 GROUP = 5
-DISCOVERY_PORT = 8009  # storagetm.model.DISCOVERY_TRSVCID, not imported: the helper needs none of the engine
-UUID_NQN_PREFIX = "nqn.2014-08.org.nvmexpress:uuid:"
 NQN_MAX = 223
 
 # flags
@@ -207,8 +207,8 @@ def for_state(state: RunState) -> ConnectionCode:
     """The code of a running target: its addresses, its I/O port, the host NQN it expects
     and the secrets. ValueError if it has no address yet, or its secrets are hidden."""
     addresses = tuple(dict.fromkeys(address.address.split("%")[0] for address in state.addresses))
-    io_ports = [listener.trsvcid for listener in state.ports if listener.trsvcid != DISCOVERY_PORT]
-    port = io_ports[0] if io_ports else DISCOVERY_PORT
+    io_ports = [listener.trsvcid for listener in state.ports if listener.trsvcid != DISCOVERY_TRSVCID]
+    port = io_ports[0] if io_ports else DISCOVERY_TRSVCID
     host_nqn = state.auth.hosts[0] if state.auth.enabled else state.tls.hosts[0] if state.tls.enabled else ""
     auth = state.auth if state.auth.enabled else None
     return ConnectionCode(addresses, port, host_nqn, auth.secret if auth else "", auth.ctrl_secret if auth else "",
@@ -237,4 +237,5 @@ def screen_lines(state: RunState, width: int = 80) -> list[str]:
             piece = group
         row = piece
     rows.append(f"  {row}")
-    return ["Or, with storagetm on the other machine: storagetm connect CODE, where CODE is", *rows]
+    # `-`: the code, secrets and all, is typed at the prompt, not into argv (which every user reads).
+    return ["Or, with storagetm on the other machine: storagetm connect -, then type CODE:", *rows]

@@ -183,10 +183,16 @@ class Daemon:
         whose objects could not all be made is not exported (the reconciler undid it)."""
         assert self.reconciler is not None and self.fabrics
         want = self.want()
-        if self.web is not None:  # downloads of what changes let go of its device first
-            self.web.release({backing.path for nqn, backing in self.state.backings.items()
-                              if want.exports.get(nqn) != self.state.exports.get(nqn)})  # fmt: skip
-        failures = self.reconciler.apply(desired_state(want, self.backing, self.fabrics))
+        changing = {backing.path for nqn, backing in self.state.backings.items()
+                    if want.exports.get(nqn) != self.state.exports.get(nqn)}  # fmt: skip
+        web = self.web
+        if web is not None:  # downloads of what changes let go of its device first, and stay off it
+            web.release(changing)
+        try:
+            failures = self.reconciler.apply(desired_state(want, self.backing, self.fabrics))
+        finally:
+            if web is not None:
+                web.resume(changing)
         failed = {failure.group for failure in failures}
         before = self.state.exports
         self.state.exports = {nqn: export for nqn, export in want.exports.items() if nqn not in failed}
@@ -368,7 +374,8 @@ class Daemon:
         from storagetm.web.server import WebServer  # http.server's imports only where it runs
 
         # The token before the first request can come in.
-        self.state.web = WebConfig(self.settings.web_port, web_token(self.state.auth, self.state.tls))
+        self.state.web = WebConfig(self.settings.web_port, web_token(self.state.auth, self.state.tls),
+                                   downloads=not self.state.tls.enabled or self.settings.web_downloads)  # fmt: skip
         server = WebServer(lambda: self.state, self.settings.web_port, host=host, io_port=self.settings.port)
         try:
             server.start()
@@ -379,7 +386,7 @@ class Daemon:
             self.state.web = WebConfig()
             return
         self.web = server
-        self.state.web = WebConfig(server.address[1], self.state.web.token)
+        self.state.web = replace(self.state.web, port=server.address[1])
 
     def stop_web(self) -> None:
         if self.web is not None:
@@ -513,7 +520,9 @@ class Daemon:
             return "Authentication stays as booted while TLS is on (its keys are for that host NQN)."
         if on:
             hosts = self.settings.allow_hosts or (auth.generated_host_nqn(),)
-            self.state.auth = AuthConfig(auth.generate_secret(), "", hosts)
+            # Bidirectional as asked at boot: the controller secret is new too, like the host's.
+            ctrl_secret = auth.generate_secret() if self.settings.dhchap_ctrl_secret else ""
+            self.state.auth = AuthConfig(auth.generate_secret(), ctrl_secret, hosts)
         else:
             self.state.auth = AuthConfig()
         if self.state.web.port:  # its downloads read the whole disk: the page asks for what the disks do

@@ -9,15 +9,15 @@ from dataclasses import dataclass, field, replace
 from storagetm.backing.modes import Mode
 from storagetm.disks.disk import Disk
 from storagetm.disks.identity import Identity
+from storagetm.protocol import DISCOVERY_NQN as DISCOVERY_NQN  # the engine's modules take them from here
+from storagetm.protocol import DISCOVERY_TRSVCID as DISCOVERY_TRSVCID
+from storagetm.protocol import IO_TRSVCID as IO_TRSVCID
 from storagetm.security import keys
 from storagetm.security.auth import AuthConfig
 from storagetm.security.tls import TLSConfig
 from storagetm.system.network import Address
 
 NSID = 1
-DISCOVERY_TRSVCID = 8009
-DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"  # the well-known one every port serves
-IO_TRSVCID = 4420
 ISCSI_PORT = 3260  # iSCSI's well-known port; Windows' Quick Connect asks there
 
 
@@ -131,6 +131,7 @@ class WebConfig:
 
     port: int = 0
     token: str = ""  # "" while anyone may connect; else asked for by every page and download
+    downloads: bool = True  # the disks as downloads; not with TLS on unless asked for (plain HTTP)
 
     def without_secrets(self) -> WebConfig:
         return replace(self, token=keys.hidden(self.token))

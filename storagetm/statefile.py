@@ -1,5 +1,6 @@
 """Private files under /run/storagetm: the directory 0700, each file 0600 whatever the
-umask (they hold the DH-HMAC-CHAP secrets and the TLS key), written whole or not at all."""
+umask (they hold the DH-HMAC-CHAP secrets and the TLS key), written whole or not at all.
+The standard library only: the initiator-side helper writes its records with it too."""
 
 from __future__ import annotations
 
@@ -24,8 +25,15 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
-    """Temp file, (fsync,) rename: a reader sees the old file or the new one."""
+    """Temp file, (fsync,) rename: a reader sees the old file or the new one. In a private
+    directory (made 0700)."""
     private_directory(path.parent)
+    replace_atomic(path, data, sync=sync)
+
+
+def replace_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """write_atomic in a directory that is not ours to make private: a file 0600, replaced
+    whole, the directory left as it is."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.unlink(missing_ok=True)  # left by a killed instance with our pid
     try:

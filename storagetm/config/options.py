@@ -38,6 +38,7 @@ from storagetm.config.settings import (
     parse_secret,
     parse_snapshot_size,
     parse_tls,
+    parse_web,
     with_mode,
 )
 from storagetm.security.auth import CREDENTIAL_CTRL_SECRET, CREDENTIAL_SECRET
@@ -187,6 +188,12 @@ def _no_web(_name: str, _value: str, settings: Settings) -> tuple[Settings, str]
     return replace(settings, web=False), "not serving the web page"
 
 
+def _web(settings: Settings, value: bool | str) -> Settings:
+    if value == "downloads":
+        return replace(settings, web=True, web_downloads=True)
+    return replace(settings, web=bool(value))
+
+
 def _on(apply: Callable[[Settings, bool | str], Settings]) -> Callable[[Settings], Settings]:
     return lambda settings: apply(settings, True)
 
@@ -244,8 +251,10 @@ OPTIONS: tuple[Option[Any], ...] = (
            "unless --no-iscsi or 0", parse_flag, _setter("iscsi"), flag="--no-iscsi", const="0", kernel="iscsi",
            kernel_value="1|0", on_bad=_no_iscsi),  # fmt: skip
     Option("the web page (status, instructions per OS, each disk as a download; plain HTTP): on unless --no-web "
-           "or 0", parse_flag, _setter("web"), flag="--no-web", const="0", kernel="web", kernel_value="1|0",
-           on_bad=_no_web),  # fmt: skip
+           "or 0; with TLS on, no downloads unless `downloads`", parse_web, _web, flag="--no-web", const="0",
+           kernel="web", kernel_value="1|0|downloads", on_bad=_no_web),  # fmt: skip
+    Option("the disks as downloads on the web page even with TLS on (plain HTTP: anyone on the path reads them)",
+           parse_web, _web, flag="--web-downloads", const="downloads"),  # fmt: skip
     Option("TCP port of the web page (default 80)", parse_port, _setter("web_port"), flag="--web-port", metavar="N",
            kernel="web_port", kernel_value="N"),  # fmt: skip
     Option("once started, handle disk events at real-time priority (SCHED_RR 1); the image does",

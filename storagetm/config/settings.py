@@ -44,7 +44,8 @@ class Settings:
     tls_key: str = ""  # "" with tls: generate one
     realtime: bool = False  # once started, serve disk events at real-time priority (SCHED_RR)
     iscsi: bool = True  # every export also an iSCSI target (kernel LIO), for Windows' initiator
-    web: bool = True  # the web page: status, instructions, the disks as downloads
+    web: bool = True  # the web page: status, instructions, the disks as downloads (not with TLS on)
+    web_downloads: bool = False  # the disks as downloads even with TLS on: asked for explicitly
     web_port: int = WEB_PORT
     refusals: tuple[str, ...] = ()  # bad options that limit access; while there are any, nothing is exported
     nvme: NvmeOverrides = NO_OVERRIDES  # SYSTEMD_NVME_* from the environment
@@ -196,6 +197,16 @@ def parse_auth(value: str) -> bool | str:
 
 def parse_auth_ctrl(value: str) -> bool | str:
     return _flag_or(value, lambda v: check_secret(v, "controller secret"), "expects 1, 0 or a DHHC-1:00:…: secret")
+
+
+def parse_web(value: str) -> bool | str:
+    """1, 0, or `downloads`: the page with the disks as downloads even with TLS on."""
+    if value.lower() == "downloads":
+        return "downloads"
+    flag = _yes(value)
+    if flag is None:
+        raise OptionError("expects 1, 0 or downloads")
+    return flag
 
 
 def parse_tls(value: str) -> bool | str:

@@ -18,7 +18,7 @@ from storagetm.console.stats import DiskActivity
 from storagetm.model import DISCOVERY_TRSVCID, IO_TRSVCID, Export
 from storagetm.security.chap import CHAP_USER
 from storagetm.state import RunState
-from storagetm.text import printable
+from storagetm.text import human_size, printable
 from storagetm.web.links import screen_lines as web_lines
 
 log = logging.getLogger(__name__)
@@ -59,15 +59,6 @@ def warnings(state: RunState) -> list[str]:
         return [WARNINGS[mode].format(who=who, what="these disks"), *extra]
     return [WARNINGS[mode].format(who=who, what=", ".join(sorted(names))) for mode, names in sorted(
         by_mode.items(), key=lambda item: item[0].value)] + extra  # fmt: skip
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def mode_text(state: RunState, export: Export) -> str:

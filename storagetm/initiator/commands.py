@@ -17,10 +17,10 @@ from storagetm import connection
 from storagetm.errors import ExitCode, StorageTMError, UsageError
 from storagetm.initiator import fabrics, mdns, record
 from storagetm.initiator.copy import Copier, Source
-from storagetm.initiator.progress import human
+from storagetm.protocol import DISCOVERY_NQN, DISCOVERY_TRSVCID
 from storagetm.security.keys import HIDDEN
+from storagetm.text import human_size
 
-DISCOVERY_PORT = 8009
 MODE_NOTE = "mode (read-write, read-only, snapshot): shown on the target's screen, not announced"
 
 
@@ -78,7 +78,7 @@ def choose_target(spec: str | None, port: int | None) -> Target:
         return Target(code.addresses[0], code.addresses, port or code.port, code)
     if spec and _is_address(spec):
         address = spec.split("%")[0]
-        return Target(address, (address,), port or DISCOVERY_PORT)
+        return Target(address, (address,), port or DISCOVERY_TRSVCID)
     announced = mdns.browse()
     if spec:
         wanted = spec.removesuffix(".local")
@@ -104,7 +104,7 @@ def _prepare(target: Target, command: str) -> None:
         from storagetm.security import tls
 
         tls.ensure_handshake_daemon()
-        tls.insert_key(target.code.host_nqn, fabrics.DISCOVERY_NQN, target.code.tls_key)
+        tls.insert_key(target.code.host_nqn, DISCOVERY_NQN, target.code.tls_key)
 
 
 def discover(target: Target) -> tuple[fabrics.Endpoint, list[fabrics.Record]]:
@@ -126,7 +126,7 @@ def discover(target: Target) -> tuple[fabrics.Endpoint, list[fabrics.Record]]:
 
 
 def _disk_line(ns: fabrics.Namespace) -> str:
-    return f"{ns.device}  {ns.model}  {ns.serial}  {human(ns.size)}"
+    return f"{ns.device}  {ns.model}  {ns.serial}  {human_size(ns.size)}"
 
 
 def targets(argv: Sequence[str]) -> int:
@@ -300,10 +300,11 @@ def disconnect(argv: Sequence[str]) -> int:
 
 def decode(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="storagetm decode", description="Show what a connection code holds.")
-    parser.add_argument("code", nargs="+", help="the code (spaces and line breaks are fine)")
+    parser.add_argument("code", nargs="+", help="the code (spaces and line breaks are fine; - reads it from "
+                        "stdin, @FILE from FILE)")  # fmt: skip
     parser.add_argument("--show-secrets", action="store_true")
     args = parser.parse_args(argv)
-    code = decode_code(" ".join(args.code))
+    code = decode_code(given(args.code[0]) or "" if len(args.code) == 1 else " ".join(args.code))
     shown = {"addresses": list(code.addresses), "port": code.port, "host_nqn": code.host_nqn}
     for name in ("secret", "ctrl_secret", "tls_key"):
         value = getattr(code, name)

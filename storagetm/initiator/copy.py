@@ -26,6 +26,7 @@ from typing import Protocol
 
 from storagetm.errors import StorageTMError, UsageError
 from storagetm.initiator.progress import Progress
+from storagetm.statefile import replace_atomic
 
 BLOCK = 4 << 20
 SIDECAR_SUFFIX = ".storagetm-copy"
@@ -118,15 +119,8 @@ class Record:
     verified: str = ""  # "" not yet, else the verdict line
 
     def save(self, path: Path) -> None:
-        temporary = path.with_name(path.name + ".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, json.dumps({"source": self.identity, "size": self.size, "done": self.done,
-                                     "verified": self.verified}).encode())  # fmt: skip
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
+        replace_atomic(path, json.dumps({"source": self.identity, "size": self.size, "done": self.done,
+                                         "verified": self.verified}).encode())  # fmt: skip
 
     @classmethod
     def load(cls, path: Path) -> Record | None:

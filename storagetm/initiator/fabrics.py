@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storagetm.errors import StorageTMError, UsageError
+from storagetm.protocol import DISCOVERY_NQN, UUID_NQN_PREFIX
 
-DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
 FABRICS = Path("/dev/nvme-fabrics")
 SYS = Path("/sys")
 ANCHOR_SUFFIX = ":discovery-port"  # the subsystem a storagetm target links into 8009 only; no host may use it
-UUID_NQN_PREFIX = "nqn.2014-08.org.nvmexpress:uuid:"
 KEEP_ALIVE_TMO = 30
 # Without a path I/O waits ctrl_loss_tmo (600 s) before failing; the copy should say so
 # sooner. The controller keeps reconnecting meanwhile (ctrl_loss_tmo -1: for ever), so a

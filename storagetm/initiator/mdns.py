@@ -106,8 +106,8 @@ def parse_avahi(text: str) -> list[Announced]:
     by_name: dict[str, Announced] = {}
     for line in text.splitlines():
         parts = line.split(";")
-        if len(parts) < 9 or parts[0] != "=" or parts[4] != SERVICE_TYPE:
-            continue
+        if len(parts) < 9 or parts[0] != "=" or parts[4] != SERVICE_TYPE or not parts[8].isdecimal():
+            continue  # not a resolved record of ours, or a port that is no number: not a target to offer
         name, host, address, port = _avahi_unescape(parts[3]), parts[6], _address(parts[7]), int(parts[8])
         txt = dict(t.partition("=")[::2] for t in re.findall(r'"([^"]*)"', ";".join(parts[9:])))
         before = by_name.get(name)

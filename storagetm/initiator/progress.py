@@ -7,13 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-
-def human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+from storagetm.text import human_size
 
 
 def clock(seconds: float) -> str:
@@ -37,7 +31,8 @@ class Progress:
         rate = (done - self.start) / elapsed
         percent = 100 * done / self.total if self.total else 100.0
         eta = clock((self.total - done) / rate) if rate > 0 else "-:--:--"
-        return f"{self.label}: {percent:3.0f}% {human(done)} of {human(self.total)}, {human(rate)}/s, ETA {eta}"
+        amounts = f"{human_size(done)} of {human_size(self.total)}, {human_size(rate)}/s"
+        return f"{self.label}: {percent:3.0f}% {amounts}, ETA {eta}"
 
     def update(self, done: int, *, force: bool = False) -> None:
         if self.terminal:

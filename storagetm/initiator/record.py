@@ -5,9 +5,10 @@ reboot."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from storagetm.statefile import write_atomic
 
 RECORD = Path("/run/storagetm-helper/connected.json")
 
@@ -31,8 +32,4 @@ def load(path: Path | None = None) -> list[Connection]:
 
 
 def save(connections: list[Connection], path: Path | None = None) -> None:
-    path = path or RECORD
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps([asdict(c) for c in connections]))
-    os.replace(temporary, path)
+    write_atomic(path or RECORD, json.dumps([asdict(c) for c in connections]).encode())

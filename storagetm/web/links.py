@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from storagetm.state import RunState
 
 WIDTH = 80
+NO_DOWNLOADS = ("TLS is on: disks are not offered over plain HTTP; boot with storagetm.web=downloads "
+                "(or --web-downloads) to allow it")  # fmt: skip
 
 
 def urls(state: RunState) -> list[str]:
@@ -31,7 +33,7 @@ def screen_lines(state: RunState) -> list[str]:
     found = urls(state)
     if not found:
         return []
-    line = f"Web page (any browser): {found[0]}"
+    line = f"Web page (any browser{'' if state.web.downloads else ', no downloads: TLS'}): {found[0]}"
     for url in found[1:]:
         if len(line) + len(url) + 4 <= WIDTH:
             line += f"  or {url}"

@@ -6,12 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from html import escape
 
-from storagetm.console.screen import connect_lines, human_size, mode_text, warnings
+from storagetm.console.screen import connect_lines, mode_text, warnings
 from storagetm.model import IO_TRSVCID
 from storagetm.security.chap import CHAP_USER
 from storagetm.state import RunState
+from storagetm.text import human_size
 from storagetm.web.hashing import HashJob
 from storagetm.web.images import Image
+from storagetm.web.links import NO_DOWNLOADS
 from storagetm.web.token import COOKIE, QUERY
 
 REFRESH = 5  # seconds: the page follows the live state without a script
@@ -30,6 +32,7 @@ class Page:
     io_port: int = IO_TRSVCID
     token: bool = False  # the page asks for a token: commands say where to put it
     helper: bool = False  # the initiator-side helper is there to download
+    downloads: bool = True  # the disks are offered as downloads (not with TLS on unless asked for)
 
     @property
     def base(self) -> str:
@@ -58,7 +61,8 @@ def hash_cell(image: Image, job: HashJob | None) -> str:
     return f"{link}: <code>{job.digest}</code>"
 
 
-def disk_rows(state: RunState, images: dict[str, Image], hashes: dict[str, HashJob | None]) -> list[str]:
+def disk_rows(state: RunState, images: dict[str, Image], hashes: dict[str, HashJob | None],
+              downloads: bool = True) -> list[str]:  # fmt: skip
     rows = []
     for name, image in sorted(images.items()):
         export, n = image.export, escape(name)
@@ -69,8 +73,8 @@ def disk_rows(state: RunState, images: dict[str, Image], hashes: dict[str, HashJ
         rows.append(
             f"<tr><td><b>{n}</b></td><td>{human_size(export.disk.size)}</td><td>{escape(export.identity.model)}</td>"
             f"<td>{escape(export.identity.serial)}</td><td>{escape(mode_text(state, export))}</td><td>{read}</td>"
-            f'<td><a href="/disks/{n}.img">{n}.img</a> · <a href="/disks/{n}.vhd">{n}.vhd</a> · '
-            f"{hash_cell(image, hashes.get(name))}</td></tr>"  # fmt: skip
+            + (f'<td><a href="/disks/{n}.img">{n}.img</a> · <a href="/disks/{n}.vhd">{n}.vhd</a> · '
+               f"{hash_cell(image, hashes.get(name))}</td></tr>" if downloads else "<td>-</td></tr>")  # fmt: skip
         )
     return rows
 
@@ -90,7 +94,8 @@ def instructions(state: RunState, page: Page, images: dict[str, Image]) -> str:
                      + _pre([f"curl {cookie}-O {page.base}{HELPER}", "sudo python3 storagetm.pyz --help"]))  # fmt: skip
     parts.append(f"<p>{'Or with' if page.helper else 'With'} nvme-cli, as on the target's screen:</p>"
                  + _pre(connect_lines(state.without_secrets(), page.io_port)))  # fmt: skip
-    parts.append("<p>Or download a disk (resumes where it broke off):</p>" + _pre([curl]))
+    if page.downloads:
+        parts.append("<p>Or download a disk (resumes where it broke off):</p>" + _pre([curl]))
     parts.append("<h3>Windows</h3>")
     if state.iscsi.enabled:
         steps = [f"iSCSI Initiator → Quick Connect → {address} → Quick Connect."]
@@ -98,6 +103,9 @@ def instructions(state: RunState, page: Page, images: dict[str, Image]) -> str:
             steps.append(f"Then the target → Connect → Advanced → Enable CHAP log on: name {CHAP_USER}, "
                          "secret: the CHAP secret on the target's screen.")  # fmt: skip
         parts.append("<p>" + " ".join(escape(step) for step in steps) + "</p>")
+    if not page.downloads:
+        parts.append(f"<p class=warn>{escape(NO_DOWNLOADS)}.</p>")
+        return "\n".join(parts)
     parts.append(f'<p>Or download the .vhd of a disk and double-click it (Windows mounts it): '
                  f'<a href="/disks/{escape(first)}.vhd">{escape(first)}.vhd</a></p>')  # fmt: skip
     attach = f"hdiutil attach -imagekey diskimage-class=CRawDiskImage -nomount {first}.img"
@@ -107,7 +115,7 @@ def instructions(state: RunState, page: Page, images: dict[str, Image]) -> str:
 
 
 def render(state: RunState, page: Page, images: dict[str, Image], hashes: dict[str, HashJob | None]) -> str:
-    rows = disk_rows(state, images, hashes)
+    rows = disk_rows(state, images, hashes, page.downloads)
     header = "".join(f"<th>{column}</th>" for column in ("disk", "size", "model", "serial", "mode", "read", "download"))
     table = f"<table><tr>{header}</tr>{''.join(rows)}</table>" if rows else "<p>No disks exported yet.</p>"
     warning = "".join(f"<p class=warn>{escape(w)}</p>" for w in warnings(state)) if images else ""

@@ -36,6 +36,7 @@ from storagetm.state import RunState
 from storagetm.web import page, vhd
 from storagetm.web.hashing import Hashes, HashJob, HashKey
 from storagetm.web.images import Image, images, open_read_only
+from storagetm.web.links import NO_DOWNLOADS
 from storagetm.web.ranges import Unsatisfiable, byte_range
 from storagetm.web.token import COOKIE, QUERY, matches
 
@@ -78,6 +79,10 @@ def send_from(sock: socket.socket, fd: int, offset: int, count: int, timeout: fl
     return sent
 
 
+class Changing(Exception):
+    """The disk's export is being changed or withdrawn: its device is not to be opened now."""
+
+
 def generation(image: Image, state: RunState) -> int:
     """What changes when the disk's content may have: bytes written to its device since
     export (its block-layer counter), or a regular file's mtime; -1 if neither is known."""
@@ -105,6 +110,12 @@ class WebServer:
         self.max_connections = max_connections
         self.poll = poll  # seconds between looks at a stop request (each a wake-up of the target's CPU)
         self.hashes = Hashes()
+        # Devices being let go of (release() to resume()): nothing opens them meanwhile, or
+        # their removal fails busy. One lock with the server's, so that a download is either
+        # seen by release() or refused.
+        self.lock = threading.Condition()
+        self.releasing: set[str] = set()
+        self.readers: dict[str, int] = {}  # device -> requests holding it open
         self.started = int(time.time())  # the VHD footers' timestamp: the same for every request of this run
         self.httpd: _Server | None = None
         self.thread: threading.Thread | None = None
@@ -129,10 +140,33 @@ class WebServer:
     def release(self, paths: set[str]) -> None:
         """Close every download and hash computation reading these devices, and wait until
         they let go: the exports on them are about to be withdrawn or changed (a device
-        mapper device held open cannot be removed)."""
+        mapper device held open cannot be removed). Until resume(), nothing opens them."""
+        with self.lock:
+            self.releasing |= paths
         if self.httpd is not None:
             self.httpd.close_connections(paths)
-        self.hashes.release(paths)
+        with self.lock:
+            self.lock.wait_for(lambda: not any(self.readers.get(path) for path in paths), STOP_WAIT)
+        self.hashes.release(paths)  # after the readers: none of them can start a computation now
+
+    def resume(self, paths: set[str]) -> None:
+        """The change of these devices' exports is over: they may be opened again."""
+        with self.lock:
+            self.releasing -= paths
+
+    @contextlib.contextmanager
+    def reading(self, path: str) -> Iterator[None]:
+        """Hold `path` for a request that opens it; Changing while it is being released."""
+        with self.lock:
+            if path in self.releasing:
+                raise Changing(path)
+            self.readers[path] = self.readers.get(path, 0) + 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.readers[path] -= 1
+                self.lock.notify_all()
 
     def stop(self) -> None:
         if self.httpd is None:
@@ -145,11 +179,14 @@ class WebServer:
         log.debug("web page stopped")
 
     def hash_key(self, image: Image, state: RunState) -> HashKey | None:
-        try:
-            fd, size = open_read_only(image.path)
-        except OSError:
-            return None
-        os.close(fd)
+        """What the disk's sha256 is of; None if its device cannot be opened. Changing while
+        it is being released."""
+        with self.reading(image.path):
+            try:
+                fd, size = open_read_only(image.path)
+            except OSError:
+                return None
+            os.close(fd)
         return HashKey(image.path, size, image.mode.value, generation(image, state))
 
     def footer(self, image: Image, size: int) -> bytes:
@@ -165,7 +202,7 @@ class _Server(ThreadingHTTPServer):
         self.web = web
         self.address_family = family
         self.slots = threading.BoundedSemaphore(web.max_connections)
-        self.lock = threading.Lock()
+        self.lock = web.lock
         self.active: dict[socket.socket, threading.Thread] = {}
         self.reading: dict[socket.socket, str] = {}  # the device each download is sending from
         super().__init__(address, Handler)
@@ -202,13 +239,15 @@ class _Server(ThreadingHTTPServer):
 
     @contextlib.contextmanager
     def sending_from(self, request: socket.socket, path: str) -> Iterator[None]:
-        with self.lock:
-            self.reading[request] = path
-        try:
-            yield
-        finally:
+        """A download from `path`: seen by close_connections(), or Changing if being released."""
+        with self.web.reading(path):
             with self.lock:
-                self.reading.pop(request, None)
+                self.reading[request] = path
+            try:
+                yield
+            finally:
+                with self.lock:
+                    self.reading.pop(request, None)
 
     def close_connections(self, paths: set[str] | None = None) -> None:
         """Every connection, or those sending from one of `paths`; waits for their threads."""
@@ -257,19 +296,27 @@ class Handler(BaseHTTPRequestHandler):
         self.respond(head=True)
 
     def respond(self, head: bool) -> None:
-        web = self.server.web
-        state = web.get_state()
+        state = self.server.web.get_state()
         url = urlsplit(self.path)
         if not self.allowed(state.web.token, url.path, url.query):
             return
-        if url.path == "/":
+        try:
+            self.route(state, url.path, head)
+        except Changing:
+            self.send_text(HTTPStatus.SERVICE_UNAVAILABLE, "disk is changing, retry in a moment\n", head, refresh=2)
+
+    def route(self, state: RunState, path: str, head: bool) -> None:
+        web = self.server.web
+        if path == "/":
             self.page(state, head)
-        elif url.path == "/status.json":
+        elif path == "/status.json":
             body = json.dumps(state.without_secrets().to_json(), indent=1).encode() + b"\n"
             self.send_body(HTTPStatus.OK, "application/json", body, head)
-        elif url.path == page.HELPER and web.helper.is_file():
+        elif path == page.HELPER and web.helper.is_file():
             self.send_file(str(web.helper), "storagetm.pyz", head)
-        elif (match := DISK_PATH.fullmatch(url.path)) and (image := images(state).get(match.group(1))):
+        elif path.startswith("/disks/") and not state.web.downloads:
+            self.send_text(HTTPStatus.FORBIDDEN, NO_DOWNLOADS + "\n", head)
+        elif (match := DISK_PATH.fullmatch(path)) and (image := images(state).get(match.group(1))):
             if match.group(2) == "sha256":
                 self.sha256(image, state, head)
             else:
@@ -313,10 +360,14 @@ class Handler(BaseHTTPRequestHandler):
         found = images(state)
         jobs: dict[str, HashJob | None] = {}
         for name, image in found.items():
-            key = web.hash_key(image, state)
+            try:
+                key = web.hash_key(image, state)
+            except Changing:  # the page still shows, without this disk's sha256
+                key = None
             jobs[name] = web.hashes.current(name, key) if key else None
         host = self.headers.get("Host") or f"{self.server.server_name}"
-        view = page.Page(host=host, io_port=web.io_port, token=bool(state.web.token), helper=web.helper.is_file())
+        view = page.Page(host=host, io_port=web.io_port, token=bool(state.web.token), helper=web.helper.is_file(),
+                         downloads=state.web.downloads)  # fmt: skip
         body = page.render(state, view, found, jobs).encode()
         self.send_body(HTTPStatus.OK, "text/html; charset=utf-8", body, head)
 
@@ -326,7 +377,8 @@ class Handler(BaseHTTPRequestHandler):
         if key is None:
             self.send_text(HTTPStatus.SERVICE_UNAVAILABLE, f"cannot open {image.name}'s device\n", head)
             return
-        job = web.hashes.current(image.name, key) if head else web.hashes.request(image.name, key)
+        with web.reading(image.path):  # a computation is not started on a device being released
+            job = web.hashes.current(image.name, key) if head else web.hashes.request(image.name, key)
         if job is not None and job.finished and job.digest:
             self.send_text(HTTPStatus.OK, f"{job.digest}  {image.name}.img\n", head)
         elif job is not None and job.error:
@@ -353,12 +405,16 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def send_image(self, image: Image, as_vhd: bool, head: bool) -> None:
-        try:
-            fd, size = open_read_only(image.path)
-        except OSError as exc:
-            self.send_text(HTTPStatus.SERVICE_UNAVAILABLE, f"cannot open {image.name}: {exc.strerror}\n", head)
-            return
-        with os.fdopen(fd, "rb", buffering=0) as device, self.server.sending_from(self.connection, image.path):
+        with self.server.sending_from(self.connection, image.path):  # held before it is opened
+            try:
+                fd, size = open_read_only(image.path)
+            except OSError as exc:
+                self.send_text(HTTPStatus.SERVICE_UNAVAILABLE, f"cannot open {image.name}: {exc.strerror}\n", head)
+                return
+            self.send_device(image, fd, size, as_vhd, head)
+
+    def send_device(self, image: Image, fd: int, size: int, as_vhd: bool, head: bool) -> None:
+        with os.fdopen(fd, "rb", buffering=0) as device:
             if as_vhd and size % vhd.SECTOR:
                 self.send_text(HTTPStatus.NOT_FOUND, f"{image.name} is not whole 512-byte sectors: no VHD\n", head)
                 return

@@ -246,12 +246,62 @@ def test_a_withdrawn_export_has_the_web_page_let_go_of_its_device_first(tmp_path
     daemon = attached(tmp_path, Settings(devices=(disk.devnode,)), FakeConfigfs(tmp_path / "configfs"))
     daemon._on_disk_events(QueuedEvents([DiskEvent("add", disk)]))  # type: ignore[arg-type]
     released: list[tuple[set[str], set[str]]] = []
+    resumed: list[tuple[set[str], list[int]]] = []
+    applied: list[int] = []
+    assert daemon.reconciler is not None
+    apply = daemon.reconciler.apply
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        applied.append(1)
+        return apply(*args, **kwargs)
+
+    daemon.reconciler.apply = counted  # type: ignore[method-assign]
 
     class Web:
         def release(self, paths: set[str]) -> None:
             released.append((paths, {e.disk.devnode for e in daemon.state.exports.values()}))
 
+        def resume(self, paths: set[str]) -> None:
+            resumed.append((paths, applied[:]))
+
     daemon.web = Web()  # type: ignore[assignment]
     daemon._on_disk_events(QueuedEvents([DiskEvent("remove", disk)]))  # type: ignore[arg-type]
     assert released[-1] == ({disk.devnode}, {disk.devnode})  # asked while the export was still there
+    assert resumed == [({disk.devnode}, [1])]  # and given back once the reconciler is done
     assert daemon.state.exports == {}
+
+
+@pytest.mark.parametrize("asked", ["generate", "DHHC-1:00:given:"])
+def test_authentication_turned_on_again_keeps_it_bidirectional_as_asked_at_boot(tmp_path: Path, asked: str) -> None:
+    daemon = attached(tmp_path, Settings(auth=True, dhchap_ctrl_secret=asked), FakeConfigfs(tmp_path / "configfs"))
+    daemon.set_auth(False)
+    assert daemon.state.auth.ctrl_secret == ""
+    daemon.set_auth(True)
+    on = daemon.state.auth
+    assert on.enabled and on.secret.startswith("DHHC-1:") and on.ctrl_secret.startswith("DHHC-1:")
+    assert on.ctrl_secret not in (on.secret, asked)
+
+
+def test_authentication_turned_on_without_a_controller_secret_asked_is_one_way(tmp_path: Path) -> None:
+    daemon = attached(tmp_path, Settings(), FakeConfigfs(tmp_path / "configfs"))
+    daemon.set_auth(True)
+    assert daemon.state.auth.enabled and daemon.state.auth.ctrl_secret == ""
+
+
+def test_with_tls_on_the_web_page_offers_downloads_only_when_asked(tmp_path: Path) -> None:
+    from storagetm.security.tls import TLSConfig, generate_key
+
+    for asked, offered in ((False, False), (True, True)):
+        (tmp_path / str(asked)).mkdir()
+        daemon = attached(tmp_path / str(asked), Settings(web_port=0, web_downloads=asked),
+                          FakeConfigfs(tmp_path / str(asked) / "configfs"))  # fmt: skip
+        daemon.state.tls = TLSConfig(generate_key(), ("nqn.h",))
+        daemon.start_web(host="127.0.0.1")
+        try:
+            assert daemon.state.web.port and daemon.state.web.downloads is offered
+        finally:
+            daemon.stop_web()
+    daemon = attached(tmp_path, Settings(web_port=0), FakeConfigfs(tmp_path / "configfs"))
+    daemon.start_web(host="127.0.0.1")
+    assert daemon.state.web.downloads
+    daemon.stop_web()

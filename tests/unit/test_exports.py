@@ -142,6 +142,17 @@ def test_port_ids_are_stable_and_apart() -> None:
     assert port_ids(listeners[5:6], 4420) == port_ids(listeners[5:6], 4420)
 
 
+def test_port_ids_do_not_depend_on_the_order_of_colliding_listeners() -> None:
+    by_id: dict[int, list[Listener]] = {}
+    for i in range(5000):  # two addresses whose ids collide
+        listener = Listener("ipv4", f"10.{i >> 8}.{i & 255}.1", 8009)
+        by_id.setdefault(int(port_ids([listener], 4420)[0]), []).append(listener)
+    first, second = next(pair for pair in by_id.values() if len(pair) > 1)[:2]
+    forward = port_ids([first, second], 4420)
+    assert forward[0] != forward[1]
+    assert port_ids([second, first], 4420) == forward[::-1]
+
+
 def test_io_port_8009_is_one_port_without_a_referral(tmp_path: Path, target: Target) -> None:
     export = export_of(file_disk(tmp_path, "a"))
     assert target.apply(export, port=DISCOVERY_TRSVCID, addresses=(ADDRESS,)) == []

@@ -59,3 +59,17 @@ def test_pip_installs_a_storagetm_command() -> None:
     text = (REPO / "pyproject.toml").read_text()
     assert 'storagetm = "storagetm.cli:main"' in text
     assert 'requires-python = ">=3.11"' in text
+
+
+def test_the_protocol_constants_are_one_set_for_the_target_and_the_helper() -> None:
+    import ast
+    import re
+
+    from storagetm import model, protocol
+
+    assert (model.DISCOVERY_TRSVCID, model.DISCOVERY_NQN, model.IO_TRSVCID) == (8009, protocol.DISCOVERY_NQN, 4420)
+    assert not [node for node in ast.walk(ast.parse((REPO / "storagetm/protocol.py").read_text()))
+                if isinstance(node, ast.ImportFrom) and node.module != "__future__"]  # fmt: skip
+    for module in ("connection.py", "initiator/commands.py", "initiator/fabrics.py", "model.py"):
+        source = (REPO / "storagetm" / module).read_text()
+        assert not re.search(r'^[A-Z_]+ = (8009|"nqn\.2014-08\.org\.nvmexpress)', source, re.MULTILINE), module

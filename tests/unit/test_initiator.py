@@ -19,8 +19,11 @@ from storagetm.connection import ConnectionCode, encode
 from storagetm.errors import StorageTMError, UsageError
 from storagetm.initiator import commands, fabrics, mdns, record
 from storagetm.initiator.fabrics import Credentials, Endpoint, Namespace
+from storagetm.model import Listener
 from storagetm.security.auth import generate_secret
 from storagetm.security.tls import generate_key
+from storagetm.state import RunState
+from storagetm.system.network import Address
 
 HOST = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555"
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
@@ -188,6 +191,12 @@ def test_targets_found_through_avahi_when_resolved_is_absent() -> None:
     assert (found.host, found.port, set(found.addresses)) == (FOUND.host, 8009, set(FOUND.addresses))
 
 
+def test_an_avahi_record_with_a_port_that_is_no_number_is_skipped() -> None:
+    bad = AVAHI.replace(";8009;", ";80x9;", 1)
+    (found,) = mdns.parse_avahi(bad)
+    assert (found.port, found.addresses) == (8009, ("169.254.1.2",))
+
+
 def test_without_resolved_or_avahi_it_says_what_to_install() -> None:
     with pytest.raises(StorageTMError, match=r"neither systemd-resolved .* nor avahi ") as info:
         mdns.browse(fake_tools({}), lambda _tool: None)
@@ -280,6 +289,23 @@ def test_disconnect_takes_only_what_connect_connected(monkeypatch: pytest.Monkey
     assert commands.run(["disconnect"]) == 0
     assert deleted == ["nvme1"]
     assert record.load() == []
+
+
+def test_decode_takes_the_code_from_stdin_or_a_file_off_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from storagetm import connection
+
+    secret = generate_secret()
+    text = encode(ConnectionCode(("192.0.2.1",), 4420, "nqn.2014-08.org.nvmexpress:uuid:1", secret))
+    monkeypatch.setattr("sys.stdin", io.StringIO(text + "\n"))
+    assert commands.run(["decode", "--show-secrets", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["secret"] == secret
+    (tmp_path / "code").write_text(text + "\n")
+    assert commands.run(["decode", f"@{tmp_path / 'code'}"]) == 0
+    assert json.loads(capsys.readouterr().out)["addresses"] == ["192.0.2.1"]
+    state = RunState(pid=1, ports=[Listener("ipv6", "::", 4420)], addresses=[Address("ipv4", "192.0.2.5", "e", False)])
+    assert connection.screen_lines(state)[0].endswith("storagetm connect -, then type CODE:")
 
 
 def test_a_wrong_code_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:

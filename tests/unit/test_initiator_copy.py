@@ -226,3 +226,30 @@ def test_the_source_devices_are_the_disk_and_its_partitions(tmp_path: Path) -> N
     with pytest.raises(UsageError, match="is the disk being copied"):
         copying.check_destination(Source(str(node), NQN, MIB), partition, sys_root=sys_root)
     assert copying.source_devices(str(tmp_path / "nvme1n1p1"), tmp_path / "none") == {"259:1"}
+
+
+def test_the_helper_records_are_written_whole_synced_and_private(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import stat
+
+    from storagetm.initiator import record
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    mine = tmp_path / "helper"
+    record.save([record.Connection("nvme1", NQN, "t.local", "169.254.1.2")], mine / "connected.json")
+    assert record.load(mine / "connected.json") == [record.Connection("nvme1", NQN, "t.local", "169.254.1.2")]
+    assert stat.S_IMODE(os.stat(mine / "connected.json").st_mode) == 0o600 and len(synced) == 1
+    assert stat.S_IMODE(os.stat(mine).st_mode) == 0o700 and os.listdir(mine) == ["connected.json"]
+    theirs = tmp_path / "backups"
+    theirs.mkdir(mode=0o755)
+    os.chmod(theirs, 0o755)
+    copying.Record(NQN, MIB, MIB).save(theirs / "disk.img.storagetm")
+    assert stat.S_IMODE(os.stat(theirs / "disk.img.storagetm").st_mode) == 0o600 and len(synced) == 2
+    assert stat.S_IMODE(os.stat(theirs).st_mode) == 0o755 and os.listdir(theirs) == ["disk.img.storagetm"]

@@ -76,6 +76,20 @@ def test_switches_have_a_boot_twin(word: str, field: str) -> None:
     assert problems == [] and not settings.realtime
 
 
+def test_the_web_page_offers_downloads_with_tls_only_when_asked_and_a_bad_value_turns_it_off() -> None:
+    assert Settings().web and not Settings().web_downloads
+    settings, problems = apply_kernel_cmdline(Settings(), "storagetm.web=downloads")
+    assert problems == [] and settings.web and settings.web_downloads
+    settings, problems = apply_kernel_cmdline(Settings(), "storagetm.web=0")
+    assert problems == [] and not settings.web
+    settings, problems = apply_kernel_cmdline(Settings(), "storagetm.web=download")
+    assert not settings.web and not settings.web_downloads
+    assert problems == ["storagetm.web='download' is not valid: expects 1, 0 or downloads — not serving the web "
+                        "page; fix the boot option"]  # fmt: skip
+    assert settings_from(serve_parser().parse_args(["--web-downloads"]))[0].web_downloads
+    assert not settings_from(serve_parser().parse_args(["--no-web"]))[0].web
+
+
 def test_a_bad_realtime_keeps_the_default() -> None:
     settings, problems = apply_kernel_cmdline(Settings(realtime=True), "storagetm.realtime=maybe")
     assert settings.realtime and settings.refusals == ()

@@ -17,7 +17,7 @@ from storagetm.disks.policy import SystemFacts
 from storagetm.model import Export
 from storagetm.state import RunState
 from storagetm.system.network import parse_ip_json
-from storagetm.text import PrintableLogFilter, printable
+from storagetm.text import PrintableLogFilter, human_size, printable
 from tests.unit.test_disks import FakeDevice
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
@@ -38,6 +38,14 @@ def hostile_disk(tmp_path: Path) -> Disk:
 
 def no_controls(text: str) -> bool:
     return not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 for c in text)
+
+
+def test_sizes_are_in_binary_units_from_one_function() -> None:
+    import storagetm.initiator.progress
+
+    assert [human_size(n) for n in (0, 1023, 1536, 5 << 30, 3 << 50)] == [
+        "0 B", "1023 B", "1.5 KiB", "5.0 GiB", "3072.0 TiB"]  # fmt: skip
+    assert not hasattr(storagetm.initiator.progress, "human")
 
 
 def test_printable_keeps_spaces_and_text() -> None:

@@ -23,6 +23,7 @@ from storagetm.model import Backing, Export, WebConfig
 from storagetm.security.auth import AuthConfig
 from storagetm.security.tls import TLSConfig
 from storagetm.state import RunState
+from storagetm.system.network import Address
 from storagetm.web import vhd
 from storagetm.web.server import WebServer
 from storagetm.web.token import COOKIE, web_token
@@ -308,6 +309,35 @@ def test_release_ends_only_the_downloads_of_a_withdrawn_disk(tmp_path: Path) -> 
             sock.close()
     finally:
         web.stop()
+
+
+def test_with_tls_on_the_page_shows_the_disks_but_offers_no_download(server: WebServer, state: RunState) -> None:
+    from storagetm.web.links import screen_lines
+
+    state.web = WebConfig(80, downloads=False)
+    for path in ("/disks/vda.img", "/disks/vda.vhd", "/disks/vda.sha256", "/disks/nothing.img"):
+        status, _, body = get(server, path)
+        assert (status, body.decode()) == (403, "TLS is on: disks are not offered over plain HTTP; boot with "
+                                                "storagetm.web=downloads (or --web-downloads) to allow it\n")
+    status, _, body = get(server, "/")
+    page = body.decode()
+    assert status == 200 and "<b>vda</b>" in page and "/disks/" not in page and "storagetm.web=downloads" in page
+    state.addresses = [Address("ipv4", "169.254.1.2", "enp0s3", True)]
+    assert screen_lines(state) == ["Web page (any browser, no downloads: TLS): http://169.254.1.2/"]
+    state.web = WebConfig(80, downloads=True)
+    assert get(server, "/disks/vda.img")[0] == 200 and "/disks/vda.img" in get(server, "/")[2].decode()
+
+
+def test_a_disk_being_released_is_not_opened_until_resumed(server: WebServer, tmp_path: Path) -> None:
+    vda = {str(tmp_path / "vda.raw")}
+    server.release(vda)
+    for path in ("/disks/vda.img", "/disks/vda.vhd", "/disks/vda.sha256"):
+        status, _, body = get(server, path)
+        assert (status, body) == (503, b"disk is changing, retry in a moment\n")
+    assert server.hashes.jobs == {} and server.readers.get(str(tmp_path / "vda.raw"), 0) == 0
+    assert get(server, "/")[0] == 200 and get(server, "/disks/vdb.img")[0] == 200
+    server.resume(vda)
+    assert get(server, "/disks/vda.img")[0] == 200
 
 
 def test_the_screen_shows_the_address_with_the_token_only_where_secrets_are_shown() -> None:

@@ -40,14 +40,15 @@ def anchor_nqn(nqn_base: str) -> str:
 def port_ids(listeners: Sequence[Listener], io_port: int) -> list[str]:
     """Each port's configfs id, known before it is made so that a make cut short is found:
     the I/O port's is its TCP port; a discovery port's is drawn from its address (stable
-    while the address stays), away from the I/O port's and the others'."""
-    taken, ids = {io_port}, []
-    for listener in listeners:
-        number = DISCOVERY_IDS.start + zlib.crc32(listener.traddr.encode()) % len(DISCOVERY_IDS)
+    while the address stays), away from the I/O port's and the others'. Colliding addresses
+    are settled in address order, so the ids do not depend on the order of `listeners`."""
+    taken, ids = {io_port}, [""] * len(listeners)
+    for index in sorted(range(len(listeners)), key=lambda i: listeners[i].traddr):
+        number = DISCOVERY_IDS.start + zlib.crc32(listeners[index].traddr.encode()) % len(DISCOVERY_IDS)
         while number in taken:
             number = number + 1 if number + 1 in DISCOVERY_IDS else DISCOVERY_IDS.start
         taken.add(number)
-        ids.append(str(number))
+        ids[index] = str(number)
     return ids
 
 
