@@ -59,10 +59,11 @@ def parse_resolvectl_ptr(text: str) -> list[str]:
 
 
 def parse_resolvectl_service(text: str) -> Announced | None:
-    """`resolvectl service NAME _nvme-disc._tcp local`: a heading `NAME: HOST:PORT [...]`,
+    """`resolvectl service NAME _nvme-disc._tcp local`: a heading `NAME/TYPE/local: HOST:PORT [...]`,
     then indented lines, each an address or a TXT `key=value`."""
     lines = text.splitlines()
-    heading = next((re.match(r"^(\S.*?)\." + re.escape(SERVICE_TYPE) + r"\.local: (\S+):(\d+)", line)
+    # resolved 257 writes NAME/_nvme-disc._tcp/local; a dotted NAME._nvme-disc._tcp.local is taken too.
+    heading = next((re.match(r"^(\S.*?)[./]" + re.escape(SERVICE_TYPE) + r"[./]local: (\S+):(\d+)", line)
                     for line in lines if not line.startswith(" ")), None)  # fmt: skip
     if heading is None:
         return None

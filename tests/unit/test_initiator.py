@@ -151,8 +151,9 @@ _nvme-disc._tcp.local IN PTR storagetm-0123456789ab._nvme-disc._tcp.local -- lin
 
 -- Information acquired via protocol mDNS/IPv4 in 1.2ms.
 """
+# As systemd-resolved 257 (trixie) prints it, on an initiator VM of the suite.
 RESOLVECTL_SERVICE = """\
-storagetm-0123456789ab._nvme-disc._tcp.local: storagetm-0123456789ab.local:8009 [priority=0, weight=0]
+storagetm-0123456789ab/_nvme-disc._tcp/local: storagetm-0123456789ab.local:8009 [priority=0, weight=0]
                                              169.254.1.2                        -- link: enp0s3
                                              fe80::5054:ff:fe00:1%2             -- link: enp0s3
                                              p=tcp
@@ -177,8 +178,10 @@ def fake_tools(outputs: dict[str, str]) -> mdns.Runner:
     return runner
 
 
-def test_targets_found_through_resolved() -> None:
-    runner = fake_tools({"resolvectl query": RESOLVECTL_PTR, "resolvectl service": RESOLVECTL_SERVICE})
+@pytest.mark.parametrize("heading", ["/_nvme-disc._tcp/local:", "._nvme-disc._tcp.local:"])
+def test_targets_found_through_resolved(heading: str) -> None:
+    service = RESOLVECTL_SERVICE.replace("/_nvme-disc._tcp/local:", heading)
+    runner = fake_tools({"resolvectl query": RESOLVECTL_PTR, "resolvectl service": service})
     (found,) = mdns.browse(runner, lambda tool: "/usr/bin/" + tool)
     assert (found.name, found.host, found.port, set(found.addresses)) == (
         FOUND.name, FOUND.host, 8009, set(FOUND.addresses))  # fmt: skip
