@@ -91,7 +91,9 @@ def instructions(state: RunState, page: Page, images: dict[str, Image]) -> str:
     parts.append("<h3>Linux</h3>")
     if page.helper:
         parts.append(f'<p>The helper (Python 3, as root): <a href="{HELPER}">storagetm.pyz</a></p>'
-                     + _pre([f"curl {cookie}-O {page.base}{HELPER}", "sudo python3 storagetm.pyz --help"]))  # fmt: skip
+                     + _pre([f"curl {cookie}-O {page.base}{HELPER}",
+                             "sudo python3 storagetm.pyz connect -     # then type the code from the target's screen",
+                             "sudo python3 storagetm.pyz copy DISK laptop.img   # verified, resumable"]))  # fmt: skip
     parts.append(f"<p>{'Or with' if page.helper else 'With'} nvme-cli, as on the target's screen:</p>"
                  + _pre(connect_lines(state.without_secrets(), page.io_port)))  # fmt: skip
     if page.downloads:
