@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import pytest
@@ -141,6 +142,11 @@ def test_target_stopped_mid_copy_says_so_and_the_resume_finishes(pair: Pair) -> 
         since = len(pair.target.console())
         pair.target.sh("systemctl start storagetm", timeout=BOOT_TIMEOUT)
         pair.target.wait_for(rf"Exported disks \({len(DISKS)}\)", BOOT_TIMEOUT, since=since)
+        # The old code's controllers go on trying (ctrl_loss_tmo=-1) with the old host NQN, secret
+        # and TLS key: the target, started with new ones, refuses them all.
+        time.sleep(25)  # two reconnect attempts (nvme-cli's reconnect delay: 10 s)
+        states = pair.initiator.sh("cat /sys/class/nvme/nvme*/state 2>/dev/null; true").split()
+        assert states and "live" not in states, states
         again = helper_connect(pair)
         assert sorted(r.serial for r in again) == sorted(DISKS)
         out = pair.initiator.sh(copy, timeout=600)
