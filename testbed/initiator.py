@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from testbed import VMError
 from testbed.machine import VM
+from testbed.terminal import screen
 from testbed.wait import until
 
 # TCG VMs on this shared 2-core host can stall for seconds. With nvme-cli's default 5 s
@@ -54,8 +55,10 @@ def prepare_initiator(initiator: VM, timeout: float = 120) -> None:
 
 def screen_rows_joined(target: VM) -> str:
     """The console with its rows run together: the dashboard splits commands longer than
-    80 columns over several rows, and this puts them back in one piece."""
-    return "".join(target.console().splitlines())
+    80 columns over several rows, and this puts them back in one piece. The stream as it
+    came, then the screen it leaves: the dashboard does not redraw a row that did not change,
+    and a command's continuation row may be the same as the row it replaces."""
+    return "".join(target.console().splitlines()) + "\n" + "".join(screen(target.raw_console()))
 
 
 CONNECTED = (

@@ -245,6 +245,13 @@ class VM:
             self.qmp.cmd("send-key", keys=[*combo, {"type": "qcode", "data": SHIFTED.get(char, code)}])
             time.sleep(0.15)
 
+    def raw_console(self) -> str:
+        """The console as it came, escapes and all."""
+        try:
+            return self.console_log.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
     def console(self) -> str:
         try:
             # Bytes, not text mode: universal newlines would turn the tty's "\r\r\n" into two lines.
