@@ -187,9 +187,13 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
     if state.exports:
         lines.append(f"Exported disks ({len(state.exports)}):" + (f"   ({STOP})" if dashboard and not keys else ""))
         exports = sorted(state.exports.values(), key=lambda e: e.disk.name)
-        per_disk = 3 if dashboard else 2
-        footer = 1 + len(state.problems) + (0 if dashboard else 2)  # "Not exported", problems, stop
-        room = max(1, (rows - len(lines) - footer) // per_disk)
+        # "Not exported", problems, and the stop hint or the keys line
+        footer = 1 + len(state.problems) + (0 if dashboard else 2) + (1 if keys else 0)
+        free = rows - len(lines) - footer
+        # Every disk before any disk's NQN row: the dashboard drops those first (status has them).
+        with_nqn = not dashboard or len(exports) * 3 <= free
+        per_disk = (3 if dashboard else 2) if with_nqn else 2
+        room = max(1, free // per_disk)
         for number, export in enumerate(exports[:room] if dashboard else exports, 1):
             disk = export.disk
             label = f"{number} {disk.name}" if keys and number < 10 else disk.name  # the number a key picks it by
@@ -197,7 +201,8 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
                          f"  {export.identity.serial}  [{mode_text(state, export)}]")  # fmt: skip
             if dashboard and export.nqn in state.activity:
                 lines.append(activity_line(state.activity[export.nqn]))
-            lines.append(f"    {export.nqn}")
+            if with_nqn:
+                lines.append(f"    {export.nqn}")
         if dashboard and len(exports) > room:
             lines.append(f"  … and {len(exports) - room} more: storagetm status")
     elif not state.refused:  # else the alert at the top says why

@@ -153,3 +153,17 @@ def test_a_full_snapshot_is_red_and_a_working_one_yellow() -> None:
         f"  sda  100.0 MiB  Disk  S0  [\033[1;31msnapshot FULL: I/O now fails{RESET}]",
         f"  sdb  100.0 MiB  Disk  S1  [\033[1;33msnapshot 5% of 16.0 MiB used{RESET}]",
     ]
+
+
+def test_every_disk_is_shown_before_any_nqn_row() -> None:
+    """Three disks with the keys line: the NQN rows go (status has them), not the third disk."""
+    from storagetm.system.network import Address
+
+    state = state_with(3)
+    state.addresses = [Address("ipv4", "169.254.1.1", "enp0s3", True), Address("ipv6", "fe80::1", "enp0s3", True)]
+    state.announced = "storagetm-0123456789ab.local"
+    text = render(state, dashboard=True, keys=True, rows=20)  # as tight as the VM suite's target is at 25
+    assert all(f"  {i} sd{c} " in text for i, c in ((1, "a"), (2, "b"), (3, "c"))), text
+    assert "more: storagetm status" not in text and "    nqn." not in text
+    assert len(text.splitlines()) <= 19  # the keys line below
+    assert "    nqn." in render(state_with(1), dashboard=True, keys=True)  # room: the NQN rows stay
