@@ -104,7 +104,8 @@ def test_modes_switch_live_and_nothing_written_is_lost(pair: Pair) -> None:
         assert pair.sum_now(SERIAL) == before  # the disk itself is not written
 
         # Leaving snapshot mode drops what was written to RAM: asked for first, with read-write.
-        press(pair, "m", "w", then=r"Discard what was written to the snapshot of .* and make every disk READ-WRITE\?")
+        asked = r"Discard what was written to the snapshot of[\s\S]*?make\s+every\s+disk\s+READ-WRITE\?"  # may wrap
+        press(pair, "m", "w", then=asked)
         press(pair, "y", then=r"every disk is now read-write")
         assert modes(pair) == {"rw"}
         assert pair.target.sh(STORES) == ""  # the snapshot's RAM store is freed
