@@ -170,6 +170,7 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
     fits there too. With `keys`, the keys line under it says how to stop, not this."""
     blank = [] if dashboard else [""]  # the dashboard has no room for empty lines
     lines = alert_lines(state)
+    hidden_disks = False
     lines += [TITLE + SECURE_BOOT[state.secure_boot]]
     if not state.refused:  # with nothing exported, there is nothing to warn about or connect to
         lines += [wrapped for warning in warnings(state) for wrapped in textwrap.wrap(warning, WIDTH)]
@@ -194,6 +195,7 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
         with_nqn = not dashboard or len(exports) * 3 <= free
         per_disk = (3 if dashboard else 2) if with_nqn else 2
         room = max(1, free // per_disk)
+        hidden_disks = dashboard and len(exports) > room
         for number, export in enumerate(exports[:room] if dashboard else exports, 1):
             disk = export.disk
             label = f"{number} {disk.name}" if keys and number < 10 else disk.name  # the number a key picks it by
@@ -214,7 +216,8 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
         lines += textwrap.wrap(f"! {problem}", WIDTH, subsequent_indent="  ")
     if not dashboard and not keys:
         lines += ["", STOP]
-    elif code and len(lines) > rows and connection_code_lines(state, WIDTH):
+    elif code and (len(lines) > rows or hidden_disks) and connection_code_lines(state, WIDTH):
+        # The disks before the code (`storagetm status --show-secrets` always has it).
         return render(state, io_port, dashboard=True, rows=rows, code=False, keys=keys)
     return "\n".join(lines) + "\n"
 

@@ -167,3 +167,19 @@ def test_every_disk_is_shown_before_any_nqn_row() -> None:
     assert "more: storagetm status" not in text and "    nqn." not in text
     assert len(text.splitlines()) <= 19  # the keys line below
     assert "    nqn." in render(state_with(1), dashboard=True, keys=True)  # room: the NQN rows stay
+
+
+def test_the_disks_come_before_the_connection_code() -> None:
+    from storagetm import connection
+    from storagetm.model import Listener
+    from storagetm.system.network import Address
+
+    state = state_with(3)
+    state.addresses = [Address("ipv4", "169.254.1.1", "enp0s3", True), Address("ipv6", "fe80::1", "enp0s3", True)]
+    state.ports = [Listener("ipv6", "::", 4420)]
+    code_rows = connection.screen_lines(state)
+    assert code_rows
+    roomy = render(state, dashboard=True, keys=True)
+    assert code_rows[1] in roomy  # room for both
+    tight = render(state, dashboard=True, keys=True, rows=18)
+    assert all(f" sd{c} " in tight for c in "abc") and code_rows[1] not in tight, tight
