@@ -76,7 +76,9 @@ def test_storagetm_stop_flushes_every_exported_disk(pair: Pair) -> None:
     before = {serial: flushes(pair, disk) for serial, disk in pair.disks.items()}
     assert "storagetm stopped" in pair.target.sh("storagetm stop")
     after = {serial: flushes(pair, disk) for serial, disk in pair.disks.items()}
-    assert all(after[serial] > before[serial] for serial in cached), (cached, before, after)
+    # QEMU counts the flushes of its virtio disk in query-blockstats, not those of its NVMe one.
+    counted = [serial for serial in cached if pair.disks[serial].device_id.startswith("devdVIRT")]
+    assert counted and all(after[serial] > before[serial] for serial in counted), (cached, before, after)
     journal = pair.target.sh("journalctl -b -u storagetm --no-pager -o cat")
     assert sum("flushed /dev/" in line for line in journal.splitlines()) >= len(pair.disks)
     assert pair.target.sh("ls /sys/kernel/config/nvmet/subsystems") == ""
