@@ -140,7 +140,9 @@ BACKSTORE_ATTRS = ["control", "enable", "udev_path", "info", "attrib/block_size"
                    "wwn/vendor_id", "wwn/product_id", "wwn/revision", "wwn/vpd_unit_serial"]  # fmt: skip
 TPG_ATTRS = ["enable", "attrib/generate_node_acls", "attrib/cache_dynamic_acls", "attrib/demo_mode_write_protect",
              "attrib/authentication", "auth/userid", "auth/password", "auth/userid_mutual", "auth/password_mutual",
-             "param/AuthMethod", "param/HeaderDigest"]  # fmt: skip
+             "param/AuthMethod", "param/HeaderDigest", "param/MaxRecvDataSegmentLength",
+             "param/MaxXmitDataSegmentLength", "param/FirstBurstLength", "param/MaxBurstLength", "param/InitialR2T",
+             "param/ImmediateData"]  # fmt: skip
 PORTAL_RE = re.compile(r"^(\[[0-9a-f:]+\]|[0-9.]+):[0-9]{1,5}$")
 
 

@@ -149,6 +149,7 @@ def test_start_makes_the_lio_tree_and_teardown_empties_it(tmp_path: Path) -> Non
     for line in (f"{tpg}/enable=1", f"{tpg}/attrib/generate_node_acls=1", f"{tpg}/attrib/authentication=1",
                  f"{tpg}/attrib/demo_mode_write_protect=0", f"{tpg}/auth/userid=storagetm",
                  f"{tpg}/auth/password=CHAPSECRET012345", f"{tpg}/param/AuthMethod=CHAP", f"{tpg}/np/0.0.0.0:3260/",
+                 f"{tpg}/param/MaxRecvDataSegmentLength=262144", f"{tpg}/param/InitialR2T=No",
                  f"{tpg}/lun/lun_0/storage -> {store.name.rpartition('/')[2]}",
                  f"core/{store.name}/control=udev_path={export.disk.devnode}", f"core/{store.name}/enable=1",
                  f"core/{store.name}/wwn/vpd_unit_serial={store.attr('unit_serial')}"):  # fmt: skip

@@ -36,6 +36,14 @@ LUN, PORTAL, ENABLE = "iscsi-lun", "iscsi-portal", "iscsi-enable"
 HBA_INDEX = 3260
 VENDOR_MAX, PRODUCT_MAX, REVISION_MAX = 8, 16, 4  # SCSI INQUIRY's fields
 SECRETS = ("password", "password_mutual")
+# The portal group's login keys (RFC 7143 13), negotiated down to what the initiator offers.
+# LIO's own defaults (MaxRecvDataSegmentLength 8 KiB, InitialR2T=Yes, 64 KiB first burst)
+# split a 1 MiB write into 128 PDUs and make every burst wait for an R2T; open-iscsi offers
+# 256 KiB segments, InitialR2T=No and a 256 KiB first burst, Microsoft's initiator 256 KiB
+# segments and bursts with 64 KiB first bursts.
+SESSION_PARAMS = (("MaxRecvDataSegmentLength", "262144"), ("MaxXmitDataSegmentLength", "262144"),
+                  ("FirstBurstLength", "262144"), ("MaxBurstLength", "1048576"), ("InitialR2T", "No"),
+                  ("ImmediateData", "Yes"))  # fmt: skip
 
 
 def hba_name(plugin: str) -> str:
@@ -204,6 +212,8 @@ class TpgDriver(_LioDriver):
                     tpg.set("auth", name, obj.attr(name), secret=name in SECRETS)
             # authentication=1 already drops None from AuthMethod in the kernel; said again here.
             tpg.set("param", "AuthMethod", "CHAP" if obj.attr("authentication") == "1" else "CHAP,None")
+            for name, value in SESSION_PARAMS:
+                tpg.set("param", name, value)
         except BaseException:
             tpg.delete()
             raise
