@@ -244,7 +244,7 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
         exports = sorted(state.exports.values(), key=lambda e: e.disk.name)
         blocks = [disk_rows(state, number, export, dashboard=dashboard, keys=keys)
                   for number, export in enumerate(exports, 1)]  # fmt: skip
-        # The stop hint, or the keys line under the screen.
+        # The rows left for the disks: under them the tail, then the stop hint (2 rows) or the keys line.
         free = rows - len(lines) - len(tail) - (0 if dashboard else 2) - (1 if keys else 0)
         # A disk's activity row comes with the dashboard's first sample: its room is kept from the start.
         need = [len(block) + (dashboard and e.nqn not in state.activity)
