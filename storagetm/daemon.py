@@ -13,14 +13,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from storagetm import connection, state
+from storagetm import state
 from storagetm.backing import modes
 from storagetm.backing.layer import DM, HOLD, STORE, BackingLayer
 from storagetm.config.options import with_credentials
 from storagetm.config.settings import Settings
 from storagetm.console import panel, qr, stats
 from storagetm.console.keys import KeyInput
-from storagetm.console.screen import Screen, connect_lines
+from storagetm.console.screen import Screen
 from storagetm.desired import desired_state
 from storagetm.disks.disk import Disk
 from storagetm.disks.identity import default_nqn_base, host_id, host_identity, iqn_base, nvme_form
@@ -123,7 +123,7 @@ class Daemon:
         self.end = power.End.STOP  # what follows the stop: asked for by a signal or a key
         self.keys = keys  # None: made by run() on the screen's consoles, if it has any
         self.panel = panel.Panel()
-        self.connection_text = connection_text or default_connection_text  # what the QR code holds
+        self.connection_text = connection_text or qr.connection_text  # what the QR code holds
         self.host = ""  # this machine's id, for iSCSI's names
         self.qr_drawn: tuple[str, list[str]] = ("", [])
         self.meter = stats.ActivityMeter()
@@ -238,7 +238,7 @@ class Daemon:
         if self.state.iscsi.enabled:
             ports.add(ISCSI_PORT)
         self.state.initiators = stats.initiators(ports)
-        self.state.hashing = self.web.hash_progress() if self.web is not None else {}
+        self.state.hashing = self.web.hash_status(self.state) if self.web is not None else {}
 
     def publish(self) -> None:
         self.state.snapshot_usage = {
@@ -544,15 +544,6 @@ class Daemon:
         self.stop_requested = True
         if end is not power.End.STOP:
             self.end = end
-
-
-def default_connection_text(run: state.RunState, io_port: int) -> str:
-    """The connection code `storagetm connect` takes (addresses, port, host NQN, secrets);
-    without an address yet, the first command to type on the other machine."""
-    if code := connection.code_text(run):
-        return code
-    commands = [line.strip() for line in connect_lines(run, io_port) if line.strip().startswith("nvme connect")]
-    return commands[0] if commands else ""
 
 
 def farewell_line(exported: bool, failed: list[str], follows: power.End) -> str:

@@ -135,3 +135,23 @@ class WebConfig:
 
     def without_secrets(self) -> WebConfig:
         return replace(self, token=keys.hidden(self.token))
+
+
+@dataclass(frozen=True)
+class HashProgress:
+    """A disk's sha256 computed on the target, as the screen, `storagetm status` and
+    status.json show it: running (`done` of `size` bytes), or finished with its digest or
+    why there is none."""
+
+    done: int  # bytes hashed so far
+    size: int
+    digest: str = ""
+    error: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.digest or self.error)
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 if self.digest else min(1.0, self.done / self.size) if self.size else 0.0

@@ -15,7 +15,7 @@ from storagetm.backing.modes import Mode, SnapshotUsage
 from storagetm.console.stats import DiskActivity
 from storagetm.disks.disk import Disk
 from storagetm.disks.identity import Identity, target_iqn
-from storagetm.model import ISCSI_PORT, Backing, Export, IscsiConfig, Listener, WebConfig
+from storagetm.model import ISCSI_PORT, Backing, Export, HashProgress, IscsiConfig, Listener, WebConfig
 from storagetm.security.auth import AuthConfig
 from storagetm.security.chap import CHAP_USER
 from storagetm.security.tls import TLSConfig
@@ -56,7 +56,8 @@ class RunState:
     refused: list[str] = field(default_factory=list)  # bad options for which nothing is exported
     iscsi: IscsiConfig = field(default_factory=IscsiConfig)
     web: WebConfig = field(default_factory=WebConfig)
-    hashing: dict[str, float] = field(default_factory=dict)  # disk name -> fraction of its sha256 done, while running
+    # NQN -> the disk's sha256 computed on the target: running, or done and the disk unchanged since.
+    hashing: dict[str, HashProgress] = field(default_factory=dict)
 
     def without_secrets(self) -> RunState:
         """A copy for showing: the secrets and the TLS key replaced by a placeholder."""
@@ -86,7 +87,7 @@ class RunState:
             "refused": self.refused,
             "iscsi": _plain(self.iscsi) | {"port": ISCSI_PORT, "chap": self.iscsi.chap,
                                            "chap_user": CHAP_USER if self.iscsi.chap else ""},
-            "web": _plain(self.web) | {"urls": urls(self), "hashing": self.hashing},
+            "web": _plain(self.web) | {"urls": urls(self)},
         }
 
     def _export_json(self, nqn: str, export: Export) -> dict[str, Any]:
@@ -105,6 +106,8 @@ class RunState:
             data["activity"] = asdict(self.activity[nqn])
         if nqn in self.snapshot_usage:
             data["snapshot_usage"] = asdict(self.snapshot_usage[nqn])
+        if nqn in self.hashing:
+            data["sha256"] = _plain(self.hashing[nqn])
         return data
 
     @classmethod
@@ -146,7 +149,7 @@ class RunState:
             refused=list(data.get("refused", [])),
             iscsi=IscsiConfig(**{f.name: data.get("iscsi", {}).get(f.name, f.default) for f in fields(IscsiConfig)}),
             web=WebConfig(**{f.name: data.get("web", {}).get(f.name, f.default) for f in fields(WebConfig)}),
-            hashing={str(k): float(v) for k, v in data.get("web", {}).get("hashing", {}).items()},
+            hashing={e["nqn"]: HashProgress(**e["sha256"]) for e in data.get("exports", []) if "sha256" in e},
             initiators=list(data.get("initiators", [])),
             announced=str(data.get("announced", "")),
             secure_boot=data.get("secure_boot") if isinstance(data.get("secure_boot"), bool) else None,

@@ -6,6 +6,13 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from storagetm import connection
+from storagetm.console.screen import connect_lines
+
+if TYPE_CHECKING:
+    from storagetm.state import RunState
 
 QRENCODE = ["qrencode", "-t", "UTF8", "-l", "L", "-m", "2", "-o", "-"]
 TIMEOUT = 5.0  # seconds
@@ -25,3 +32,12 @@ def render(text: str, run: Callable[[list[str], bytes], str] | None = None) -> l
 def _run(argv: list[str], data: bytes) -> str:
     done = subprocess.run(argv, input=data, capture_output=True, timeout=TIMEOUT, check=True)
     return done.stdout.decode()
+
+
+def connection_text(run: RunState, io_port: int) -> str:
+    """What the QR code holds: the connection code `storagetm connect` takes (addresses, port,
+    host NQN, secrets); without an address yet, the first command to type on the other machine."""
+    if code := connection.code_text(run):
+        return code
+    commands = [line.strip() for line in connect_lines(run, io_port) if line.strip().startswith("nvme connect")]
+    return commands[0] if commands else ""

@@ -15,7 +15,7 @@ from pathlib import Path
 from storagetm.backing.modes import Mode
 from storagetm.connection import screen_lines as connection_code_lines
 from storagetm.console.stats import DiskActivity
-from storagetm.model import DISCOVERY_TRSVCID, IO_TRSVCID, Export
+from storagetm.model import DISCOVERY_TRSVCID, IO_TRSVCID, Export, HashProgress
 from storagetm.security.chap import CHAP_USER
 from storagetm.state import RunState
 from storagetm.text import human_size, printable
@@ -108,6 +108,51 @@ def activity_line(activity: DiskActivity) -> str:
             f"  {human_size(int(activity.read_rate))}/s   written {human_size(activity.written_bytes)}")  # fmt: skip
 
 
+def hash_line(progress: HashProgress, *, live: bool) -> str:
+    """The row under a disk for its sha256 computed on the target: the whole digest once done
+    (75 columns), for the operator to compare with the one the other machine got. While it
+    runs, with `live` (the dashboard, redrawn in place) its bar and bytes; else its percentage
+    only (plain output prints the whole screen again at every change)."""
+    if progress.digest:
+        return f"    sha256 {progress.digest}"
+    if progress.error:
+        line = f"    sha256 failed: {printable(progress.error)}"
+        return line if len(line) <= WIDTH else line[: WIDTH - 1] + "…"
+    percent = f"{progress.fraction * 100:3.0f}%"
+    if not live:
+        return f"    sha256 being computed: {percent.strip()}"
+    return (f"    sha256 computing {progress_bar(progress.fraction)} {percent}"
+            f"  {human_size(progress.done)} of {human_size(progress.size)}")  # fmt: skip
+
+
+def disk_rows(state: RunState, number: int, export: Export, *, dashboard: bool, keys: bool) -> list[str]:
+    """The disk's rows but its NQN's: its facts and mode; on the dashboard its I/O; its sha256."""
+    disk = export.disk
+    label = f"{number} {disk.name}" if keys and number < 10 else disk.name  # the number a key picks it by
+    rows = [f"  {label:<10} {human_size(disk.size):>10}  {export.identity.model[:30]}"
+            f"  {export.identity.serial}  [{mode_text(state, export)}]"]  # fmt: skip
+    if dashboard and export.nqn in state.activity:
+        rows.append(activity_line(state.activity[export.nqn]))
+    if export.nqn in state.hashing:
+        rows.append(hash_line(state.hashing[export.nqn], live=dashboard))
+    return rows
+
+
+def room_for(need: list[int], free: int, first: Sequence[int] = ()) -> list[int]:
+    """Which disks (by index) fit in `free` rows, each taking `need[i]`, with a row left for
+    "… and N more" when any is left out: those in `first` (a sha256 the operator compares)
+    before the rest, in order; at least one. Returned in screen order."""
+    chosen: list[int] = []
+    used = 0
+    for i in [*first, *(i for i in range(len(need)) if i not in first)]:
+        more = 1 if len(chosen) + 1 < len(need) else 0
+        if chosen and used + need[i] + more > free:
+            break
+        chosen.append(i)
+        used += need[i]
+    return sorted(chosen)
+
+
 def connect_lines(state: RunState, io_port: int) -> list[str]:
     """What to type on the other machine to connect."""
     if not state.addresses:
@@ -185,35 +230,37 @@ def render(state: RunState, io_port: int = IO_TRSVCID, *, dashboard: bool = Fals
     if dashboard:
         lines = fit_rows(lines)
         lines.append(f"Initiators connected: {', '.join(state.initiators) or 'none'}")
+    # "Not exported" and the problems under the disks; the dashboard leaves room for them.
+    tail: list[str] = []
+    if state.not_exported:
+        skipped = ", ".join(f"{item['name']} ({item['reason']})" for item in state.not_exported)
+        tail.append(f"Not exported: {skipped}")
+    for problem in state.problems:
+        tail += textwrap.wrap(f"! {problem}", WIDTH, subsequent_indent="  ")
+    if dashboard:
+        tail = fit_rows(tail)
     if state.exports:
         lines.append(f"Exported disks ({len(state.exports)}):" + (f"   ({STOP})" if dashboard and not keys else ""))
         exports = sorted(state.exports.values(), key=lambda e: e.disk.name)
-        # "Not exported", problems, and the stop hint or the keys line
-        footer = 1 + len(state.problems) + (0 if dashboard else 2) + (1 if keys else 0)
-        free = rows - len(lines) - footer
+        blocks = [disk_rows(state, number, export, dashboard=dashboard, keys=keys)
+                  for number, export in enumerate(exports, 1)]  # fmt: skip
+        # The rows left for the disks: under them the tail, then the stop hint (2 rows) or the keys line.
+        free = rows - len(lines) - len(tail) - (0 if dashboard else 2) - (1 if keys else 0)
+        # A disk's activity row comes with the dashboard's first sample: its room is kept from the start.
+        need = [len(block) + (dashboard and e.nqn not in state.activity)
+                for block, e in zip(blocks, exports, strict=True)]  # fmt: skip
         # Every disk before any disk's NQN row: the dashboard drops those first (status has them).
-        with_nqn = not dashboard or len(exports) * 3 <= free
-        per_disk = (3 if dashboard else 2) if with_nqn else 2
-        room = max(1, free // per_disk)
-        hidden_disks = dashboard and len(exports) > room
-        for number, export in enumerate(exports[:room] if dashboard else exports, 1):
-            disk = export.disk
-            label = f"{number} {disk.name}" if keys and number < 10 else disk.name  # the number a key picks it by
-            lines.append(f"  {label:<10} {human_size(disk.size):>10}  {export.identity.model[:30]}"
-                         f"  {export.identity.serial}  [{mode_text(state, export)}]")  # fmt: skip
-            if dashboard and export.nqn in state.activity:
-                lines.append(activity_line(state.activity[export.nqn]))
-            if with_nqn:
-                lines.append(f"    {export.nqn}")
-        if dashboard and len(exports) > room:
-            lines.append(f"  … and {len(exports) - room} more: storagetm status")
+        with_nqn = not dashboard or sum(need) + len(exports) <= free
+        hashed = [i for i, e in enumerate(exports) if e.nqn in state.hashing]
+        shown = range(len(exports)) if with_nqn else room_for(need, free, first=hashed)
+        for i in shown:
+            lines += blocks[i] + ([f"    {exports[i].nqn}"] if with_nqn else [])
+        hidden_disks = len(shown) < len(exports)
+        if hidden_disks:
+            lines.append(f"  … and {len(exports) - len(shown)} more: storagetm status")
     elif not state.refused:  # else the alert at the top says why
         lines.append("No disks exported yet.")
-    if state.not_exported:
-        skipped = ", ".join(f"{item['name']} ({item['reason']})" for item in state.not_exported)
-        lines.append(f"Not exported: {skipped}")
-    for problem in state.problems:
-        lines += textwrap.wrap(f"! {problem}", WIDTH, subsequent_indent="  ")
+    lines += tail
     if not dashboard and not keys:
         lines += ["", STOP]
     elif code and (len(lines) > rows or hidden_disks) and connection_code_lines(state, WIDTH):

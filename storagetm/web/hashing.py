@@ -9,8 +9,10 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from storagetm.model import HashProgress
 from storagetm.web.images import open_read_only
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,10 @@ class HashJob:
     @property
     def fraction(self) -> float:
         return 1.0 if self.finished else self.done / self.key.size if self.key.size else 0.0
+
+    def progress(self) -> HashProgress:
+        finished = self.finished  # read first: the thread sets the digest or error, then this
+        return HashProgress(self.done, self.key.size, self.digest if finished else "", self.error if finished else "")
 
 
 class Hashes:
@@ -68,10 +74,13 @@ class Hashes:
             job = self.jobs.get(name)
         return job if job is not None and job.key == key else None
 
-    def progress(self) -> dict[str, float]:
-        """Disk name -> fraction hashed, of the computations running now (for the screen)."""
+    def shown(self, now: Mapping[str, HashKey]) -> dict[str, HashProgress]:
+        """Disk name -> its computation as the screen and `storagetm status` show it, for the
+        disks in `now` (each with the key it has now): every one running, and every one done
+        whose disk is still the same (a digest of what the disk was is no use to compare)."""
         with self.lock:
-            return {name: job.fraction for name, job in self.jobs.items() if not job.finished}
+            jobs = {name: job for name, job in self.jobs.items() if name in now}
+        return {name: job.progress() for name, job in jobs.items() if not job.finished or job.key == now[name]}
 
     def _run(self, job: HashJob) -> None:
         digest = hashlib.sha256()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from storagetm.model import IO_TRSVCID
+from storagetm.model import IO_TRSVCID, HashProgress
 from storagetm.state import RunState
 from storagetm.web import page, vhd
 from storagetm.web.hashing import Hashes, HashJob, HashKey
@@ -133,9 +133,13 @@ class WebServer:
         host, port = self.httpd.server_address[:2]
         return str(host), int(port)
 
-    def hash_progress(self) -> dict[str, float]:
-        """Disk name -> how far its sha256 has got, for the disks being hashed now."""
-        return self.hashes.progress()
+    def hash_status(self, state: RunState) -> dict[str, HashProgress]:
+        """NQN -> its disk's sha256 computation, running or done (for the screen and `status`).
+        Nothing is opened: the size is the one the disk was exported with (a resize re-exports)."""
+        found = images(state)
+        now = {name: HashKey(image.path, image.export.disk.size, image.mode.value, generation(image, state))
+               for name, image in found.items()}  # fmt: skip
+        return {found[name].export.nqn: progress for name, progress in self.hashes.shown(now).items()}
 
     def release(self, paths: set[str]) -> None:
         """Close every download and hash computation reading these devices, and wait until

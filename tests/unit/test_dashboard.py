@@ -12,7 +12,7 @@ from storagetm.console.screen import Screen, render
 from storagetm.console.stats import ActivityMeter, Counters, activity, initiators, read_counters
 from storagetm.disks.disk import Disk
 from storagetm.disks.identity import identity_for
-from storagetm.model import Export
+from storagetm.model import Export, HashProgress
 from storagetm.state import RunState
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -181,5 +181,147 @@ def test_the_disks_come_before_the_connection_code() -> None:
     assert code_rows
     roomy = render(state, dashboard=True, keys=True)
     assert code_rows[1] in roomy  # room for both
-    tight = render(state, dashboard=True, keys=True, rows=18)
+    # 17: the 14 rows with the code, a row kept for each disk's activity, the keys line: one too many.
+    tight = render(state, dashboard=True, keys=True, rows=17)
     assert all(f" sd{c} " in tight for c in "abc") and code_rows[1] not in tight, tight
+
+
+# ---- the sha256 computed on the target (asked for on the web page) ----------------------
+
+DIGEST = "3f5a0c9e" * 8
+
+
+def hashing(state: RunState, name: str, progress: HashProgress) -> RunState:
+    nqn = next(nqn for nqn, export in state.exports.items() if export.disk.name == name)
+    state.hashing[nqn] = progress
+    return state
+
+
+def rows_after(lines: list[str], disk: str) -> list[str]:
+    """The rows under the disk's own row, up to the next disk's."""
+    start = next(i for i, line in enumerate(lines) if re.match(rf"  (\d )?{disk} ", line))
+    rest = lines[start + 1 :]
+    return rest[: next((i for i, line in enumerate(rest) if not line.startswith("    ")), len(rest))]
+
+
+def fits(text: str, rows: int = 25) -> None:
+    lines = text.splitlines()
+    prose = [line for line in lines if not line.startswith(("  nvme ", "    nqn."))]
+    assert len(lines) <= rows and max(len(line) for line in prose) <= 80, text
+
+
+def test_a_sha256_being_computed_shows_under_its_disk_with_its_progress() -> None:
+    state = hashing(state_with(1), "sda", HashProgress(41 << 20, 100 << 20))
+    text = render(state, dashboard=True, keys=True, rows=24)
+    fits(text, 23)
+    assert "    sha256 computing [##########--------------]  41%  41.0 MiB of 100.0 MiB" in rows_after(
+        text.splitlines(), "1 sda"), text  # fmt: skip
+    # `storagetm status` and plain output: its percentage only (a screen printed at each change)
+    assert "    sha256 being computed: 41%" in rows_after(render(state).splitlines(), "sda")
+
+
+def test_a_finished_sha256_shows_its_whole_digest_under_its_disk() -> None:
+    state = hashing(state_with(1), "sda", HashProgress(100 << 20, 100 << 20, DIGEST))
+    for text in (render(state, dashboard=True, keys=True, rows=24), render(state)):
+        assert f"    sha256 {DIGEST}" in rows_after(text.splitlines(), "1 sda" if "1 sda" in text else "sda"), text
+    fits(render(state, dashboard=True, keys=True, rows=24), 23)
+    failed = hashing(state_with(1), "sda", HashProgress(5 << 20, 100 << 20, error="read error at byte "
+                                                        "5242880: Input/output error" + " (and more)" * 9))  # fmt: skip
+    row = next(row for row in render(failed, dashboard=True).splitlines() if "sha256" in row)
+    assert row.startswith("    sha256 failed: read error at byte 5242880: Input/output error") and len(row) <= 80
+
+
+def test_sha256_rows_of_several_disks_fit_80x25_with_the_keys_line() -> None:
+    from storagetm.system.network import Address
+
+    state = state_with(3)
+    state.addresses = [Address("ipv4", "169.254.1.1", "enp0s3", True), Address("ipv6", "fe80::1", "enp0s3", True)]
+    state.announced = "storagetm-0123456789ab.local"
+    state.activity = {nqn: activity(Counters(0, 0, 0.0), Counters(0, 0, 0.0), Counters(10 << 20, 0, 1.0), 100 << 20)
+                      for nqn in state.exports}  # fmt: skip
+    hashing(state, "sda", HashProgress(100 << 20, 100 << 20, DIGEST))
+    hashing(state, "sdc", HashProgress(26 << 20, 100 << 20))
+    text = render(state, dashboard=True, keys=True, rows=24)  # the keys line is the 25th
+    fits(text, 23)
+    lines = text.splitlines()
+    assert f"    sha256 {DIGEST}" in rows_after(lines, "1 sda")
+    assert not any("sha256" in row for row in rows_after(lines, "2 sdb"))
+    assert any(row.startswith("    sha256 computing [") and " 26% " in row for row in rows_after(lines, "3 sdc"))
+    assert "more: storagetm status" not in text
+
+
+def test_a_disk_being_hashed_is_shown_before_others_when_not_all_fit() -> None:
+    """Twelve disks: the dashboard shows what it has room for and "… and N more"; the one
+    whose sha256 the operator is to compare is among those shown."""
+    state = hashing(state_with(12), "sdk", HashProgress(100 << 20, 100 << 20, DIGEST))
+    text = render(state, dashboard=True, keys=True, rows=24)
+    fits(text, 23)
+    lines = text.splitlines()
+    assert f"    sha256 {DIGEST}" in rows_after(lines, "sdk")
+    assert "  1 sda " in text and "more: storagetm status" in text
+    shown = sum(1 for line in lines if re.match(r"  (\d )?sd[a-l] ", line))
+    assert f"  … and {12 - shown} more: storagetm status" in lines
+
+
+def test_a_sha256_progress_redraws_only_its_own_row(tmp_path: Path) -> None:
+    console = tmp_path / "console"
+    console.touch()
+    screen = Screen([str(console)], terminal=True)
+    state = hashing(state_with(2), "sda", HashProgress(10 << 20, 100 << 20))
+    screen.show(state)
+    first = console.read_bytes()
+    screen.show(hashing(state, "sda", HashProgress(20 << 20, 100 << 20)))
+    second = console.read_bytes()[len(first) :].decode()
+    row = next(i for i, line in enumerate(screen.last.splitlines(), 1) if "sha256" in line)
+    assert re.findall(r"\033\[(\d+);1H[^\033]", second) == [str(row)], second  # one row rewritten, then the cursor
+    assert "20.0 MiB of 100.0 MiB" in second
+    screen.close()
+
+
+def test_the_daemon_puts_the_sha256_asked_for_on_the_web_page_on_the_screen(tmp_path: Path) -> None:
+    """End to end: a sha256 asked for over HTTP, the daemon's next sample, and the screen
+    shows the digest the HTTP reply gave under its disk."""
+    import hashlib
+    import http.client
+    import time
+
+    from storagetm.config.settings import Settings
+    from storagetm.disks.udev import DiskEvent
+    from tests.unit.fake_configfs import FakeConfigfs
+    from tests.unit.test_daemon import QueuedEvents, attached, hot_disk
+
+    disk = hot_disk(tmp_path)
+    console = tmp_path / "console"
+    console.touch()
+    screen = Screen([str(console)], terminal=True)
+    daemon = attached(tmp_path, Settings(devices=(disk.devnode,), web_port=0), FakeConfigfs(tmp_path / "configfs"),
+                      screen)  # fmt: skip
+    daemon._on_disk_events(QueuedEvents([DiskEvent("add", disk)]))  # type: ignore[arg-type]
+    daemon.start_web(host="127.0.0.1")
+    assert daemon.web is not None
+
+    def sha256() -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.state.web.port, timeout=10)
+        try:
+            conn.request("GET", "/disks/hot.img.sha256")
+            reply = conn.getresponse()
+            return reply.status, reply.read().decode()
+        finally:
+            conn.close()
+
+    try:
+        daemon.sample_activity()
+        daemon.publish()
+        assert "sha256" not in screen.last  # nothing asked for yet
+        deadline = time.monotonic() + 10
+        while (reply := sha256())[0] == 202 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, body = reply
+        digest = body.split()[0]
+        assert status == 200 and digest == hashlib.sha256(Path(disk.devnode).read_bytes()).hexdigest()
+        daemon.sample_activity()
+        daemon.publish()
+        assert f"    sha256 {digest}" in rows_after(screen.last.splitlines(), "hot.img")
+    finally:
+        daemon.stop_web()
+        screen.close()

@@ -267,15 +267,14 @@ def test_the_qr_code_holds_the_connection_text_and_is_made_once(
 
 def test_the_default_qr_text_is_the_connection_code() -> None:
     from storagetm import connection
-    from storagetm.daemon import default_connection_text
     from storagetm.model import Listener
     from storagetm.system.network import Address
 
     addresses = [Address("ipv4", "169.254.7.7", "enp0s3", True), Address("ipv6", "fe80::1", "enp0s3", True)]
     run = RunState(addresses=addresses, ports=[Listener("ipv6", "::", 4420)])
-    code = connection.decode(default_connection_text(run, 4420))  # what `storagetm connect CODE` takes
+    code = connection.decode(qr.connection_text(run, 4420))  # what `storagetm connect CODE` takes
     assert code.addresses == ("169.254.7.7", "fe80::1") and code.port == 4420
-    assert default_connection_text(RunState(), 4420) == ""  # no address yet: nothing to connect to
+    assert qr.connection_text(RunState(), 4420) == ""  # no address yet: nothing to connect to
 
 
 def test_authentication_turned_on_from_the_keyboard_locks_the_web_page_too(tmp_path: Path) -> None:

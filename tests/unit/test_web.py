@@ -19,7 +19,7 @@ from storagetm.backing.modes import Mode
 from storagetm.console.stats import DiskActivity
 from storagetm.disks.disk import Disk
 from storagetm.disks.identity import Identity
-from storagetm.model import Backing, Export, WebConfig
+from storagetm.model import Backing, Export, HashProgress, WebConfig
 from storagetm.security.auth import AuthConfig
 from storagetm.security.tls import TLSConfig
 from storagetm.state import RunState
@@ -408,14 +408,21 @@ def test_a_source_whose_fstat_says_0_bytes_is_sent_whole(
     assert get(server, "/disks/vdb.vhd")[2][:SIZE] == disks["vdb"]
 
 
-def test_state_round_trips_the_web_page_and_hash_progress() -> None:
-    state = RunState(web=WebConfig(8080, "Tok3nTok3nTok3nX"), hashing={"vda": 0.25})
+def test_state_round_trips_the_web_page_and_hash_progress(state: RunState) -> None:
+    first, second = sorted(state.exports)
+    state.web = WebConfig(8080, "Tok3nTok3nTok3nX")
+    state.hashing = {first: HashProgress(1 << 20, SIZE), second: HashProgress(SIZE, SIZE, "ab" * 32)}
     back = RunState.from_json(json.loads(json.dumps(state.to_json())))
-    assert back.web == state.web and back.hashing == {"vda": 0.25}
+    assert back.web == state.web and back.hashing == state.hashing
+    assert state.to_json()["exports"][1]["sha256"]["digest"] == "ab" * 32  # status.json, with its disk
     assert state.without_secrets().to_json()["web"]["token"] == "(hidden)"
 
 
-def test_hash_progress_while_computing(server: WebServer, state: RunState, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hash_status_running_then_done_and_gone_once_the_disk_changes(
+    server: WebServer, state: RunState, disks: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the screen shows: the bytes done while it runs, the digest once done, and no digest
+    once the disk was written to (it is of what the disk was)."""
     import storagetm.web.hashing as hashing
 
     gate = __import__("threading").Event()
@@ -428,11 +435,23 @@ def test_hash_progress_while_computing(server: WebServer, state: RunState, monke
 
     monkeypatch.setattr(hashing, "CHUNK", 1 << 20)
     monkeypatch.setattr(os, "pread", slow)
+    nqn = next(nqn for nqn, e in state.exports.items() if e.disk.name == "vda")
+    assert server.hash_status(state) == {}  # nothing asked for yet
     status, _, body = get(server, "/disks/vda.sha256")
     time.sleep(0.2)
-    assert status == 202 and server.hash_progress() == {"vda": pytest.approx(1 / 3)}
+    assert status == 202 and server.hash_status(state) == {nqn: HashProgress(1 << 20, SIZE)}
+    assert server.hash_status(state)[nqn].fraction == pytest.approx(1 / 3)
     assert "33%" in get(server, "/")[2].decode()
     gate.set()
+    deadline = time.monotonic() + 10
+    while (status := get(server, "/disks/vda.sha256")[0]) == 202 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    digest = hashlib.sha256(disks["vda"]).hexdigest()
+    assert status == 200 and server.hash_status(state) == {nqn: HashProgress(SIZE, SIZE, digest)}
+    with (tmp_path / "vda.raw").open("r+b") as disk:  # written to: a file's mtime says so
+        disk.write(b"changed")
+    os.utime(tmp_path / "vda.raw", ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert server.hash_status(state) == {}
 
 
 def test_the_web_options() -> None:

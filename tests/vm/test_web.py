@@ -1,13 +1,16 @@
 """The web page on a real target: from the initiator VM the page lists every disk; a download
 broken off halfway and resumed with a Range request is the disk byte for byte, read-write and
-read-only alike; the target's own sha256 is the disk's; the VHD is the disk and its footer.
+read-only alike; the target's own sha256 is the disk's, and its screen shows it under the disk;
+the VHD is the disk and its footer.
 And a real browser (the host's headless chromium) renders the page, reaching the target only
 through a restricted user-mode NIC that forwards one port of 127.0.0.1 to the target's 80:
 its DOM lists the disks, its screenshot is docs/web-page.png (the README shows it)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -20,6 +23,8 @@ import pytest
 from testbed.initiator import wait_address
 from testbed.machine import forwarded_nic, free_port
 from testbed.pair import BOOT_TIMEOUT, LOGS, REPO, TARGET_APPEND, Pair, report, vm_pair
+from testbed.terminal import screen
+from testbed.wait import until
 from testbed.web import fetch, install_client
 
 pytestmark = pytest.mark.vm
@@ -106,13 +111,46 @@ def test_a_range_past_the_end_is_416(pair: Pair) -> None:
     assert reply.status == 416 and reply.headers["content-range"] == f"bytes */{SIZE}"
 
 
-def test_the_targets_sha256_is_the_disks(pair: Pair) -> None:
-    name = names(pair)["WEB00002"]
+def target_sha256(pair: Pair, name: str) -> str:
+    """The sha256 the target computes of its disk `name`, asked for over HTTP until done."""
     deadline = time.monotonic() + 300
     while (reply := fetch(pair.initiator, f"{base(pair)}/disks/{name}.sha256")).status == 202:
         assert time.monotonic() < deadline, reply
         time.sleep(2)
-    assert reply.status == 200 and reply.text.split()[0] == pair.sum_now("WEB00002")
+    assert reply.status == 200 and reply.text.split()[1] == f"{name}.img", reply
+    return reply.text.split()[0]
+
+
+def test_the_targets_sha256_is_the_disks(pair: Pair) -> None:
+    name = names(pair)["WEB00002"]
+    assert target_sha256(pair, name) == pair.sum_now("WEB00002")
+
+
+def sha256_rows(rows: list[str], name: str) -> list[str]:
+    """The sha256 rows under the disk's own row on the dashboard (`  NAME …` or `  1 NAME …`
+    with the keys line), up to the next row that is not one of its own (indented by four)."""
+    start = next((i for i, row in enumerate(rows) if re.match(rf"  (\d )?{re.escape(name)} ", row)), None)
+    if start is None:
+        return []
+    own = itertools.takewhile(lambda row: row.startswith("    "), rows[start + 1 :])
+    return [row for row in own if row.startswith("    sha256 ")]
+
+
+def test_the_targets_screen_shows_the_sha256_the_page_gave(pair: Pair) -> None:
+    """The person at the target compares the checksum the other machine got: the target's own
+    screen shows, under each disk, the whole digest its HTTP reply gave, for both disks at once."""
+    found = names(pair)
+    digests = {found[serial]: target_sha256(pair, found[serial]) for serial in sorted(DISKS)}
+    assert digests == {found[serial]: pair.sum_now(serial) for serial in DISKS}
+    rows: list[str] = []
+
+    def shown() -> bool:
+        nonlocal rows
+        rows = screen(pair.target.raw_console())
+        return all(sha256_rows(rows, name) == [f"    sha256 {digest}"] for name, digest in digests.items())
+
+    until(shown, 30, lambda: "the target's screen shows no sha256 row with the digest under each disk:\n"
+          + "\n".join(rows))  # fmt: skip
 
 
 def test_the_vhd_is_the_disk_and_a_footer(pair: Pair) -> None:
