@@ -326,7 +326,8 @@ class Screen:
         rewritten in place (no flicker, little work for a slow framebuffer or serial line);
         the first draw clears the boot messages away."""
         if self.drawn is None:
-            out = CLEAR + "".join(f"{line}\033[K\r\n" for line in lines)
+            # No line break after the last row: on a full 25-row screen it would scroll.
+            out = CLEAR + "\r\n".join(f"{line}\033[K" for line in lines)
         else:
             out = "".join(f"\033[{row};1H{line}\033[K" for row, line in enumerate(lines, 1)
                           if row > len(self.drawn) or self.drawn[row - 1] != line)  # fmt: skip

@@ -325,3 +325,15 @@ def test_the_daemon_puts_the_sha256_asked_for_on_the_web_page_on_the_screen(tmp_
     finally:
         daemon.stop_web()
         screen.close()
+
+
+def test_a_full_screen_first_draw_ends_on_its_last_row_without_scrolling(tmp_path: Path) -> None:
+    """25 rows and a line break after the last scroll the console by one: every later
+    in-place redraw would then land one row off."""
+    console = tmp_path / "console"
+    console.touch()
+    screen = Screen([str(console)], terminal=True)
+    screen.show(state_with(30))
+    drawn, rows = console.read_bytes().decode(), len(screen.last.splitlines())
+    assert drawn.count("\r\n") == rows - 1 and not drawn.endswith("\r\n"), drawn[-80:]
+    screen.close()
