@@ -80,6 +80,7 @@ class BlockDevices:
         self.kernel_monitor = kernel_monitor
         self.partition_uuids = partition_uuids  # see disk_from_udev
         self.known: dict[str, _Known] = {}  # sys_path -> what the kernel said of it
+        self.gone: dict[str, int] = {}  # sys_path -> seqnum of the kernel's remove event
         self._poll: select.epoll | None = None
 
     def _monitors(self) -> list[Any]:
@@ -129,6 +130,7 @@ class BlockDevices:
         log.debug("kernel %s %s", action, device.sys_name)
         if action == "remove":
             known = self.known.pop(device.sys_path, None)
+            self.gone[device.sys_path] = int(getattr(device, "sequence_number", 0) or 0)
             previous = None if known is None else known.disk or known.udev
             yield DiskEvent("remove", previous or _bare(device))
             return
@@ -145,6 +147,8 @@ class BlockDevices:
             if known is not None and not present:  # the kernel's own remove event was lost
                 yield from self._kernel_event(_Removed(device))
             return
+        if seqnum and seqnum <= self.gone.get(device.sys_path, 0):
+            return  # udev's view of a device the kernel removed since (another may sit there now)
         if known is None:  # the kernel's event was lost (a full socket buffer): read sysfs now
             self._from_kernel(device, seqnum=seqnum)
         elif seqnum and known.seqnum and seqnum < known.seqnum:
