@@ -127,6 +127,8 @@ class BlockDevices:
 
     def _kernel_event(self, device: Any) -> Iterator[DiskEvent]:
         action = device.action or "change"
+        if getattr(device, "subsystem", "block") != "block":  # libudev filters; this holds if it did not
+            return
         log.debug("kernel %s %s", action, device.sys_name)
         if action == "remove":
             known = self.known.pop(device.sys_path, None)
