@@ -144,7 +144,10 @@ def _scsi_identity(sys_path: Path) -> tuple[str, str, str] | None:
         if sysfs_int(str(sys_path / "removable")) != 1:
             return None
         return _usb_serial(usb), "", "usb"
-    if sysfs_text(str(device_dir / "vendor")) == "ATA":
+    # libata's own translation only (an ataN port above it): a SAS HBA's SAT layer answers page
+    # 0x80 its own way, while ata_id asks the disk through it.
+    libata = any(part.startswith("ata") and part[3:].isdigit() for part in device_dir.parts)
+    if libata and sysfs_text(str(device_dir / "vendor")) == "ATA":
         serial = _ata_serial(device_dir)
         if serial is None:
             return None

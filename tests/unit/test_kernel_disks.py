@@ -124,9 +124,10 @@ def nvme(tmp_path: Path) -> Kind:
     return Kind("nvme0n1", disk, node, 0x10300, udev)
 
 
-def ata(tmp_path: Path, serial: str = "SATA0001", wwid: str = "", name: str = "sda") -> Kind:
+def ata(tmp_path: Path, serial: str = "SATA0001", wwid: str = "", name: str = "sda",
+        port: str = "0000:00:1f.2/ata2/host1") -> Kind:  # fmt: skip
     """QEMU's ide-hd on the q35 AHCI controller, as the suite attaches it (serial, model)."""
-    scsi = tmp_path / f"sys/devices/pci0000:00/0000:00:1f.2/ata2/host1/target1:0:0/1:0:0:0-{name}"
+    scsi = tmp_path / f"sys/devices/pci0000:00/{port}/target1:0:0/1:0:0:0-{name}"
     write(scsi / "vendor", "ATA     \n")
     write(scsi / "model", "STM SATA DISK   \n")
     write(scsi / "type", "0\n")
@@ -261,6 +262,12 @@ def test_identities_of_the_suites_disks_are_readable(tmp_path: Path) -> None:
         nqns[kind] = identity_for(BASE, early).nqn
     assert nqns == {"virtio-blk": f"{BASE}.virt0001", "nvme": f"{BASE}.qemu-nvme-ctrl-nvme0001-n1",
                     "ata": f"{BASE}.stm-sata-disk-sata0001"}  # fmt: skip
+
+
+def test_an_ata_disk_behind_a_sas_controller_waits_for_udev(tmp_path: Path) -> None:
+    assert disk_from_sysfs(ata(tmp_path, port="0000:00:1f.2/ata2/host1").kernel_device()) is not None
+    behind = ata(tmp_path / "sas", port="0000:00:07.0/host3/port-3:0/end_device-3:0")
+    assert disk_from_sysfs(behind.kernel_device()) is None
 
 
 @pytest.mark.parametrize("kind", sorted(UDEV_ONLY))
