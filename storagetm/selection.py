@@ -11,7 +11,7 @@ from pathlib import Path
 from storagetm.config.settings import Settings
 from storagetm.disks.disk import Disk, disk_from_file, sort_disks
 from storagetm.disks.identity import identity_for
-from storagetm.disks.policy import Reason, SystemFacts, exclusion, nothing_held, usage
+from storagetm.disks.policy import Reason, SystemFacts, awaiting_names, exclusion, nothing_held, usage
 from storagetm.model import Export
 
 
@@ -47,10 +47,14 @@ def plan(
     details: dict[str, str] = {}
     unknown_root_refused = False
     overrides = settings.identity_overrides()
+    specs = (*settings.devices, *(spec for spec, _ in settings.disk_modes))
     for disk in sort_disks(disks):
         named = any(disk.matches(spec) for spec in settings.devices)
         selected = settings.all_disks or named
         reason = exclusion(disk, facts, lift_guards=settings.lift_guards)
+        if reason is None and awaiting_names(disk, specs):
+            skipped.append((disk, Reason.AWAITING_NAMES))  # for a moment: udev's event follows
+            continue
         if reason is None and not selected:
             reason = Reason.NOT_SELECTED
         if reason is None and facts.root_unknown and not (named or disk.is_file or settings.lift_guards):

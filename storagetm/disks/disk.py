@@ -56,6 +56,9 @@ class Disk:
     nvme_transport: str = ""  # pcie, tcp, rdma, fc, loop for NVMe namespaces
     fs_label: str = ""
     part_uuids: tuple[str, ...] = ()  # GPT/MBR partition UUIDs of its partitions, lower case
+    # Built from the kernel's uevent and sysfs before udev named it: by_id and by_path are not
+    # known yet (udev's event brings them; see storagetm/disks/kernel.py).
+    names_pending: bool = False
 
     @property
     def is_file(self) -> bool:
@@ -71,14 +74,14 @@ class Disk:
         return bool(self.by_path) and spec == self.by_path
 
 
-def _sysfs_int(path: str, default: int = 0) -> int:
+def sysfs_int(path: str, default: int = 0) -> int:
     try:
         return int(read_attribute(path).strip())
     except (OSError, ValueError):
         return default
 
 
-def _sysfs_text(path: str) -> str:
+def sysfs_text(path: str) -> str:
     try:
         return read_attribute(path).strip()
     except OSError:
@@ -90,11 +93,11 @@ def nvme_transport(sys_path: str) -> str:
     base = Path(sys_path)
     direct = base / "device" / "transport"
     if direct.exists():
-        return _sysfs_text(str(direct))
+        return sysfs_text(str(direct))
     # Native multipath: the block device hangs off nvme-subsysN; ask its controllers.
-    transports = {_sysfs_text(str(p)) for p in base.parent.glob("nvme*/transport")}
+    transports = {sysfs_text(str(p)) for p in base.parent.glob("nvme*/transport")}
     if not transports and (base / "device").exists():
-        transports = {_sysfs_text(str(p)) for p in (base / "device").resolve().glob("nvme*/transport")}
+        transports = {sysfs_text(str(p)) for p in (base / "device").resolve().glob("nvme*/transport")}
     return ",".join(sorted(transports - {""}))
 
 
@@ -137,14 +140,14 @@ def disk_from_udev(device: UdevDevice, *, partition_uuids: bool = True) -> Disk:
         devnode=device.device_node or f"/dev/{name}",
         devnum=device.device_number,
         devtype=device.device_type or "",
-        size=_sysfs_int(f"{sys_path}/size") * SECTOR,
+        size=sysfs_int(f"{sys_path}/size") * SECTOR,
         # What the hardware reports is shown on terminals: no control characters from here on.
-        model=printable(_sysfs_text(f"{sys_path}/device/model") or props.get("ID_MODEL", "").replace("_", " ").strip()),
+        model=printable(sysfs_text(f"{sys_path}/device/model") or props.get("ID_MODEL", "").replace("_", " ").strip()),
         serial=printable(
             props.get("ID_SERIAL_SHORT", "")
             or props.get("ID_SCSI_SERIAL", "")
-            or _sysfs_text(f"{sys_path}/device/serial")
-            or _sysfs_text(f"{sys_path}/serial")
+            or sysfs_text(f"{sys_path}/device/serial")
+            or sysfs_text(f"{sys_path}/serial")
             or props.get("ID_SERIAL", "")
         ),
         wwn=printable(props.get("ID_WWN_WITH_EXTENSION", "") or props.get("ID_WWN", "")),
@@ -152,8 +155,8 @@ def disk_from_udev(device: UdevDevice, *, partition_uuids: bool = True) -> Disk:
         by_id=tuple(sorted(printable(link) for link in links if link.startswith("/dev/disk/by-id/"))),
         by_path=printable(next((link for link in links if link.startswith("/dev/disk/by-path/")), "")),
         cdrom=props.get("ID_CDROM") == "1" or name.startswith("sr"),
-        read_only=_sysfs_int(f"{sys_path}/ro") == 1,
-        removable=_sysfs_int(f"{sys_path}/removable") == 1,
+        read_only=sysfs_int(f"{sys_path}/ro") == 1,
+        removable=sysfs_int(f"{sys_path}/removable") == 1,
         nvme_transport=nvme_transport(sys_path) if name.startswith("nvme") else "",
         fs_label=printable(props.get("ID_FS_LABEL", "")),
         # Partition uevents carry no PARTUUID on 6.12, so sysfs cannot tell; the GPT can.

@@ -43,6 +43,7 @@ class Reason(enum.Enum):
     BAD_OPTION = "nothing is exported while a boot option is not valid"
     ROOT_UNKNOWN = "may hold the root file system (storagetm cannot tell which disk does)"
     IN_USE = "in use on this system"  # the plan says how: mounted at …, active swap, …
+    AWAITING_NAMES = "waiting for udev's /dev/disk names (an option may name this disk by one)"
 
 
 # Reasons that `--all` given twice lifts, as upstream does (in-use disks: with a warning each).
@@ -99,6 +100,19 @@ def exclusion(disk: Disk, facts: SystemFacts, *, lift_guards: bool) -> Reason | 
     if reason is None and not lift_guards:
         reason = guard_reason(disk, facts)
     return reason
+
+
+def may_name_by_link(spec: str) -> bool:
+    """Whether a disk option could be one of udev's /dev/disk names: a by-id name (every one
+    has a "bus-" prefix: ata-, nvme-, virtio-, usb-, wwn-, …) or a /dev/disk/ path."""
+    return spec.startswith("/dev/disk/") or ("/" not in spec and "-" in spec)
+
+
+def awaiting_names(disk: Disk, specs: Iterable[str]) -> bool:
+    """A disk seen before udev named it, while some option may name it by a name it does not
+    have yet: whether it is selected, and in which mode, is not known until udev's event. It
+    waits: a disk must never be exported that the options turn out to leave out."""
+    return disk.names_pending and any(may_name_by_link(spec) and not disk.matches(spec) for spec in specs)
 
 
 def usage(disk: Disk, facts: SystemFacts, held: Callable[[str], str]) -> str:
