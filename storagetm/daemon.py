@@ -184,7 +184,7 @@ class Daemon:
         assert self.reconciler is not None and self.fabrics
         want = self.want()
         changing = {backing.path for nqn, backing in self.state.backings.items()
-                    if want.exports.get(nqn) != self.state.exports.get(nqn)}  # fmt: skip
+                    if _backing_key(want.exports.get(nqn)) != _backing_key(self.state.exports.get(nqn))}  # fmt: skip
         web = self.web
         if web is not None:  # downloads of what changes let go of its device first, and stay off it
             web.release(changing)
@@ -544,6 +544,10 @@ class Daemon:
         self.stop_requested = True
         if end is not power.End.STOP:
             self.end = end
+
+
+def _backing_key(export: Export | None) -> tuple[str, int, int, modes.Mode, int] | None:
+    return None if export is None else export.backing_key
 
 
 def farewell_line(exported: bool, failed: list[str], follows: power.End) -> str:

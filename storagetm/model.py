@@ -34,6 +34,12 @@ class Export:
     def nqn(self) -> str:
         return self.identity.nqn
 
+    @property
+    def backing_key(self) -> tuple[str, int, int, Mode, int]:
+        """What the device the backing layer makes for it depends on: udev's names or a
+        label arriving after the export change none of it."""
+        return self.disk.devnode, self.disk.devnum, self.disk.size, self.mode, self.snapshot_size
+
 
 @dataclass(frozen=True)
 class Listener:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -305,3 +306,28 @@ def test_with_tls_on_the_web_page_offers_downloads_only_when_asked(tmp_path: Pat
     daemon.start_web(host="127.0.0.1")
     assert daemon.state.web.downloads
     daemon.stop_web()
+
+
+def test_udevs_names_arriving_after_the_export_do_not_pause_its_downloads(tmp_path: Path) -> None:
+    """A disk exported from the kernel's event is refined by udev's (by-id names, a label):
+    its device stays as it is, so a download from the web page goes on."""
+    disk = hot_disk(tmp_path)
+    daemon = attached(tmp_path, Settings(devices=(disk.devnode,)), FakeConfigfs(tmp_path / "configfs"))
+    early = dataclasses.replace(disk, by_id=(), names_pending=True)
+    daemon._on_disk_events(QueuedEvents([DiskEvent("add", early)]))  # type: ignore[arg-type]
+    released: list[set[str]] = []
+
+    class Web:
+        def release(self, paths: set[str]) -> None:
+            released.append(paths)
+
+        def resume(self, paths: set[str]) -> None:
+            pass
+
+    daemon.web = Web()  # type: ignore[assignment]
+    refined = dataclasses.replace(disk, by_id=("/dev/disk/by-id/virtio-HOT1",))
+    daemon._on_disk_events(QueuedEvents([DiskEvent("change", refined)]))  # type: ignore[arg-type]
+    assert [e.disk.by_id for e in daemon.state.exports.values()] == [refined.by_id]
+    assert released and not any(released), released
+    daemon._on_disk_events(QueuedEvents([DiskEvent("remove", refined)]))  # type: ignore[arg-type]
+    assert released[-1] == {disk.devnode}
