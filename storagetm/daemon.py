@@ -9,7 +9,7 @@ import os
 import selectors
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -20,9 +20,10 @@ from storagetm.config.options import with_credentials
 from storagetm.config.settings import Settings
 from storagetm.console import panel, qr, stats
 from storagetm.console.keys import KeyInput
-from storagetm.console.screen import Screen, connect_lines
+from storagetm.console.screen import Screen, connect_lines, render
+from storagetm.control import ControlServer
 from storagetm.desired import desired_state
-from storagetm.disks.disk import Disk
+from storagetm.disks.disk import Disk, disk_from_file, resolve_file
 from storagetm.disks.identity import default_nqn_base, host_id, host_identity, iqn_base, nvme_form
 from storagetm.disks.policy import (
     Reason,
@@ -32,7 +33,7 @@ from storagetm.disks.policy import (
     system_facts,
 )
 from storagetm.disks.udev import BlockDevices, udev_settled
-from storagetm.errors import ExitCode, KernelError, StorageTMError
+from storagetm.errors import ExitCode, KernelError, StorageTMError, UsageError
 from storagetm.fabrics import Fabric
 from storagetm.fabrics.lio import configfs as lio
 from storagetm.fabrics.lio.fabric import IscsiFabric
@@ -46,7 +47,7 @@ from storagetm.reconcile.reconciler import Reconciler
 from storagetm.security import auth, tls
 from storagetm.security.auth import AuthConfig
 from storagetm.security.chap import chap_secrets
-from storagetm.selection import explicit_files, plan
+from storagetm.selection import Plan, explicit_files, plan, refusal
 from storagetm.system import firmware, network, power
 from storagetm.system.announce import Announcer
 from storagetm.system.notify import sd_notify
@@ -96,6 +97,7 @@ class Daemon:
         lio_root: lio.Root | None = None,
         keys: KeyInput | None = None,
         connection_text: Callable[[state.RunState, int], str] | None = None,
+        control: ControlServer | None = None,
     ) -> None:
         self.settings = settings
         self.screen = screen
@@ -132,6 +134,8 @@ class Daemon:
         self.status_sent = ""
         self.ipv6 = True
         self.web: WebServer | None = None
+        self.control = control  # None: made by run(); `storagetm FILE…` hands its files over through it
+        self.handed: dict[int, tuple[str, ...]] = {}  # client -> the disks and files it handed over
 
     # ---- one reconcile pass ------------------------------------------------
 
@@ -158,10 +162,7 @@ class Daemon:
         # What a previous instance exported counts as exported too: its objects are still in
         # the kernel (our dm devices hold those disks) until this pass adopts them.
         assert self.reconciler is not None
-        exported = {export.disk.devnode for export in self.state.exports.values()} | {
-            name for kind, name in self.reconciler.owned if kind == HOLD}
-        result = plan(list(self.disks.values()), self.settings, self.facts(), self.state.nqn_base,
-                      exported=exported, held=self.held)  # fmt: skip
+        result = self._plan()
         self.wanted = result.exports
         failures = self.reconcile()
         problems = result.problems + failures
@@ -172,6 +173,19 @@ class Daemon:
                                    for d, r in result.not_exported]  # fmt: skip
         self.state.problems = problems
         self.in_use_refused = any(reason is Reason.IN_USE for _, reason in result.not_exported)
+
+    def _plan(self) -> Plan:
+        assert self.reconciler is not None
+        exported = {export.disk.devnode for export in self.state.exports.values()} | {
+            name for kind, name in self.reconciler.owned if kind == HOLD}
+        return plan(list(self.disks.values()), self.selection(), self.facts(), self.state.nqn_base,
+                    exported=exported, held=self.held)  # fmt: skip
+
+    def selection(self) -> Settings:
+        """The settings with the disks and files clients handed over named too."""
+        handed = tuple(dict.fromkeys(spec for specs in self.handed.values() for spec in specs
+                                     if spec not in self.settings.devices))  # fmt: skip
+        return replace(self.settings, devices=self.settings.devices + handed) if handed else self.settings
 
     def want(self) -> Want:
         return Want(dict(self.wanted), self.state.nqn_base, self.settings.port, self.ipv6, self.state.auth,
@@ -302,6 +316,8 @@ class Daemon:
             self._start(devices, previous)
             self._loop(devices, addr_sock, wake_r)
         finally:
+            if self.control is not None:
+                self.control.close()
             sd_notify(STOPPING="1", STATUS="Tearing down exports")
             if self.announcer is not None:
                 self.announcer.withdraw()
@@ -401,6 +417,7 @@ class Daemon:
         selector.register(wake_r, selectors.EVENT_READ, "signal")
         for fd in self.keys.fds() if self.keys else []:
             selector.register(fd, selectors.EVENT_READ, "keys")
+        self._listen_for_clients(selector)
         redraw_at: float | None = None
         addresses_changed = False  # `ip -j address` runs only after rtnetlink said so
         ready_by: float | None = time.monotonic() + READY_WAIT  # None once READY=1 is sent
@@ -431,6 +448,9 @@ class Daemon:
                         self.on_key(name)
                     if pressed:
                         self.publish()
+                elif key.data == "control":
+                    assert self.control is not None
+                    self.control.ready(key.fd, self)
                 elif key.data == "net":
                     network.drain(addr_sock)  # type: ignore[arg-type]
                     addresses_changed = True
@@ -447,6 +467,17 @@ class Daemon:
                 self.sample_activity()
                 self.publish()
         selector.close()
+
+    def _listen_for_clients(self, selector: selectors.BaseSelector) -> None:
+        """The control socket, once the disks are out; without it `storagetm FILE…` starts an engine
+        of its own, which finds this one running and says so."""
+        self.control = self.control or ControlServer()
+        try:
+            self.control.start(selector)
+        except OSError as exc:
+            log.warning("no control socket %s: %s; `storagetm FILE…` cannot hand its files over",
+                        self.control.path, exc.strerror or exc)  # fmt: skip
+            self.control = None
 
     def _on_disk_events(self, devices: BlockDevices) -> bool:
         """Export what the events call for; True if the set of disks changed (the caller
@@ -533,6 +564,65 @@ class Daemon:
         return "Authentication is on: connect with the new line above." if on else \
             "Authentication is off: anyone on the network can connect."  # fmt: skip
 
+    # ---- disks and files handed over by `storagetm FILE…` (control.py) ------------------
+
+    def export_handed(self, client: int, specs: Sequence[str]) -> tuple[int, str, list[str]]:
+        """Export `specs` for `client` through the one reconciler, all or nothing; (0, the
+        screen of these exports, the log lines) or (exit code, "", [why, one line])."""
+        if self.settings.identity_overrides() != self.settings.nvme.shared():
+            return ExitCode.USAGE, "", ["the running storagetm gives its one disk $SYSTEMD_NVME_SERIAL/UUID; "
+                                        "`storagetm stop` it to export more"]  # fmt: skip
+        named: list[str] = []
+        files: list[Disk] = []
+        try:
+            for spec in specs:
+                real = resolve_file(spec)
+                named.append(real or spec)
+                if real is not None and real not in self.disks:
+                    files.append(disk_from_file(real))
+        except (UsageError, OSError) as exc:
+            return ExitCode.USAGE, "", [exc.one_line() if isinstance(exc, UsageError) else f"{exc}"]
+        for disk in files:
+            self.disks[disk.devnode] = disk
+        self.handed[client] = tuple(named)
+        trial = self._plan()  # pure: nothing is exported unless every spec is
+        missing = [spec for spec in named if not any(e.disk.matches(spec) for e in trial.exports.values())]
+        if missing:
+            self._forget_handed(client)
+            return ExitCode.FAILURE, "", [handed_refusal(missing[0], trial)]
+        self.export_wanted()
+        mine = {nqn: e for nqn, e in self.state.exports.items() if any(e.disk.matches(spec) for spec in named)}
+        if not all(any(e.disk.matches(spec) for e in mine.values()) for spec in named):
+            failed = [problem for problem in self.state.problems if problem not in trial.problems]
+            self._forget_handed(client)
+            self.export_wanted()
+            return ExitCode.FAILURE, "", [failed[0] if failed else f"could not export {', '.join(named)}"]
+        self.publish()
+        shown = replace(self.state, exports=mine, not_exported=[], problems=[]).without_secrets()
+        lines = [f"exported {e.disk.devnode} ({e.mode.label}) as {nqn}" for nqn, e in sorted(mine.items())]
+        return ExitCode.OK, render(shown, self.settings.port), lines
+
+    def withdraw_handed(self, client: int) -> tuple[str, list[str]]:
+        """The client ended: what only it wanted is withdrawn, then flushed, as at a stop."""
+        if client not in self.handed:
+            return "", []
+        before = dict(self.state.exports)
+        self._forget_handed(client)
+        self.export_wanted()
+        gone = {nqn: e for nqn, e in before.items() if nqn not in self.state.exports}
+        failed = power.flush_all([e.disk.devnode for e in gone.values()])
+        self.publish()
+        lines = [f"withdrew {nqn} ({e.disk.devnode})" for nqn, e in sorted(gone.items())]
+        return farewell_line(bool(gone), failed, power.End.STOP), lines
+
+    def _forget_handed(self, client: int) -> None:
+        specs = self.handed.pop(client, ())
+        still = set(self.selection().devices)
+        for spec in specs:
+            disk = self.disks.get(spec)
+            if disk is not None and disk.is_file and spec not in still:
+                del self.disks[spec]
+
     def _on_signal(self, signum: int, _frame: object) -> None:
         end = power.SIGNALS.get(signum, power.End.STOP)
         log.info("received %s, stopping%s", signal.strsignal(signum), f" and {end.doing}" if end.doing else "")
@@ -553,6 +643,17 @@ def default_connection_text(run: state.RunState, io_port: int) -> str:
         return code
     commands = [line.strip() for line in connect_lines(run, io_port) if line.strip().startswith("nvme connect")]
     return commands[0] if commands else ""
+
+
+def handed_refusal(spec: str, result: Plan) -> str:
+    """Why a disk or file handed over is not exported, one line."""
+    for disk, reason in result.not_exported:
+        if disk.matches(spec):
+            return refusal(disk, reason, result.details.get(disk.devnode, ""))
+    for problem in result.problems:
+        if spec in problem:
+            return problem.replace(" (yet); it is exported if it appears", "")
+    return f"no disk matches {spec!r}: name an image file, a block device, its by-id name or serial"
 
 
 def farewell_line(exported: bool, failed: list[str], follows: power.End) -> str:
