@@ -6,6 +6,7 @@ imported. One AF_UNIX SOCK_SEQPACKET socket, /run/storagetm/control, 0600 in the
 0700 directory; the daemon also checks the peer's credentials (SO_PEERCRED: root only).
 A message is a verb and its fields, NUL-separated (a path holds no NUL).
 
+    daemon -> client   ready           the peer is root (or: refused LINE, and the connection ends)
     client -> daemon   export SPEC…    the client's files and disks, exported until it goes
                        withdraw        withdraw them now (the client ends: Ctrl+C, SIGTERM)
     daemon -> client   exported SCREEN LOG   the screen for these exports, the log lines
@@ -18,15 +19,16 @@ was killed), the daemon withdraws what it handed over, exactly as for `withdraw`
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
 import struct
 import sys
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the client imports nothing it does not run: typing alone costs milliseconds
+# The client imports nothing it does not run: typing (or contextlib) alone costs milliseconds,
+# tens of them in the VM. typing.TYPE_CHECKING without importing typing; mypy knows the name.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     import selectors
     from collections.abc import Sequence
     from typing import Protocol
@@ -89,14 +91,14 @@ def _raise_stop(_signum: int, _frame: object) -> None:
     raise _Stop
 
 
-def hand_over(specs: Sequence[str], path: str = CONTROL_SOCKET) -> int | None:
+def hand_over(specs: Sequence[str], path: str | None = None) -> int | None:
     """Export `specs` through the running daemon and wait until this process is told to end;
     the exit code, or None if no daemon listens here (the caller starts the engine itself)."""
     if os.geteuid() != 0:
         return None  # the engine's path says that storagetm needs root
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(path)
+        sock.connect(path or CONTROL_SOCKET)
     except (FileNotFoundError, ConnectionRefusedError, PermissionError):
         sock.close()
         return None
@@ -105,41 +107,56 @@ def hand_over(specs: Sequence[str], path: str = CONTROL_SOCKET) -> int | None:
 
 
 def _converse(sock: socket.socket, specs: Sequence[str]) -> int:
-    sock.sendall(encode("export", specs))
-    verb, fields = decode(sock.recv(MAX_MESSAGE))
-    if verb == "failed":
-        _error(fields[1])
-        return int(fields[0])
-    if verb != "exported":
-        _error("the running storagetm refused the hand-over" + (f": {fields[0]}" if fields else ""))
-        return EXIT_FAILURE
-    screen, logged = fields
-    _logged(logged)
-    print(screen, flush=True)
+    # From the start: a SIGTERM while the request is under way withdraws what it exported.
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
     try:
         try:
-            gone = sock.recv(MAX_MESSAGE) == b""  # nothing comes until the daemon ends
+            verb, fields = decode(sock.recv(MAX_MESSAGE))  # "ready", once the daemon knows who we are
+            if verb != "ready":
+                return _not_exported(verb, fields)
+            sock.sendall(encode("export", specs))
+            verb, fields = decode(sock.recv(MAX_MESSAGE))
+            if verb != "exported":
+                return _not_exported(verb, fields)
+            _logged(fields[1])
+            print(fields[0], flush=True)
+            if sock.recv(MAX_MESSAGE) == b"":  # nothing comes until the daemon ends
+                _error("the running storagetm stopped; its exports, these too, are withdrawn")
+                return EXIT_FAILURE
         except (_Stop, KeyboardInterrupt):
-            gone = False
-        if gone:
-            _error("the running storagetm stopped; its exports, these too, are withdrawn")
-            return EXIT_FAILURE
+            pass
         for sig in previous:  # the withdrawal is not interrupted: a second Ctrl+C would leave no farewell
             signal.signal(sig, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        sock.sendall(encode("withdraw"))
-        sock.settimeout(WITHDRAW_TIMEOUT)
-        verb, fields = decode(sock.recv(MAX_MESSAGE))
+        return _withdraw(sock)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if verb != "withdrawn":
-        _error("the running storagetm did not confirm the withdrawal; `storagetm status` shows what it exports")
+
+
+def _not_exported(verb: str, fields: list[str]) -> int:
+    if verb == "failed":
+        _error(fields[1])
+        return int(fields[0])
+    _error("the running storagetm refused the hand-over" + (f": {fields[0]}" if fields else ""))
+    return EXIT_FAILURE
+
+
+def _withdraw(sock: socket.socket) -> int:
+    """Ask for the withdrawal and wait for it (replies to the request may still come first)."""
+    try:
+        sock.sendall(encode("withdraw"))
+    except OSError:  # the daemon closed the connection: it had exported nothing for it
         return EXIT_FAILURE
-    _logged(fields[1] if len(fields) > 1 else "")
-    print(fields[0], flush=True)
-    return 0
+    sock.settimeout(WITHDRAW_TIMEOUT)
+    while message := sock.recv(MAX_MESSAGE):
+        verb, fields = decode(message)
+        if verb == "withdrawn":
+            _logged(fields[1] if len(fields) > 1 else "")
+            print(fields[0], flush=True)
+            return 0
+    _error("the running storagetm did not confirm the withdrawal; `storagetm status` shows what it exports")
+    return EXIT_FAILURE
 
 
 def _error(line: str) -> None:
@@ -159,8 +176,8 @@ def _logged(lines: str) -> None:
 class ControlServer:
     """The daemon's listening socket and its clients, watched by the daemon's selector."""
 
-    def __init__(self, path: str = CONTROL_SOCKET, *, allowed_uid: int = 0) -> None:
-        self.path = path
+    def __init__(self, path: str | None = None, *, allowed_uid: int = 0) -> None:
+        self.path = path or CONTROL_SOCKET
         self.allowed_uid = allowed_uid
         self.listener: socket.socket | None = None
         self.clients: dict[int, socket.socket] = {}
@@ -169,8 +186,7 @@ class ControlServer:
     def start(self, selector: selectors.BaseSelector) -> None:
         """Listen (a stale socket of a killed instance replaced) and be watched by `selector`."""
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        _unlink(self.path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         old_umask = os.umask(0o177)  # 0600 from the start: no moment in which others may connect
         try:
@@ -221,6 +237,9 @@ class ControlServer:
             return
         sock.setblocking(True)  # replies are small; the client reads them at once
         sock.settimeout(5.0)
+        if not self._send(sock, encode("ready")):
+            sock.close()
+            return
         self.clients[sock.fileno()] = sock
         self.selector.register(sock, EVENT_READ, "control")
 
@@ -248,5 +267,11 @@ class ControlServer:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            _unlink(self.path)
+
+
+def _unlink(path: str) -> None:
+    import contextlib  # the daemon's end: not on the client's path
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -651,8 +651,8 @@ def handed_refusal(spec: str, result: Plan) -> str:
         if disk.matches(spec):
             return refusal(disk, reason, result.details.get(disk.devnode, ""))
     for problem in result.problems:
-        if spec in problem:
-            return problem.replace(" (yet); it is exported if it appears", "")
+        if spec in problem and not problem.startswith("no disk matches"):
+            return problem
     return f"no disk matches {spec!r}: name an image file, a block device, its by-id name or serial"
 
 
