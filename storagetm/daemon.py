@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 REDRAW_DEBOUNCE = 0.75  # seconds, as upstream: addresses come and go in bursts
 DASHBOARD_REFRESH = 1.0  # seconds between samples of I/O counters, connections and snapshot fill
+# Without a dashboard on a terminal, and while no initiator is connected and no disk moves, the
+# samples (for `storagetm status` and the web page) are this far apart.
+IDLE_REFRESH = 5.0  # seconds
 READY_WAIT = 30.0  # seconds storagetm waits at most for udev's queue before it tells systemd it is ready
 SETTLE_POLL = 0.1  # seconds between looks at udev's queue until then
 # After a disk event, the screen and the state file follow this much later: the CPU goes first
@@ -134,6 +137,7 @@ class Daemon:
         self.status_sent = ""
         self.ipv6 = True
         self.web: WebServer | None = None
+        self.moving = False  # the last sample saw I/O, an initiator connected, or a hash under way
         self.control = control  # None: made by run(); `storagetm FILE…` hands its files over through it
         self.handed: dict[int, tuple[str, ...]] = {}  # client -> the disks and files it handed over
 
@@ -241,8 +245,10 @@ class Daemon:
                 log.warning("%s", problem)
                 self.state.problems.append(problem)
 
-    def sample_activity(self) -> None:
-        """Per-disk bytes read/written since export, current rates, and connected initiators."""
+    def sample_activity(self) -> bool:
+        """Per-disk bytes read/written since export, current rates, connected initiators and
+        snapshot fill; True if any of it changed (else there is nothing new to show or save)."""
+        before = (self.state.activity, self.state.initiators, self.state.hashing, self.state.snapshot_usage)
         self.state.activity = self.meter.sample({
             nqn: (backing.path if (backing := self.state.backings.get(nqn)) else export.disk.devnode,
                   export.disk.size)
@@ -253,13 +259,29 @@ class Daemon:
             ports.add(ISCSI_PORT)
         self.state.initiators = stats.initiators(ports)
         self.state.hashing = self.web.hash_progress() if self.web is not None else {}
+        self._sample_snapshots(before[0])
+        self.moving = bool(self.state.initiators or self.state.hashing) or any(
+            a.read_rate or a.write_rate for a in self.state.activity.values())  # fmt: skip
+        return (self.state.activity, self.state.initiators, self.state.hashing, self.state.snapshot_usage) != before
+
+    def _sample_snapshots(self, before: dict[str, stats.DiskActivity]) -> None:
+        """A store fills only as the snapshot is written: `dmsetup status` (a fork) runs for a
+        snapshot when it is new or has been written to since, not every second."""
+        usage = {}
+        for nqn, backing in self.state.backings.items():
+            if not backing.store:
+                continue
+            now, then = self.state.activity.get(nqn), before.get(nqn)
+            known = self.state.snapshot_usage.get(nqn)
+            if known is not None and now is not None and then is not None and now.written_bytes == then.written_bytes:
+                usage[nqn] = known
+            elif (fresh := modes.snapshot_usage(backing.dm_name)) is not None:
+                usage[nqn] = fresh
+        self.state.snapshot_usage = usage
 
     def publish(self) -> None:
-        self.state.snapshot_usage = {
-            nqn: usage
-            for nqn, backing in self.state.backings.items()
-            if backing.store and (usage := modes.snapshot_usage(backing.dm_name)) is not None
-        }
+        self.state.snapshot_usage = {nqn: usage for nqn, usage in self.state.snapshot_usage.items()
+                                     if nqn in self.state.backings and self.state.backings[nqn].store}  # fmt: skip
         self._save_state()
         if self.keys is not None and self.keys.fds():
             self.screen.set_panel(self.panel.lines(), self._overlay())
@@ -420,6 +442,7 @@ class Daemon:
         self._listen_for_clients(selector)
         redraw_at: float | None = None
         addresses_changed = False  # `ip -j address` runs only after rtnetlink said so
+        news = False  # a disk event or new addresses: the next tick publishes, whatever the sample says
         ready_by: float | None = time.monotonic() + READY_WAIT  # None once READY=1 is sent
         while not self.stop_requested:
             if ready_by is not None and (udev_settled() or time.monotonic() >= ready_by):
@@ -430,13 +453,14 @@ class Daemon:
                 if self.settings.realtime:
                     serve_at_realtime_priority()
             if redraw_at is None and self.state.exports:
-                redraw_at = time.monotonic() + DASHBOARD_REFRESH
+                redraw_at = time.monotonic() + self.refresh_interval()
             timeout = None if redraw_at is None else max(0.0, redraw_at - time.monotonic())
             if ready_by is not None:
                 timeout = SETTLE_POLL if timeout is None else min(timeout, SETTLE_POLL)
             for key, _ in selector.select(timeout):
                 if key.data == "udev":
                     if self._on_disk_events(devices):
+                        news = True
                         soon = time.monotonic() + AFTER_DISK_EVENT
                         redraw_at = soon if redraw_at is None else min(redraw_at, soon)
                 elif key.data == "keys":
@@ -453,7 +477,7 @@ class Daemon:
                     self.control.ready(key.fd, self)
                 elif key.data == "net":
                     network.drain(addr_sock)  # type: ignore[arg-type]
-                    addresses_changed = True
+                    addresses_changed = news = True
                     redraw_at = redraw_at or time.monotonic() + REDRAW_DEBOUNCE
                 else:
                     with contextlib.suppress(BlockingIOError):
@@ -464,9 +488,15 @@ class Daemon:
                     addresses_changed = False
                     self.state.addresses = network.local_addresses()
                     self.reconcile_addresses()
-                self.sample_activity()
-                self.publish()
+                # Nothing new (no I/O, the same initiators): no redraw, no state file, no JSON.
+                if self.sample_activity() or news:
+                    self.publish()
+                news = False
         selector.close()
+
+    def refresh_interval(self) -> float:
+        """The dashboard samples every second; without one, an idle target samples less often."""
+        return DASHBOARD_REFRESH if self.screen.terminal or self.moving else IDLE_REFRESH
 
     def _listen_for_clients(self, selector: selectors.BaseSelector) -> None:
         """The control socket, once the disks are out; without it `storagetm FILE…` starts an engine
