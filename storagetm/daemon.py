@@ -18,8 +18,7 @@ from storagetm.backing import modes
 from storagetm.backing.layer import DM, HOLD, STORE, BackingLayer
 from storagetm.config.options import with_credentials
 from storagetm.config.settings import Settings
-from storagetm.console import panel, qr, stats
-from storagetm.console.keys import KeyInput
+from storagetm.console import panel, stats
 from storagetm.console.screen import Screen, connect_lines, render
 from storagetm.control import ControlServer
 from storagetm.desired import desired_state
@@ -49,11 +48,12 @@ from storagetm.security.auth import AuthConfig
 from storagetm.security.chap import chap_secrets
 from storagetm.selection import Plan, explicit_files, plan, refusal
 from storagetm.system import firmware, network, power
-from storagetm.system.announce import Announcer
 from storagetm.system.notify import sd_notify
 from storagetm.web.token import web_token
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # each imported where its feature runs: the mDNS announcement, the keys, the web page
+    from storagetm.console.keys import KeyInput
+    from storagetm.system.announce import Announcer
     from storagetm.web.server import WebServer
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class Daemon:
         self.startup_problems = list(startup_problems or [])
         self.held = held
         self.in_use_refused = False  # set by each plan
-        self.announcer = announcer or (Announcer() if settings.announce else None)
+        self.announcer = announcer or (announcement() if settings.announce else None)
         self.disks: dict[str, Disk] = {}
         # Bad options: drawn first on the screen; with a refusal nothing is exported.
         self.state = state.RunState(pid=os.getpid(), alerts=self.startup_problems, refused=list(settings.refusals))
@@ -331,6 +331,8 @@ class Daemon:
         for sig in power.SIGNALS:
             signal.signal(sig, self._on_signal)
         if self.keys is None and self.screen.consoles:
+            from storagetm.console.keys import KeyInput
+
             self.keys = KeyInput(self.screen.consoles)
         self.attach(self.root)
         assert self.reconciler is not None
@@ -554,6 +556,8 @@ class Daemon:
         if self.panel.stage is panel.Stage.QR:
             text = self.connection_text(self.state, self.settings.port)
             if self.qr_drawn[0] != text:  # qrencode runs once per text, not at every redraw
+                from storagetm.console import qr
+
                 self.qr_drawn = (text, qr.render(text))
             return [*self.qr_drawn[1], "The connection details, for a phone's camera. Any key: back."]
         return self.panel.overlay
@@ -664,6 +668,12 @@ class Daemon:
         self.stop_requested = True
         if end is not power.End.STOP:
             self.end = end
+
+
+def announcement() -> Announcer:
+    from storagetm.system.announce import Announcer
+
+    return Announcer()
 
 
 def default_connection_text(run: state.RunState, io_port: int) -> str:
