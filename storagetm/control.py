@@ -80,7 +80,15 @@ def handover_specs(argv: Sequence[str], commands: Sequence[str]) -> list[str] | 
         return None
     if any(name in os.environ for name in ENVIRONMENT):
         return None
-    return [os.path.abspath(arg) if "/" in arg or arg.startswith(".") else arg for arg in argv]
+    return [os.path.abspath(arg) if _a_file(arg) else arg for arg in argv]
+
+
+def _a_file(arg: str) -> bool:
+    """Whether the daemon, in another directory, needs the argument as an absolute path: a
+    path, or a file here named like no disk (as disks.disk.resolve_file reads it)."""
+    if "/" in arg or arg.startswith("."):
+        return True
+    return not os.path.exists(f"/sys/class/block/{arg}") and os.path.isfile(arg)
 
 
 class _Stop(Exception):
@@ -181,6 +189,7 @@ class ControlServer:
         self.allowed_uid = allowed_uid
         self.listener: socket.socket | None = None
         self.clients: dict[int, socket.socket] = {}
+        self.exporting: set[int] = set()  # clients whose export stands: one request per connection
         self.selector: selectors.BaseSelector | None = None
 
     def start(self, selector: selectors.BaseSelector) -> None:
@@ -210,8 +219,10 @@ class ControlServer:
         except OSError:
             message = b""
         verb, fields = decode(message) if message else ("", [])
-        if verb == "export" and fields:
+        if verb == "export" and fields and fd not in self.exporting:
             code, screen, lines = exporter.export_handed(fd, fields)
+            if code == 0:
+                self.exporting.add(fd)
             reply = encode("exported", [screen, "\n".join(lines)]) if code == 0 else encode(
                 "failed", [str(code), lines[0] if lines else "the export failed"])  # fmt: skip
             if not self._send(sock, reply) or code != 0:
@@ -219,7 +230,8 @@ class ControlServer:
                     exporter.withdraw_handed(fd)
                 self._drop(fd)
             return
-        # "withdraw", or the connection closed: the client ended, or was killed.
+        # "withdraw", the connection closed (the client ended, or was killed), or a request out
+        # of turn: what the client handed over is withdrawn, and the connection ends.
         farewell, lines = exporter.withdraw_handed(fd)
         if verb == "withdraw":
             self._send(sock, encode("withdrawn", [farewell, "\n".join(lines)]))
@@ -252,6 +264,7 @@ class ControlServer:
         return True
 
     def _drop(self, fd: int) -> None:
+        self.exporting.discard(fd)
         sock = self.clients.pop(fd)
         if self.selector is not None:
             self.selector.unregister(sock)
@@ -264,6 +277,7 @@ class ControlServer:
         for sock in self.clients.values():
             sock.close()
         self.clients.clear()
+        self.exporting.clear()
         if self.listener is not None:
             self.listener.close()
             self.listener = None

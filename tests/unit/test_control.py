@@ -94,7 +94,9 @@ def test_messages_keep_every_byte_of_a_path() -> None:
 def test_only_plain_disk_arguments_are_handed_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SYSTEMD_NVME_UUID", raising=False)
-    assert handover_specs(["x.img", "./y.img", "sdb"], ["status"]) == ["x.img", f"{tmp_path}/y.img", "sdb"]
+    (tmp_path / "here.img").write_bytes(b"\0" * 512)
+    assert handover_specs(["here.img", "./y.img", "sdb", "SERIAL1"], ["status"]) == [
+        f"{tmp_path}/here.img", f"{tmp_path}/y.img", "sdb", "SERIAL1"]  # a file here: the daemon is elsewhere
     assert handover_specs(["a/b.img"], []) == [f"{tmp_path}/a/b.img"]
     assert handover_specs([], []) is None
     assert handover_specs(["status"], ["status"]) is None
@@ -122,6 +124,21 @@ def test_a_handed_over_file_is_exported_by_the_daemon_until_the_client_ends(serv
     loaded = err.split("loaded: ")[-1].split()
     assert loaded == ["storagetm", "storagetm.cli", "storagetm.control"]  # no engine, no argparse, logging, json
     assert served.subsystems() == [] and served.daemon.handed == {} and served.daemon.disks == {}
+
+
+def test_a_second_request_on_one_connection_ends_it_and_withdraws_the_first(served: Served, tmp_path: Path) -> None:
+    first, second = image(tmp_path, "first.img"), image(tmp_path, "second.img")
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client.connect(served.path)
+    served.pump(lambda: bool(served.server.clients))
+    assert decode(client.recv(4096)) == ("ready", [])
+    client.sendall(encode("export", [first]))
+    served.pump(lambda: bool(served.daemon.handed))
+    assert decode(client.recv(1 << 20))[0] == "exported" and len(served.subsystems()) == 1
+    client.sendall(encode("export", [second]))
+    served.pump(lambda: not served.server.clients)
+    assert client.recv(4096) == b"" and served.subsystems() == [] and served.daemon.disks == {}
+    client.close()
 
 
 def test_a_killed_client_has_its_files_withdrawn(served: Served, tmp_path: Path) -> None:
