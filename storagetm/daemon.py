@@ -647,7 +647,9 @@ class Daemon:
         failed = power.flush_all([e.disk.devnode for e in gone.values()])
         self.publish()
         lines = [f"withdrew {nqn} ({e.disk.devnode})" for nqn, e in sorted(gone.items())]
-        return farewell_line(bool(gone), failed, power.End.STOP), lines
+        if not gone:  # the running storagetm exports them anyway (--all, or named at its start)
+            return "Stopping: nothing withdrawn; the running storagetm goes on exporting them.", lines
+        return farewell_line(True, failed, power.End.STOP), lines
 
     def _forget_handed(self, client: int) -> None:
         specs = self.handed.pop(client, ())

@@ -196,13 +196,14 @@ def test_a_file_the_daemon_exports_anyway_stays_exported_when_the_client_goes(tm
     try:
         proc = served.client(own)
         served.pump(lambda: bool(daemon.handed))
-        proc.kill()
-        proc.wait()
-        served.pump(lambda: not daemon.handed)
-        proc.communicate()
+        assert proc.stdout is not None and select.select([proc.stdout], [], [], 30)[0]
+        proc.send_signal(signal.SIGTERM)
+        code, out, err = served.finished(proc)
     finally:
         server.close()
-    assert served.subsystems() == [nqn] and own in daemon.disks
+    assert code == 0 and f"exported {own} (read-write) as {nqn}" in err
+    assert out.rstrip().endswith("Stopping: nothing withdrawn; the running storagetm goes on exporting them.")
+    assert served.subsystems() == [nqn] and own in daemon.disks and daemon.handed == {}
 
 
 def test_a_peer_that_is_not_the_allowed_user_is_refused(served: Served, tmp_path: Path) -> None:
