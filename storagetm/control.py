@@ -111,7 +111,12 @@ def hand_over(specs: Sequence[str], path: str | None = None) -> int | None:
         sock.close()
         return None
     with sock:
-        return _converse(sock, specs)
+        try:
+            return _converse(sock, specs)
+        except OSError as exc:  # the daemon went away mid-way (killed), or did not answer in time
+            _error(f"lost the running storagetm: {exc.strerror or 'no answer'}; `storagetm status` shows what "
+                   "it exports")  # fmt: skip
+            return EXIT_FAILURE
 
 
 def _converse(sock: socket.socket, specs: Sequence[str]) -> int:
@@ -161,8 +166,11 @@ def _withdraw(sock: socket.socket) -> int:
         verb, fields = decode(message)
         if verb == "withdrawn":
             _logged(fields[1] if len(fields) > 1 else "")
-            print(fields[0], flush=True)
+            if fields and fields[0]:
+                print(fields[0], flush=True)
             return 0
+        if verb in ("failed", "refused"):  # the request failed as the client was told to end
+            return _not_exported(verb, fields)
     _error("the running storagetm did not confirm the withdrawal; `storagetm status` shows what it exports")
     return EXIT_FAILURE
 

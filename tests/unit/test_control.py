@@ -141,6 +141,16 @@ def test_a_second_request_on_one_connection_ends_it_and_withdraws_the_first(serv
     client.close()
 
 
+def test_the_client_says_so_when_the_daemon_stops_under_it(served: Served, tmp_path: Path) -> None:
+    proc = served.client(image(tmp_path, "x.img"))
+    served.pump(lambda: bool(served.daemon.handed))
+    assert proc.stdout is not None and select.select([proc.stdout], [], [], 30)[0]
+    served.server.close()  # as the daemon's teardown does, before it withdraws everything
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "storagetm: the running storagetm stopped; its exports, these too, are withdrawn" in err
+
+
 def test_a_killed_client_has_its_files_withdrawn(served: Served, tmp_path: Path) -> None:
     files = [image(tmp_path, f"f{i}.img") for i in range(3)]
     proc = served.client(*files)
