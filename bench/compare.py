@@ -20,7 +20,8 @@ Each figure is the median of all its samples. The last boot also measures, once:
 - the daemon's CPU time and resident memory after the copies (NBD: nbd-server and its
   per-connection child, still connected);
 - export time for 1, 8 and 32 disks (regular files, the daemon started by hand in the
-  target, until every disk is linked into a port; NBD: until it listens).
+  target, until every disk is linked into a port; NBD: until it listens); for storagetm
+  also while its service runs, when the command hands the files to it (control socket).
 
 Writes bench/results/compare.json, compare.md and compare.png, and puts the table into
 README's performance section. Not part of CI: slow, and this machine is shared and noisy."""
@@ -63,6 +64,8 @@ ROWS = (
     ("daemon CPU time after the copies (s)", "daemon_cpu_s"),
     ("daemon resident memory (MiB)", "daemon_rss_mib"),
     *((f"export {n} disk{'s' if n > 1 else ''} (s)", f"export_{n}_s") for n in EXPORT_COUNTS),
+    *((f"export {n} disk{'s' if n > 1 else ''}, handed to the service (s)", f"handover_{n}_s")
+      for n in EXPORT_COUNTS),
 )
 AEN_FIFO = "/tmp/bench-aen"
 # The initiator's kernel turns a discovery-log-change AEN into a uevent with NVME_AEN=0x70f002
@@ -79,7 +82,9 @@ while True:
 AUTOCONNECT_MASK = "/run/udev/rules.d/70-nvmf-autoconnect.rules"
 
 # Read-only and snapshot reads are compared with the anchors' plain read: they have no such modes.
-ANCHOR_KEY = {"read_ro_mib_s": "read_mib_s", "read_snapshot_mib_s": "read_mib_s"}
+# A hand-over is compared with the anchors' export by hand: they have no service to hand files to.
+ANCHOR_KEY = {"read_ro_mib_s": "read_mib_s", "read_snapshot_mib_s": "read_mib_s",
+              **{f"handover_{n}_s": f"export_{n}_s" for n in EXPORT_COUNTS}}  # fmt: skip
 
 
 def dd_mib_s(initiator: VM, command: str) -> float:
@@ -194,8 +199,12 @@ class NVMeTarget(Implementation):
 
     def export_seconds(self, target: VM, count: int) -> float:
         prepare, files = bench_files(count)
+        # Only the files count: a running service's own disks are linked already.
+        prepare += ("; declare -A before=(); for s in /sys/kernel/config/nvmet/ports/*/subsystems/*; do "
+                    '[ -e "$s" ] && before[${s##*/}]=1; done')  # fmt: skip
         linked = ("{ declare -A linked=(); for s in /sys/kernel/config/nvmet/ports/*/subsystems/*; do "
-                  f'[ -e "$s" ] && linked[${{s##*/}}]=1; done; [ ${{#linked[@]}} -ge {count} ]; }}')  # fmt: skip
+                  f'[ -e "$s" ] && [ -z "${{before[${{s##*/}}]}}" ] && linked[${{s##*/}}]=1; done; '
+                  f"[ ${{#linked[@]}} -ge {count} ]; }}")  # fmt: skip
         return timed_start(target, prepare, self.run.format(files=" ".join(files)), linked)
 
 
@@ -400,6 +409,9 @@ class Bench:
                 add("daemon_rss_mib", [rss])
                 if isinstance(impl, NBDServer):
                     impl.disconnect(self.initiator)
+            if last and impl.name == "storagetm":  # the command hands the files to the running service
+                for n in EXPORT_COUNTS:
+                    add(f"handover_{n}_s", [impl.export_seconds(target, n)])
             impl.stop_service(target)
             if isinstance(impl, NVMeTarget) and impl.name == "storagetm":
                 add("read_ro_mib_s", self.mode_read(impl, target, "--read-only"))

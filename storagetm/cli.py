@@ -1,32 +1,22 @@
-"""The storagetm command: a drop-in for systemd-storagetm's options, plus status/stop."""
+"""The storagetm command: a drop-in for systemd-storagetm's options, plus status/stop.
+
+Each command imports what it runs, and only then: `storagetm FILE…` on a running image hands
+its files to the daemon over the control socket (control.py) before anything else is loaded."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
 import sys
-import time
-from collections.abc import Sequence
-from dataclasses import replace
 
-from storagetm import __version__, connection, state
-from storagetm.config import options
-from storagetm.config.settings import Settings
-from storagetm.console import font
-from storagetm.console.screen import Screen, active_consoles, render
-from storagetm.disks.identity import default_nqn_base, host_identity, nvme_overrides
-from storagetm.disks.policy import held_by_another, system_facts
-from storagetm.disks.udev import BlockDevices
-from storagetm.errors import ExitCode, NotRunningError, StorageTMError, UsageError
-from storagetm.security.keys import HIDDEN, ON_COMMAND_LINE, on_command_line
-from storagetm.selection import explicit_files, plan
-from storagetm.system import power
-from storagetm.system.memory import check_system_complete
-from storagetm.text import PrintableLogFilter, human_size, printable
+from storagetm import __version__, control
 
-log = logging.getLogger("storagetm")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Mapping, Sequence
+
+    from storagetm import state
+    from storagetm.config.settings import Settings
 
 EPILOG = """\
 subcommands:
@@ -51,6 +41,10 @@ exit codes: 0 ok, 1 failure, 2 usage error (or not root), 3 kernel lacks nvmet/c
 
 
 def serve_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from storagetm.config import options
+
     parser = argparse.ArgumentParser(
         prog="storagetm",
         description="Export this machine's disks over NVMe/TCP (target disk mode).",
@@ -69,6 +63,8 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
+    from storagetm.config import options
+
     settings = options.settings_of(args)
     problems: list[str] = []
     if args.kernel_cmdline:
@@ -78,6 +74,8 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
 
 def exported_now() -> set[str]:
     """What a running storagetm exports: its own dm-snapshot holds those disks exclusively."""
+    from storagetm import state
+
     try:
         current = state.running()
     except OSError:  # not root: the state file holds the secrets
@@ -86,6 +84,16 @@ def exported_now() -> set[str]:
 
 
 def list_devices(settings: Settings, as_json: bool) -> int:
+    import json
+
+    from storagetm.config.settings import Settings
+    from storagetm.disks.identity import default_nqn_base, host_identity
+    from storagetm.disks.policy import held_by_another, system_facts
+    from storagetm.disks.udev import BlockDevices
+    from storagetm.errors import ExitCode
+    from storagetm.selection import explicit_files, plan
+    from storagetm.text import human_size
+
     disks = BlockDevices().enumerate() + explicit_files(settings)
     base = settings.nqn_base or default_nqn_base(host_identity())
     selection = settings if (settings.all_disks or settings.devices) else Settings(all_disks=True)
@@ -111,6 +119,18 @@ def list_devices(settings: Settings, as_json: bool) -> int:
 
 
 def serve(argv: Sequence[str]) -> int:
+    import logging
+    from dataclasses import replace
+
+    from storagetm.config import options
+    from storagetm.console import font
+    from storagetm.console.screen import Screen, active_consoles
+    from storagetm.disks.identity import nvme_overrides
+    from storagetm.errors import ExitCode, StorageTMError, UsageError
+    from storagetm.security.keys import ON_COMMAND_LINE, on_command_line
+    from storagetm.system.memory import check_system_complete
+
+    log = logging.getLogger("storagetm")
     # Intermixed, as getopt permutes: `storagetm FILE --nqn=quux` and `storagetm a --port=N b`.
     args = serve_parser().parse_intermixed_args(argv)
     setup_logging(args.debug)
@@ -152,6 +172,9 @@ def serve(argv: Sequence[str]) -> int:
 
 def running_state(command: str) -> state.RunState:
     """The running daemon's state; one clear error if there is none or it is not ours to read."""
+    from storagetm import state
+    from storagetm.errors import NotRunningError, UsageError
+
     try:
         current = state.running()
     except PermissionError:
@@ -163,6 +186,14 @@ def running_state(command: str) -> state.RunState:
 
 
 def status(argv: Sequence[str]) -> int:
+    import argparse
+    import json
+
+    from storagetm import connection
+    from storagetm.console.screen import render
+    from storagetm.errors import ExitCode
+    from storagetm.security.keys import HIDDEN
+
     parser = argparse.ArgumentParser(prog="storagetm status", description="Show what storagetm exports.")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--show-secrets", action="store_true",
@@ -185,6 +216,13 @@ def status(argv: Sequence[str]) -> int:
 
 
 def stop(argv: Sequence[str]) -> int:
+    import argparse
+    import time
+
+    from storagetm import state
+    from storagetm.errors import ExitCode, StorageTMError, UsageError
+    from storagetm.system import power
+
     parser = argparse.ArgumentParser(prog="storagetm stop", description="Stop storagetm and withdraw its exports.")
     parser.add_argument("--timeout", type=float, default=30.0)
     then = parser.add_mutually_exclusive_group()
@@ -209,6 +247,10 @@ def stop(argv: Sequence[str]) -> int:
 
 
 def setup_logging(debug: bool) -> None:
+    import logging
+
+    from storagetm.text import PrintableLogFilter
+
     fmt = "%(message)s" if os.environ.get("JOURNAL_STREAM") else "storagetm: %(message)s"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(fmt))
@@ -221,8 +263,19 @@ INITIATOR_COMMANDS = ("targets", "connect", "copy", "disconnect", "decode")
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
     commands = {"status": status, "stop": stop}
+    specs = control.handover_specs(argv, (*commands, *INITIATOR_COMMANDS))
+    if specs is not None and (handed := control.hand_over(specs)) is not None:
+        return handed
+    return run_command(argv, commands)
+
+
+def run_command(argv: list[str], commands: Mapping[str, Callable[[Sequence[str]], int]]) -> int:
+    """The command run in this process (today's path: with `storagetm FILE…`, a whole engine)."""
+    from storagetm.errors import ExitCode, StorageTMError
+    from storagetm.text import printable
+
+    debug = "--debug" in argv
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])
@@ -233,7 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(argv)
     except StorageTMError as exc:
         if debug:
-            log.exception("failed")
+            import logging
+
+            logging.getLogger("storagetm").exception("failed")
         print(f"storagetm: {printable(exc.one_line())}", file=sys.stderr)
         return int(exc.exit_code)
     except KeyboardInterrupt:

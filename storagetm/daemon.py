@@ -9,7 +9,7 @@ import os
 import selectors
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -19,10 +19,10 @@ from storagetm.backing.layer import DM, HOLD, STORE, BackingLayer
 from storagetm.config.options import with_credentials
 from storagetm.config.settings import Settings
 from storagetm.console import panel, qr, stats
-from storagetm.console.keys import KeyInput
-from storagetm.console.screen import Screen
+from storagetm.console.screen import Screen, render
+from storagetm.control import ControlServer
 from storagetm.desired import desired_state
-from storagetm.disks.disk import Disk
+from storagetm.disks.disk import Disk, disk_from_file, resolve_file
 from storagetm.disks.identity import default_nqn_base, host_id, host_identity, iqn_base, nvme_form
 from storagetm.disks.policy import (
     Reason,
@@ -32,7 +32,7 @@ from storagetm.disks.policy import (
     system_facts,
 )
 from storagetm.disks.udev import BlockDevices, udev_settled
-from storagetm.errors import ExitCode, KernelError, StorageTMError
+from storagetm.errors import ExitCode, KernelError, StorageTMError, UsageError
 from storagetm.fabrics import Fabric
 from storagetm.fabrics.lio import configfs as lio
 from storagetm.fabrics.lio.fabric import IscsiFabric
@@ -46,19 +46,23 @@ from storagetm.reconcile.reconciler import Reconciler
 from storagetm.security import auth, tls
 from storagetm.security.auth import AuthConfig
 from storagetm.security.chap import chap_secrets
-from storagetm.selection import explicit_files, plan
+from storagetm.selection import Plan, explicit_files, plan, refusal
 from storagetm.system import firmware, network, power
-from storagetm.system.announce import Announcer
 from storagetm.system.notify import sd_notify
 from storagetm.web.token import web_token
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # each imported where its feature runs: the mDNS announcement, the keys, the web page
+    from storagetm.console.keys import KeyInput
+    from storagetm.system.announce import Announcer
     from storagetm.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
 REDRAW_DEBOUNCE = 0.75  # seconds, as upstream: addresses come and go in bursts
 DASHBOARD_REFRESH = 1.0  # seconds between samples of I/O counters, connections and snapshot fill
+# Without a dashboard on a terminal, and while no initiator is connected and no disk moves, the
+# samples (for `storagetm status` and the web page) are this far apart.
+IDLE_REFRESH = 5.0  # seconds
 READY_WAIT = 30.0  # seconds storagetm waits at most for udev's queue before it tells systemd it is ready
 SETTLE_POLL = 0.1  # seconds between looks at udev's queue until then
 # After a disk event, the screen and the state file follow this much later: the CPU goes first
@@ -96,6 +100,7 @@ class Daemon:
         lio_root: lio.Root | None = None,
         keys: KeyInput | None = None,
         connection_text: Callable[[state.RunState, int], str] | None = None,
+        control: ControlServer | None = None,
     ) -> None:
         self.settings = settings
         self.screen = screen
@@ -106,7 +111,7 @@ class Daemon:
         self.startup_problems = list(startup_problems or [])
         self.held = held
         self.in_use_refused = False  # set by each plan
-        self.announcer = announcer or (Announcer() if settings.announce else None)
+        self.announcer = announcer or (announcement() if settings.announce else None)
         self.disks: dict[str, Disk] = {}
         # Bad options: drawn first on the screen; with a refusal nothing is exported.
         self.state = state.RunState(pid=os.getpid(), alerts=self.startup_problems, refused=list(settings.refusals))
@@ -132,6 +137,9 @@ class Daemon:
         self.status_sent = ""
         self.ipv6 = True
         self.web: WebServer | None = None
+        self.moving = False  # the last sample saw I/O, an initiator connected, or a hash under way
+        self.control = control  # None: made by run(); `storagetm FILE…` hands its files over through it
+        self.handed: dict[int, tuple[str, ...]] = {}  # client -> the disks and files it handed over
 
     # ---- one reconcile pass ------------------------------------------------
 
@@ -158,10 +166,7 @@ class Daemon:
         # What a previous instance exported counts as exported too: its objects are still in
         # the kernel (our dm devices hold those disks) until this pass adopts them.
         assert self.reconciler is not None
-        exported = {export.disk.devnode for export in self.state.exports.values()} | {
-            name for kind, name in self.reconciler.owned if kind == HOLD}
-        result = plan(list(self.disks.values()), self.settings, self.facts(), self.state.nqn_base,
-                      exported=exported, held=self.held)  # fmt: skip
+        result = self._plan()
         self.wanted = result.exports
         failures = self.reconcile()
         problems = result.problems + failures
@@ -172,6 +177,19 @@ class Daemon:
                                    for d, r in result.not_exported]  # fmt: skip
         self.state.problems = problems
         self.in_use_refused = any(reason is Reason.IN_USE for _, reason in result.not_exported)
+
+    def _plan(self) -> Plan:
+        assert self.reconciler is not None
+        exported = {export.disk.devnode for export in self.state.exports.values()} | {
+            name for kind, name in self.reconciler.owned if kind == HOLD}
+        return plan(list(self.disks.values()), self.selection(), self.facts(), self.state.nqn_base,
+                    exported=exported, held=self.held)  # fmt: skip
+
+    def selection(self) -> Settings:
+        """The settings with the disks and files clients handed over named too."""
+        handed = tuple(dict.fromkeys(spec for specs in self.handed.values() for spec in specs
+                                     if spec not in self.settings.devices))  # fmt: skip
+        return replace(self.settings, devices=self.settings.devices + handed) if handed else self.settings
 
     def want(self) -> Want:
         return Want(dict(self.wanted), self.state.nqn_base, self.settings.port, self.ipv6, self.state.auth,
@@ -227,8 +245,10 @@ class Daemon:
                 log.warning("%s", problem)
                 self.state.problems.append(problem)
 
-    def sample_activity(self) -> None:
-        """Per-disk bytes read/written since export, current rates, and connected initiators."""
+    def sample_activity(self) -> bool:
+        """Per-disk bytes read/written since export, current rates, connected initiators and
+        snapshot fill; True if any of it changed (else there is nothing new to show or save)."""
+        before = (self.state.activity, self.state.initiators, self.state.hashing, self.state.snapshot_usage)
         self.state.activity = self.meter.sample({
             nqn: (backing.path if (backing := self.state.backings.get(nqn)) else export.disk.devnode,
                   export.disk.size)
@@ -239,13 +259,29 @@ class Daemon:
             ports.add(ISCSI_PORT)
         self.state.initiators = stats.initiators(ports)
         self.state.hashing = self.web.hash_status(self.state) if self.web is not None else {}
+        self._sample_snapshots(before[0])
+        self.moving = bool(self.state.initiators or self.state.hashing) or any(
+            a.read_rate or a.write_rate for a in self.state.activity.values())  # fmt: skip
+        return (self.state.activity, self.state.initiators, self.state.hashing, self.state.snapshot_usage) != before
+
+    def _sample_snapshots(self, before: dict[str, stats.DiskActivity]) -> None:
+        """A store fills only as the snapshot is written: `dmsetup status` (a fork) runs for a
+        snapshot when it is new or has been written to since, not every second."""
+        usage = {}
+        for nqn, backing in self.state.backings.items():
+            if not backing.store:
+                continue
+            now, then = self.state.activity.get(nqn), before.get(nqn)
+            known = self.state.snapshot_usage.get(nqn)
+            if known is not None and now is not None and then is not None and now.written_bytes == then.written_bytes:
+                usage[nqn] = known
+            elif (fresh := modes.snapshot_usage(backing.dm_name)) is not None:
+                usage[nqn] = fresh
+        self.state.snapshot_usage = usage
 
     def publish(self) -> None:
-        self.state.snapshot_usage = {
-            nqn: usage
-            for nqn, backing in self.state.backings.items()
-            if backing.store and (usage := modes.snapshot_usage(backing.dm_name)) is not None
-        }
+        self.state.snapshot_usage = {nqn: usage for nqn, usage in self.state.snapshot_usage.items()
+                                     if nqn in self.state.backings and self.state.backings[nqn].store}  # fmt: skip
         self._save_state()
         if self.keys is not None and self.keys.fds():
             self.screen.set_panel(self.panel.lines(), self._overlay())
@@ -295,6 +331,8 @@ class Daemon:
         for sig in power.SIGNALS:
             signal.signal(sig, self._on_signal)
         if self.keys is None and self.screen.consoles:
+            from storagetm.console.keys import KeyInput
+
             self.keys = KeyInput(self.screen.consoles)
         self.attach(self.root)
         assert self.reconciler is not None
@@ -302,6 +340,8 @@ class Daemon:
             self._start(devices, previous)
             self._loop(devices, addr_sock, wake_r)
         finally:
+            if self.control is not None:
+                self.control.close()
             sd_notify(STOPPING="1", STATUS="Tearing down exports")
             if self.announcer is not None:
                 self.announcer.withdraw()
@@ -401,8 +441,10 @@ class Daemon:
         selector.register(wake_r, selectors.EVENT_READ, "signal")
         for fd in self.keys.fds() if self.keys else []:
             selector.register(fd, selectors.EVENT_READ, "keys")
+        self._listen_for_clients(selector)
         redraw_at: float | None = None
         addresses_changed = False  # `ip -j address` runs only after rtnetlink said so
+        news = False  # a disk event or new addresses: the next tick publishes, whatever the sample says
         ready_by: float | None = time.monotonic() + READY_WAIT  # None once READY=1 is sent
         while not self.stop_requested:
             if ready_by is not None and (udev_settled() or time.monotonic() >= ready_by):
@@ -413,13 +455,14 @@ class Daemon:
                 if self.settings.realtime:
                     serve_at_realtime_priority()
             if redraw_at is None and self.state.exports:
-                redraw_at = time.monotonic() + DASHBOARD_REFRESH
+                redraw_at = time.monotonic() + self.refresh_interval()
             timeout = None if redraw_at is None else max(0.0, redraw_at - time.monotonic())
             if ready_by is not None:
                 timeout = SETTLE_POLL if timeout is None else min(timeout, SETTLE_POLL)
             for key, _ in selector.select(timeout):
                 if key.data == "udev":
                     if self._on_disk_events(devices):
+                        news = True
                         soon = time.monotonic() + AFTER_DISK_EVENT
                         redraw_at = soon if redraw_at is None else min(redraw_at, soon)
                 elif key.data == "keys":
@@ -431,9 +474,12 @@ class Daemon:
                         self.on_key(name)
                     if pressed:
                         self.publish()
+                elif key.data == "control":
+                    assert self.control is not None
+                    self.control.ready(key.fd, self)
                 elif key.data == "net":
                     network.drain(addr_sock)  # type: ignore[arg-type]
-                    addresses_changed = True
+                    addresses_changed = news = True
                     redraw_at = redraw_at or time.monotonic() + REDRAW_DEBOUNCE
                 else:
                     with contextlib.suppress(BlockingIOError):
@@ -444,9 +490,26 @@ class Daemon:
                     addresses_changed = False
                     self.state.addresses = network.local_addresses()
                     self.reconcile_addresses()
-                self.sample_activity()
-                self.publish()
+                # Nothing new (no I/O, the same initiators): no redraw, no state file, no JSON.
+                if self.sample_activity() or news:
+                    self.publish()
+                news = False
         selector.close()
+
+    def refresh_interval(self) -> float:
+        """The dashboard samples every second; without one, an idle target samples less often."""
+        return DASHBOARD_REFRESH if self.screen.terminal or self.moving else IDLE_REFRESH
+
+    def _listen_for_clients(self, selector: selectors.BaseSelector) -> None:
+        """The control socket, once the disks are out; without it `storagetm FILE…` starts an engine
+        of its own, which finds this one running and says so."""
+        self.control = self.control or ControlServer()
+        try:
+            self.control.start(selector)
+        except OSError as exc:
+            log.warning("no control socket %s: %s; `storagetm FILE…` cannot hand its files over",
+                        self.control.path, exc.strerror or exc)  # fmt: skip
+            self.control = None
 
     def _on_disk_events(self, devices: BlockDevices) -> bool:
         """Export what the events call for; True if the set of disks changed (the caller
@@ -493,6 +556,8 @@ class Daemon:
         if self.panel.stage is panel.Stage.QR:
             text = self.connection_text(self.state, self.settings.port)
             if self.qr_drawn[0] != text:  # qrencode runs once per text, not at every redraw
+                from storagetm.console import qr
+
                 self.qr_drawn = (text, qr.render(text))
             return [*self.qr_drawn[1], "The connection details, for a phone's camera. Any key: back."]
         return self.panel.overlay
@@ -533,6 +598,67 @@ class Daemon:
         return "Authentication is on: connect with the new line above." if on else \
             "Authentication is off: anyone on the network can connect."  # fmt: skip
 
+    # ---- disks and files handed over by `storagetm FILE…` (control.py) ------------------
+
+    def export_handed(self, client: int, specs: Sequence[str]) -> tuple[int, str, list[str]]:
+        """Export `specs` for `client` through the one reconciler, all or nothing; (0, the
+        screen of these exports, the log lines) or (exit code, "", [why, one line])."""
+        if self.settings.identity_overrides() != self.settings.nvme.shared():
+            return ExitCode.USAGE, "", ["the running storagetm gives its one disk $SYSTEMD_NVME_SERIAL/UUID; "
+                                        "`storagetm stop` it to export more"]  # fmt: skip
+        named: list[str] = []
+        files: list[Disk] = []
+        try:
+            for spec in specs:
+                real = resolve_file(spec)
+                named.append(real or spec)
+                if real is not None and real not in self.disks:
+                    files.append(disk_from_file(real))
+        except (UsageError, OSError) as exc:
+            return ExitCode.USAGE, "", [exc.one_line() if isinstance(exc, UsageError) else f"{exc}"]
+        for disk in files:
+            self.disks[disk.devnode] = disk
+        self.handed[client] = tuple(named)
+        trial = self._plan()  # pure: nothing is exported unless every spec is
+        missing = [spec for spec in named if not any(e.disk.matches(spec) for e in trial.exports.values())]
+        if missing:
+            self._forget_handed(client)
+            return ExitCode.FAILURE, "", [handed_refusal(missing[0], trial)]
+        self.export_wanted()
+        mine = {nqn: e for nqn, e in self.state.exports.items() if any(e.disk.matches(spec) for spec in named)}
+        if not all(any(e.disk.matches(spec) for e in mine.values()) for spec in named):
+            failed = [problem for problem in self.state.problems if problem not in trial.problems]
+            self._forget_handed(client)
+            self.export_wanted()
+            return ExitCode.FAILURE, "", [failed[0] if failed else f"could not export {', '.join(named)}"]
+        self.publish()
+        shown = replace(self.state, exports=mine, not_exported=[], problems=[]).without_secrets()
+        lines = [f"exported {e.disk.devnode} ({e.mode.label}) as {nqn}" for nqn, e in sorted(mine.items())]
+        return ExitCode.OK, render(shown, self.settings.port), lines
+
+    def withdraw_handed(self, client: int) -> tuple[str, list[str]]:
+        """The client ended: what only it wanted is withdrawn, then flushed, as at a stop."""
+        if client not in self.handed:
+            return "", []
+        before = dict(self.state.exports)
+        self._forget_handed(client)
+        self.export_wanted()
+        gone = {nqn: e for nqn, e in before.items() if nqn not in self.state.exports}
+        failed = power.flush_all([e.disk.devnode for e in gone.values()])
+        self.publish()
+        lines = [f"withdrew {nqn} ({e.disk.devnode})" for nqn, e in sorted(gone.items())]
+        if not gone:  # the running storagetm exports them anyway (--all, or named at its start)
+            return "Stopping: nothing withdrawn; the running storagetm goes on exporting them.", lines
+        return farewell_line(True, failed, power.End.STOP), lines
+
+    def _forget_handed(self, client: int) -> None:
+        specs = self.handed.pop(client, ())
+        still = set(self.selection().devices)
+        for spec in specs:
+            disk = self.disks.get(spec)
+            if disk is not None and disk.is_file and spec not in still:
+                del self.disks[spec]
+
     def _on_signal(self, signum: int, _frame: object) -> None:
         end = power.SIGNALS.get(signum, power.End.STOP)
         log.info("received %s, stopping%s", signal.strsignal(signum), f" and {end.doing}" if end.doing else "")
@@ -548,6 +674,23 @@ class Daemon:
 
 def _backing_key(export: Export | None) -> tuple[str, int, int, modes.Mode, int] | None:
     return None if export is None else export.backing_key
+
+
+def announcement() -> Announcer:
+    from storagetm.system.announce import Announcer
+
+    return Announcer()
+
+
+def handed_refusal(spec: str, result: Plan) -> str:
+    """Why a disk or file handed over is not exported, one line."""
+    for disk, reason in result.not_exported:
+        if disk.matches(spec):
+            return refusal(disk, reason, result.details.get(disk.devnode, ""))
+    for problem in result.problems:
+        if spec in problem and not problem.startswith("no disk matches"):
+            return problem
+    return f"no disk matches {spec!r}: name an image file, a block device, its by-id name or serial"
 
 
 def farewell_line(exported: bool, failed: list[str], follows: power.End) -> str:

@@ -10,7 +10,6 @@ the README's option table are all made from OPTIONS:
 from __future__ import annotations
 
 import argparse
-import difflib
 import enum
 import sys
 from collections.abc import Callable, Sequence
@@ -360,6 +359,8 @@ def _apply_word(option: Option[Any], typed: str, value: str | None, settings: Se
 
 def _unknown(typed: str, names: list[str]) -> str:
     """Its value is not shown: it may be a secret under a mistyped name (storagetm.atuh=)."""
+    import difflib  # only for a mistyped option
+
     close = difflib.get_close_matches(typed.replace("-", "_"), names, n=1)
     known = f"did you mean {PREFIX}{close[0]}?" if close else "known: " + ", ".join(names)
     return f"unknown option {PREFIX}{printable_name(typed)} ({known}) — exporting nothing; fix or remove it"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from storagetm import state
+from storagetm import control, state
 from storagetm.initiator import record
 from storagetm.reconcile import journal
 
@@ -15,6 +15,7 @@ def _private_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> I
     """No unit test writes the real /run/storagetm: the state file and the ownership record
     go to the test's own directory."""
     monkeypatch.setattr(state, "STATE_FILE", tmp_path / "run" / "state.json")
+    monkeypatch.setattr(control, "CONTROL_SOCKET", str(tmp_path / "run" / "control"))
     monkeypatch.setattr(journal, "JOURNAL_FILE", tmp_path / "run" / "owned.jsonl")
     monkeypatch.setattr(record, "RECORD", tmp_path / "run" / "helper" / "connected.json")
     yield

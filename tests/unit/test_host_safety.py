@@ -13,6 +13,7 @@ import pytest
 from storagetm import cli
 from storagetm.config.settings import Settings
 from storagetm.console.screen import Screen
+from storagetm.disks import identity, policy, udev
 from storagetm.disks.disk import Disk
 from storagetm.disks.mounts import Backing, HostPaths, disks_in_use, parse_mountinfo
 from storagetm.disks.policy import (
@@ -225,11 +226,11 @@ def test_list_devices_says_how_a_disk_is_used(
         def enumerate(self) -> list[Disk]:
             return [SDA, SDB]
 
-    monkeypatch.setattr(cli, "BlockDevices", Devices)
-    monkeypatch.setattr(cli, "system_facts", lambda: SystemFacts(in_use={SDB.devnum: "mounted at /home"}))
-    monkeypatch.setattr(cli, "held_by_another", lambda devnode: HELD_EXCLUSIVELY if devnode == "/dev/sda" else "")
+    monkeypatch.setattr(udev, "BlockDevices", Devices)  # cli imports it when it runs
+    monkeypatch.setattr(policy, "system_facts", lambda: SystemFacts(in_use={SDB.devnum: "mounted at /home"}))
+    monkeypatch.setattr(policy, "held_by_another", lambda devnode: HELD_EXCLUSIVELY if devnode == "/dev/sda" else "")
     monkeypatch.setattr(cli, "exported_now", set)
-    monkeypatch.setattr(cli, "host_identity", lambda: "machine-id:test")
+    monkeypatch.setattr(identity, "host_identity", lambda: "machine-id:test")
     assert cli.main(["--list-devices"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("/dev/sda") and lines[0].endswith(f"skip: {HELD_EXCLUSIVELY}")

@@ -11,6 +11,7 @@ import pytest
 
 from storagetm import cli, state
 from storagetm.console.screen import render
+from storagetm.disks import identity, policy, udev
 from storagetm.disks.disk import Disk, disk_from_udev
 from storagetm.disks.identity import identity_for, valid_nqn
 from storagetm.disks.policy import SystemFacts
@@ -66,9 +67,9 @@ def test_list_devices_shows_the_model_harmlessly(
         def enumerate(self) -> list[Disk]:
             return [disk]
 
-    monkeypatch.setattr(cli, "BlockDevices", Devices)
-    monkeypatch.setattr(cli, "system_facts", SystemFacts)
-    monkeypatch.setattr(cli, "host_identity", lambda: "machine-id:test")
+    monkeypatch.setattr(udev, "BlockDevices", Devices)  # cli imports it when it runs
+    monkeypatch.setattr(policy, "system_facts", SystemFacts)
+    monkeypatch.setattr(identity, "host_identity", lambda: "machine-id:test")
     assert cli.main(["--list-devices"]) == 0
     out = capsys.readouterr().out
     assert "Evil?[2JDisk" in out and no_controls(out)

@@ -1,0 +1,158 @@
+"""The daemon's own loop while nothing changes: it samples, but neither redraws nor writes
+the state file, forks no `dmsetup` for an unwritten snapshot, and without a dashboard it
+samples less often. Wakeups are counted on the real loop with fakes around it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from storagetm import daemon as daemon_module
+from storagetm.backing import modes
+from storagetm.backing.modes import SnapshotUsage
+from storagetm.config.settings import Settings
+from storagetm.console import stats
+from storagetm.console.stats import DiskActivity
+from storagetm.daemon import Daemon
+from storagetm.disks.udev import DiskEvent
+from storagetm.model import Backing
+from tests.unit.fake_configfs import FakeConfigfs
+from tests.unit.test_daemon import attached, hot_disk
+
+IDLE = DiskActivity(read_bytes=4096, written_bytes=0, read_rate=0.0, write_rate=0.0, read_fraction=0.0)
+
+
+class NoEvents:
+    """A udev monitor nothing happens on: a pipe that is never readable."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+
+    def fileno(self) -> int:
+        return self.r
+
+    def events(self) -> Iterator[DiskEvent]:
+        return iter(())
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+def exporting(tmp_path: Path) -> Daemon:
+    disk = hot_disk(tmp_path)
+    daemon = attached(tmp_path, Settings(devices=(disk.devnode,)), FakeConfigfs(tmp_path / "configfs"))
+    daemon.disks = {disk.devnode: disk}
+    daemon.export_wanted()
+    assert len(daemon.state.exports) == 1
+    return daemon
+
+
+def run_loop_for(daemon: Daemon, seconds: float) -> None:
+    devices, (addr, addr_peer) = NoEvents(), socket.socketpair()
+    wake_r, wake_w = os.pipe()
+
+    def stop() -> None:
+        daemon.stop_requested = True
+        os.write(wake_w, b"x")
+
+    timer = threading.Timer(seconds, stop)
+    timer.start()
+    try:
+        daemon._loop(devices, addr, wake_r)  # type: ignore[arg-type]
+    finally:
+        timer.cancel()
+        devices.close()
+        addr.close()
+        addr_peer.close()
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+@pytest.fixture
+def counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Daemon, dict[str, int]]]:
+    monkeypatch.setattr(daemon_module, "udev_settled", lambda: True)
+    monkeypatch.setattr(daemon_module, "DASHBOARD_REFRESH", 0.02)
+    monkeypatch.setattr(daemon_module, "IDLE_REFRESH", 0.1)
+    daemon = exporting(tmp_path)
+    counts = {"samples": 0, "publishes": 0}
+    sample, publish = daemon.sample_activity, daemon.publish
+
+    def counted_sample() -> bool:
+        counts["samples"] += 1
+        return sample()
+
+    def counted_publish() -> None:
+        counts["publishes"] += 1
+        publish()
+
+    monkeypatch.setattr(daemon, "sample_activity", counted_sample)
+    monkeypatch.setattr(daemon, "publish", counted_publish)
+    yield daemon, counts
+
+
+def test_an_idle_target_without_a_dashboard_samples_seldom_and_publishes_nothing(
+    counted: tuple[Daemon, dict[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, counts = counted
+    monkeypatch.setattr(stats, "initiators", lambda ports: [])
+    run_loop_for(daemon, 1.0)
+    assert 5 <= counts["samples"] <= 11  # every IDLE_REFRESH (0.1 s), not every DASHBOARD_REFRESH (0.02 s)
+    assert counts["publishes"] == 0
+
+
+def test_a_connected_initiator_brings_the_second_by_second_samples_back(
+    counted: tuple[Daemon, dict[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, counts = counted
+    seen = iter([["192.0.2.7"]] * 3 + [[]] * 1000)  # connected for three samples, then gone
+    monkeypatch.setattr(stats, "initiators", lambda ports: next(seen))
+    run_loop_for(daemon, 1.0)
+    assert counts["publishes"] == 2  # it came, it went: two redraws, nothing in between
+    assert counts["samples"] >= 6
+
+
+def test_the_samples_are_a_second_apart_while_anything_moves_or_a_dashboard_shows(tmp_path: Path) -> None:
+    daemon = exporting(tmp_path)
+    assert daemon.refresh_interval() == daemon_module.IDLE_REFRESH
+    daemon.moving = True
+    assert daemon.refresh_interval() == daemon_module.DASHBOARD_REFRESH
+    daemon.moving, daemon.screen.terminal = False, True
+    assert daemon.refresh_interval() == daemon_module.DASHBOARD_REFRESH
+
+
+def test_with_a_dashboard_it_samples_every_second_and_redraws_only_what_changed(
+    counted: tuple[Daemon, dict[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, counts = counted
+    daemon.screen.terminal = True
+    monkeypatch.setattr(stats, "initiators", lambda ports: [])
+    run_loop_for(daemon, 0.5)
+    assert counts["samples"] >= 8 and counts["publishes"] == 0  # 0.02 s apart: 25 if the machine keeps up
+
+
+def test_dmsetup_runs_for_a_snapshot_only_when_it_was_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon = exporting(tmp_path)
+    (nqn,) = daemon.state.exports
+    daemon.state.backings = {nqn: Backing("/dev/mapper/snap", "snap", "/run/storagetm/store")}
+    calls: list[str] = []
+
+    def usage(name: str) -> SnapshotUsage:
+        calls.append(name)
+        return SnapshotUsage(used=len(calls), total=100, invalid=False)
+
+    monkeypatch.setattr(modes, "snapshot_usage", usage)
+    monkeypatch.setattr(stats, "initiators", lambda ports: [])
+    activity = {nqn: IDLE}
+    monkeypatch.setattr(daemon.meter, "sample", lambda exported: dict(activity))
+    assert daemon.sample_activity() is True  # the first sample: activity and the store's fill
+    assert daemon.sample_activity() is False and daemon.sample_activity() is False
+    assert calls == ["snap"]
+    activity[nqn] = DiskActivity(4096, 8192, 0.0, 8192.0, 0.0)
+    assert daemon.sample_activity() is True and calls == ["snap", "snap"]
+    assert daemon.state.snapshot_usage[nqn].used == 2
