@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from storagetm.disks.disk import Disk, disk_from_udev
+from storagetm.disks.disk import Disk, disk_from_udev, sysfs_int
 from storagetm.disks.kernel import disk_from_sysfs
 from storagetm.disks.policy import MEDIA_LABELS
 
@@ -164,6 +164,8 @@ class BlockDevices:
     def _from_kernel(self, device: Any, seqnum: int) -> Disk | None:
         """The disk from sysfs, remembered for the udev event that follows; refined with what
         udev said before, if the kernel said nothing since that changes it."""
+        if hidden(device.sys_path):
+            return None
         disk = disk_from_sysfs(device, partition_uuids=self.partition_uuids)
         previous = self.known.get(device.sys_path)
         udev = previous.udev if previous is not None else None
@@ -173,6 +175,8 @@ class BlockDevices:
         return disk
 
     def _from_udev(self, device: Any) -> Disk | None:
+        if hidden(device.sys_path):
+            return None
         known = self.known.setdefault(device.sys_path, _Known(None, 0))
         if known.disk is None:  # the kernel path could not name it: udev's disk, as it always was
             known.udev = disk_from_udev(device, partition_uuids=self.partition_uuids)
@@ -183,6 +187,13 @@ class BlockDevices:
             log.warning("udev names %s %s; keeping the kernel's, which its export uses",
                         known.disk.devnode, ", ".join(mismatch))  # fmt: skip
         return refine(known.disk, known.udev)
+
+
+def hidden(sys_path: str) -> bool:
+    """A hidden gendisk (`hidden` is 1): native NVMe multipath's per-controller path device
+    (nvme0c0n1), which has no device node; the multipath head (nvme0n1) is the disk. Its
+    identity is the head's, so exporting it would also take the head's NQN."""
+    return sysfs_int(os.path.join(sys_path, "hidden")) == 1
 
 
 class _Removed:

@@ -487,3 +487,19 @@ def test_udev_string_handling() -> None:
     assert udev_attr(b"S/N 1,2  \n") == "S/N 1,2"
     assert udev_replace_chars("über".encode()) == "über".encode()
     assert udev_replace_chars(b"\xff\\x41") == b"_\\x41"
+
+
+def test_a_hidden_multipath_path_device_is_no_disk_from_either_source(tmp_path: Path) -> None:
+    """Native NVMe multipath makes nvme0c0n1 beside the head nvme0n1: hidden, no device node,
+    and the head's identity. Seen once as a disk, it took the head's NQN and its export failed
+    ("cannot open /dev/nvme0c0n1")."""
+    head = nvme(tmp_path)
+    path_disk = head.sys_path.parent / "nvme0c0n1"
+    for attribute, value in {"size": "2097152\n", "ro": "0\n", "removable": "0\n", "wwid": f"{NVME_WWID}\n",
+                             "hidden": "1\n"}.items():  # fmt: skip
+        write(path_disk / attribute, value)
+    os.symlink("..", path_disk / "device")
+    hidden = Kind("nvme0c0n1", path_disk, tmp_path / "dev/nvme0c0n1", 0x10301, dict(head.udev))
+    kernel = FakeMonitor([hidden.kernel_device(), head.kernel_device()])
+    devices = BlockDevices(object(), FakeMonitor([hidden.udev_device(), head.udev_device()]), kernel)
+    assert [e.disk.name for e in devices.events()] == ["nvme0n1", "nvme0n1"]
