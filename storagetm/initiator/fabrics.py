@@ -6,21 +6,23 @@ running `nvme connect`: nvme-cli takes a DH-HMAC-CHAP secret only on its command
 a JSON config file), and a command line is readable by every user of the machine. The
 discovery log comes from `nvme discover -o json`, which needs no secret (nvmet authenticates
 only on the disks' subsystems; with TLS the discovery key is in the keyring first).
+
+ipaddress and subprocess are imported where used: `storagetm copy` needs only the sysfs
+half, and starts sooner without them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
-import ipaddress
 import json
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 from storagetm.errors import StorageTMError, UsageError
 from storagetm.protocol import DISCOVERY_NQN, UUID_NQN_PREFIX
@@ -35,7 +37,10 @@ KEEP_ALIVE_TMO = 30
 FAST_IO_FAIL_TMO = 10
 CTRL_LOSS_TMO = -1
 
-Runner = Callable[[Sequence[str]], subprocess.CompletedProcess[str]]
+if TYPE_CHECKING:
+    import subprocess
+
+    Runner: TypeAlias = Callable[[Sequence[str]], subprocess.CompletedProcess[str]]
 
 
 class FabricsError(StorageTMError):
@@ -43,6 +48,8 @@ class FabricsError(StorageTMError):
 
 
 def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    import subprocess
+
     return subprocess.run(list(argv), capture_output=True, text=True, check=False, timeout=60)
 
 
@@ -109,6 +116,8 @@ class Credentials:
 
 
 def link_local(address: str) -> bool:
+    import ipaddress
+
     ip = ipaddress.ip_address(address)
     return ip.version == 6 and ip.is_link_local
 
