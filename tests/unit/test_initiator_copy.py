@@ -253,3 +253,17 @@ def test_the_helper_records_are_written_whole_synced_and_private(tmp_path: Path,
     copying.Record(NQN, MIB, MIB).save(theirs / "disk.img.storagetm")
     assert stat.S_IMODE(os.stat(theirs / "disk.img.storagetm").st_mode) == 0o600 and len(synced) == 2
     assert stat.S_IMODE(os.stat(theirs).st_mode) == 0o755 and os.listdir(theirs) == ["disk.img.storagetm"]
+
+
+def test_the_block_tests_see_a_single_byte_anywhere() -> None:
+    block = bytearray(copying.BLOCK)
+    assert copying._zeros(memoryview(block)) and copying._zeros(memoryview(block)[:4097])
+    assert copying._same(memoryview(block), memoryview(bytes(copying.BLOCK)))
+    for where in (0, 4096, copying.BLOCK - 1):
+        other = bytearray(block)
+        other[where] = 1
+        assert not copying._zeros(memoryview(other))
+        assert not copying._same(memoryview(block), memoryview(other))
+        assert not copying._same(memoryview(other), memoryview(block))
+    assert not copying._same(memoryview(block), memoryview(block)[:-1])  # a short read is no match
+    assert not copying._zeros(memoryview(bytes(copying.BLOCK + 1)))  # larger than ZEROS: written, not skipped
