@@ -2,7 +2,7 @@
 
 What only some commands use (the connection code, mDNS, ipaddress) is imported by them:
 `copy` needs none of it and starts sooner without (under emulation start-up is a large part
-of a short copy's time).
+of a short copy's time). Target is a NamedTuple rather than a dataclass for the same reason.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, NamedTuple
 
 from storagetm.errors import ExitCode, StorageTMError, UsageError
 from storagetm.initiator import fabrics, record
@@ -30,15 +30,14 @@ if TYPE_CHECKING:
 MODE_NOTE = "mode (read-write, read-only, snapshot): shown on the target's screen, not announced"
 
 
-@dataclass
-class Target:
+class Target(NamedTuple):
     """A target to talk to: its name, where to reach it, and the credentials from its code."""
 
     name: str
     addresses: tuple[str, ...]
     port: int
     code: connection.ConnectionCode | None = None
-    txt: dict[str, str] = field(default_factory=dict)
+    txt: Mapping[str, str] = MappingProxyType({})  # a NamedTuple's default is shared: one nobody can change
 
     @property
     def credentials(self) -> fabrics.Credentials:

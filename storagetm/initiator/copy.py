@@ -8,6 +8,9 @@ Verifying: once the copy is complete, the whole source is read again from the ta
 O_DIRECT (not from this machine's page cache, which holds what was copied) and compared with
 DEST read back, itself O_DIRECT or with its cache dropped. Not a hash of what was written:
 that would only prove the copy wrote what it read.
+
+The values are NamedTuples and Copier a plain class, not dataclasses: importing dataclasses
+and making classes of it was a quarter of the one-file helper's start-up.
 """
 
 from __future__ import annotations
@@ -20,9 +23,8 @@ import signal
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from storagetm.errors import StorageTMError, UsageError
 from storagetm.initiator.progress import Progress
@@ -51,8 +53,7 @@ class TargetGone(CopyError):
         self.offset = offset
 
 
-@dataclass(frozen=True)
-class Source:
+class Source(NamedTuple):
     path: str
     identity: str  # the subsystem NQN
     size: int
@@ -111,8 +112,7 @@ def sidecar_of(dest: Path) -> Path:
     return dest.with_name(dest.name + SIDECAR_SUFFIX)
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     identity: str
     size: int
     done: int
@@ -226,14 +226,12 @@ def _throttle(began: float, copied: int, rate: int) -> None:
             time.sleep(ahead)
 
 
-@dataclass
 class Copier:
-    source: Source
-    dest: Path
-    opener: Opener = open_reader
-    progress: Callable[[str, int, int], Progress] = lambda label, total, start: Progress(label, total, start)
-    environ: dict[str, str] | None = None
-    block: int = BLOCK
+    def __init__(self, source: Source, dest: Path, opener: Opener = open_reader,
+                 progress: Callable[[str, int, int], Progress] = Progress, environ: dict[str, str] | None = None,
+                 block: int = BLOCK) -> None:  # fmt: skip
+        self.source, self.dest, self.opener, self.progress = source, dest, opener, progress
+        self.environ, self.block = environ, block
 
     def run(self, verify: bool = True) -> str:
         """Copy (or continue a copy), then check; the verdict line."""
