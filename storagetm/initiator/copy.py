@@ -5,8 +5,9 @@ and size) and how far DEST holds it, written only after DEST was synced up to th
 copy of the same disk to the same DEST starts from that offset.
 
 Verifying: once the copy is complete, the whole source is read again from the target with
-O_DIRECT (not from this machine's page cache, which holds what was copied) and compared with
-DEST read back, itself O_DIRECT or with its cache dropped. Not a hash of what was written:
+O_DIRECT (not from this machine's page cache, which holds what was copied), a block ahead in
+a thread (readahead.py), and compared with DEST read back, itself O_DIRECT or with its cache
+dropped. Not a hash of what was written:
 that would only prove the copy wrote what it read.
 
 The values are NamedTuples and Copier a plain class, not dataclasses: importing dataclasses
@@ -326,18 +327,21 @@ class Copier:
 
     def _verify(self) -> int | None:
         """Both read anew and compared: the first offset where they differ, None if nowhere."""
+        from storagetm.initiator.readahead import ReadAhead  # threads only here
+
         size = self.source.size
         source = self.opener(self.source.path, True)
         copy = self.opener(str(self.dest), True)
-        buffers = _aligned(self.block), _aligned(self.block)
-        a, b = memoryview(buffers[0]), memoryview(buffers[1])
+        ahead = ReadAhead(lambda view, at: _read_full(source, view, at), size, self.block)
+        blocks = ahead.blocks()
+        b = memoryview(_aligned(self.block))
         progress = self.progress(f"verifying {self.source.path}", size, 0)
         offset = 0
         try:
             while offset < size:
                 want = min(self.block, size - offset)
                 try:
-                    got = _read_full(source, a[:want], offset)
+                    _, a, got = next(blocks)
                 except OSError as exc:
                     if exc.errno in GONE:
                         progress.finish(offset)
@@ -345,14 +349,15 @@ class Copier:
                                         hint="run the same command again to verify") from None  # fmt: skip
                     raise
                 mine = _read_full(copy, b[:want], offset)
-                if got != want or mine != want or not _same(a[:want], b[:want]):
+                if got != want or mine != want or not _same(a, b[:want]):
                     progress.finish(offset)
-                    return offset + _first_difference(a[:got], b[:mine])
+                    return offset + _first_difference(a, b[:mine])
                 offset += want
                 progress.update(offset)
             progress.finish(offset)
             return None
         finally:
+            ahead.close()
             source.close()
             copy.close()
 
