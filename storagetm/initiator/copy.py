@@ -20,7 +20,6 @@ import errno
 import json
 import mmap
 import os
-import signal
 import stat
 import time
 from collections.abc import Callable
@@ -264,10 +263,12 @@ class Copier:
         env = os.environ if self.environ is None else self.environ
         kill_at, rate = int(env.get(KILL_AT, "0") or 0), int(env.get(RATE, "0") or 0)
         size, done = self.source.size, record.done
+        from storagetm.initiator.readahead import ReadAhead  # threads only here
+
         out = _open_destination(self.dest, block_device)
         reader = self.opener(self.source.path, False)
-        buffer = _aligned(self.block)
-        view = memoryview(buffer)
+        ahead = ReadAhead(lambda view, at: _read_full(reader, view, at), size, self.block, start=done)
+        blocks = ahead.blocks()
         progress = self.progress(f"copying {self.source.path}", size, done)
         try:
             if not block_device:
@@ -279,19 +280,19 @@ class Copier:
             while done < size:
                 want = min(self.block, size - done)
                 try:
-                    got = reader.read_into(view[:want], done)
+                    _, view, got = next(blocks)
                 except OSError as exc:
                     if exc.errno in GONE:
                         self._record(out, sidecar, record, done)
                         progress.finish(done)
                         raise TargetGone(done) from None
                     raise
-                if got <= 0:
+                if got and (block_device or not _zeros(view)):
+                    self._write(out, view, done)
+                done += got
+                if got < want:
                     raise CopyError(f"{self.source.path} ended at offset {done}, before its {size} bytes",
                                     hint="the disk shrank: run the copy again")  # fmt: skip
-                if block_device or not _zeros(view[:got]):
-                    self._write(out, view[:got], done)
-                done += got
                 progress.update(done)
                 _throttle(began, done - start, rate)
                 if done - synced_at >= SYNC_EVERY_BYTES or time.monotonic() - synced_time >= SYNC_EVERY_SECONDS or (
@@ -299,11 +300,14 @@ class Copier:
                     self._record(out, sidecar, record, done)
                     synced_at, synced_time = done, time.monotonic()
                     if kill_at and done >= kill_at:
+                        import signal  # the test hook only
+
                         os.kill(os.getpid(), signal.SIGKILL)
             record = self._record(out, sidecar, record, done)
             progress.finish(done)
             return record
-        finally:  # the buffer goes with its last view (a traceback may hold one)
+        finally:  # the buffers go with their last views (a traceback may hold one)
+            ahead.close()
             reader.close()
             os.close(out)
 

@@ -1,10 +1,12 @@
 """Reading a disk ahead in a thread, block after block, into page-aligned buffers (O_DIRECT
 wants them), so that the next block is on its way from the target while this one is used.
 
-O_DIRECT reads get no readahead from the kernel: one read at a time left the target idle
-while this machine compared a block, and this machine idle while the target sent the next.
-The thread waits in the read with the GIL released; there are `depth` buffers, so it is at
-most `depth - 1` blocks ahead of the one handed out.
+O_DIRECT reads (the check) get no readahead from the kernel: one read at a time left the
+target idle while this machine compared a block, and this machine idle while the target sent
+the next. Buffered reads (the copy) get the kernel's readahead, a window of a few hundred KiB
+that stops growing while the process writes the block it has. The thread waits in the read
+with the GIL released; there are `depth` buffers, so it is at most `depth - 1` blocks ahead
+of the one handed out.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ Block = tuple[int, memoryview, int | OSError]
 
 
 class ReadAhead:
-    def __init__(self, read: Callable[[memoryview, int], int], size: int, block: int, depth: int = 2) -> None:
-        self.read, self.size, self.block = read, size, block
+    def __init__(self, read: Callable[[memoryview, int], int], size: int, block: int, start: int = 0,
+                 depth: int = 2) -> None:  # fmt: skip
+        self.read, self.size, self.block, self.start = read, size, block, start
         self.free: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
         self.ready: queue.SimpleQueue[Block] = queue.SimpleQueue()
         for _ in range(depth):
@@ -29,7 +32,7 @@ class ReadAhead:
         self.thread.start()
 
     def _run(self) -> None:
-        offset = 0
+        offset = self.start
         while offset < self.size:
             view = self.free.get()
             if view is None:
@@ -47,7 +50,7 @@ class ReadAhead:
     def blocks(self) -> Iterator[tuple[int, memoryview, int]]:
         """(offset, its bytes, how many were read) in order; raises what a read raised, at its
         offset. Each block's buffer is reused once the next block is asked for."""
-        offset = 0
+        offset = self.start
         while offset < self.size:
             at, view, got = self.ready.get()
             if isinstance(got, OSError):

@@ -327,3 +327,20 @@ def test_read_ahead_is_one_block_ahead_and_close_stops_it() -> None:
     assert reads == [0, 4096]  # the block handed out, and the next one: two buffers
     ahead.close()
     assert not ahead.thread.is_alive() and len(reads) <= 3
+
+
+def test_read_ahead_starts_where_a_resumed_copy_does() -> None:
+    data = os.urandom(8 * 4096)
+    reads: list[int] = []
+    ahead = ReadAhead(read_from(data, reads), len(data), 4096, start=5 * 4096)
+    assert [offset for offset, _, _ in ahead.blocks()] == [5 * 4096, 6 * 4096, 7 * 4096] == reads
+    ahead.close()
+
+
+def test_a_disk_that_ends_before_its_size_is_an_error_at_that_offset(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "disk", 6 * MIB)
+    claimed = Source(source.path, NQN, 8 * MIB)
+    dest = tmp_path / "copy.img"
+    with pytest.raises(copying.CopyError, match=rf"ended at offset {6 * MIB}, before its {8 * MIB} bytes"):
+        Copier(claimed, dest, progress=quiet, block=4 * MIB).run()
+    assert dest.read_bytes()[: 6 * MIB] == Path(source.path).read_bytes()
