@@ -4,11 +4,13 @@ Resuming: a sidecar file (DEST.storagetm-copy) records which disk is being copie
 and size) and how far DEST holds it, written only after DEST was synced up to there. A later
 copy of the same disk to the same DEST starts from that offset.
 
+Reading: O_DIRECT where the file system allows it (FileReader), a block ahead in a thread
+(readahead.py), so that the target sends the next block while this one is written.
+
 Verifying: once the copy is complete, the whole source is read again from the target with
-O_DIRECT (not from this machine's page cache, which holds what was copied), a block ahead in
-a thread (readahead.py), and compared with DEST read back, itself O_DIRECT or with its cache
-dropped. Not a hash of what was written:
-that would only prove the copy wrote what it read.
+O_DIRECT (not from this machine's page cache), and compared with DEST read back, itself
+O_DIRECT or with its cache dropped. Not a hash of what was written: that would only prove
+the copy wrote what it read.
 
 The values are NamedTuples and Copier a plain class, not dataclasses: importing dataclasses
 and making classes of it was a quarter of the one-file helper's start-up.
@@ -66,24 +68,24 @@ class Reader(Protocol):
 
 
 class FileReader:
-    """Plain reads (the copy); with `direct`, O_DIRECT into page-aligned buffers where the
-    file system allows it, else reads after dropping the file's cached pages (the check)."""
+    """O_DIRECT into page-aligned buffers where the file system allows it: the copy then goes
+    from the target to DEST without passing through this machine's page cache (one memory copy
+    and the cache's bookkeeping less per byte, and the disk does not push out what is cached),
+    and the check reads the medium again, not what the copy left cached. Where O_DIRECT is
+    refused (tmpfs and some others): plain reads, with the kernel's readahead for the copy,
+    after dropping the file's cached pages for the check (`fresh`)."""
 
-    def __init__(self, path: str, direct: bool = False) -> None:
-        self.direct = False
-        if direct:
-            try:
-                self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0))
-                self.direct = hasattr(os, "O_DIRECT")
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:  # tmpfs and some others refuse O_DIRECT
-                    raise
-        if not self.direct:
+    def __init__(self, path: str, fresh: bool = False) -> None:
+        self.direct = hasattr(os, "O_DIRECT")
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0))
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.direct = False
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            if direct:
-                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            else:
-                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        if not self.direct:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED if fresh else os.POSIX_FADV_SEQUENTIAL)
 
     def read_into(self, buffer: memoryview, offset: int) -> int:
         try:
@@ -101,11 +103,11 @@ class FileReader:
         os.close(self.fd)
 
 
-Opener = Callable[[str, bool], Reader]
+Opener = Callable[[str, bool], Reader]  # (path, fresh): True for the check, which must not read a cache
 
 
-def open_reader(path: str, direct: bool) -> Reader:
-    return FileReader(path, direct)
+def open_reader(path: str, fresh: bool) -> Reader:
+    return FileReader(path, fresh)
 
 
 def sidecar_of(dest: Path) -> Path:

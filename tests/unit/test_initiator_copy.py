@@ -5,6 +5,7 @@ again, and refuses destinations it must not write."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import os
@@ -344,3 +345,17 @@ def test_a_disk_that_ends_before_its_size_is_an_error_at_that_offset(tmp_path: P
     with pytest.raises(copying.CopyError, match=rf"ended at offset {6 * MIB}, before its {8 * MIB} bytes"):
         Copier(claimed, dest, progress=quiet, block=4 * MIB).run()
     assert dest.read_bytes()[: 6 * MIB] == Path(source.path).read_bytes()
+
+
+def test_the_copy_reads_past_the_page_cache_where_the_file_system_allows(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "disk", 4 * MIB)
+    try:
+        os.close(os.open(source.path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip("this file system refuses O_DIRECT")
+    for fresh in (False, True):
+        reader = copying.FileReader(source.path, fresh)
+        try:
+            assert reader.direct and os.O_DIRECT & fcntl.fcntl(reader.fd, fcntl.F_GETFL)
+        finally:
+            reader.close()
