@@ -30,6 +30,7 @@ from typing import NamedTuple, Protocol
 
 from storagetm.errors import StorageTMError, UsageError
 from storagetm.initiator.progress import Progress
+from storagetm.initiator.readahead import ReadAhead
 from storagetm.statefile import replace_atomic
 
 BLOCK = 4 << 20
@@ -265,8 +266,6 @@ class Copier:
         env = os.environ if self.environ is None else self.environ
         kill_at, rate = int(env.get(KILL_AT, "0") or 0), int(env.get(RATE, "0") or 0)
         size, done = self.source.size, record.done
-        from storagetm.initiator.readahead import ReadAhead  # threads only here
-
         out = _open_destination(self.dest, block_device)
         reader = self.opener(self.source.path, False)
         ahead = ReadAhead(lambda view, at: _read_full(reader, view, at), size, self.block, start=done)
@@ -333,8 +332,6 @@ class Copier:
 
     def _verify(self) -> int | None:
         """Both read anew and compared: the first offset where they differ, None if nowhere."""
-        from storagetm.initiator.readahead import ReadAhead  # threads only here
-
         size = self.source.size
         source = self.opener(self.source.path, True)
         copy = self.opener(str(self.dest), True)

@@ -16,8 +16,8 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 
-# (offset, buffer, bytes read), or the OSError the read at that offset raised
-Block = tuple[int, memoryview, int | OSError]
+# (offset, buffer, bytes read), or what the read at that offset raised
+Block = tuple[int, memoryview, int | Exception]
 
 
 class ReadAhead:
@@ -39,11 +39,11 @@ class ReadAhead:
                 return
             want = min(self.block, self.size - offset)
             try:
-                got: int | OSError = self.read(view[:want], offset)
-            except OSError as exc:
+                got: int | Exception = self.read(view[:want], offset)
+            except Exception as exc:  # whatever it is, the consumer raises it: it must not wait for ever
                 got = exc
             self.ready.put((offset, view, got))
-            if isinstance(got, OSError):
+            if isinstance(got, Exception):
                 return
             offset += want
 
@@ -53,7 +53,7 @@ class ReadAhead:
         offset = self.start
         while offset < self.size:
             at, view, got = self.ready.get()
-            if isinstance(got, OSError):
+            if isinstance(got, Exception):
                 raise got
             yield at, view[:got], got
             self.free.put(view)

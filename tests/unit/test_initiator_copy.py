@@ -359,3 +359,13 @@ def test_the_copy_reads_past_the_page_cache_where_the_file_system_allows(tmp_pat
             assert reader.direct and os.O_DIRECT & fcntl.fcntl(reader.fd, fcntl.F_GETFL)
         finally:
             reader.close()
+
+
+def test_read_ahead_hands_on_any_error_of_its_read() -> None:
+    def broken(view: memoryview, offset: int) -> int:
+        raise ValueError("not a disk")
+
+    ahead = ReadAhead(broken, 3 * 4096, 4096)
+    with pytest.raises(ValueError, match="not a disk"):
+        next(ahead.blocks())
+    ahead.close()
