@@ -13,7 +13,9 @@ bytecode every start compiles every module imported (zipimport caches nothing), 
 about 40% of the helper's start-up on the host. The code objects are written in marshal
 format 2, which has no back-references: format 3 (py_compile's) marks an object as shared
 by its reference count at the time, which differs between processes for the same source.
-So the bytecode depends only on the source and the Python version (a unit test checks).
+So the bytecode depends only on the source and the Python version (a unit test checks). A
+module format 2 cannot hold (Python 3.14 puts slices among a code object's constants, which
+needs format 5) goes in as source only: slower to start, never different between builds.
 
     python3 ci/build_helper.py OUTPUT.pyz
 """
@@ -30,17 +32,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "storagetm"
 SHEBANG = b"#!/usr/bin/env python3\n"
 MAIN = "import sys\n\nfrom storagetm.initiator.main import main\n\nsys.exit(main())\n"
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
-
-
 UNCHECKED_HASH = (0b01).to_bytes(4, "little")  # PEP 552: hash-based, never checked (the archive is read-only)
 MARSHAL_FORMAT = 2
 
 
-def bytecode(source: bytes, name: str) -> bytes:
-    """The .pyc of `source` as zipimport reads it; tracebacks name it by its path in the archive."""
+def bytecode(source: bytes, name: str) -> bytes | None:
+    """The .pyc of `source` as zipimport reads it (tracebacks name it by its path in the
+    archive); None if marshal format 2 cannot hold its code."""
     code = compile(source, name, "exec", dont_inherit=True)
-    header = importlib.util.MAGIC_NUMBER + UNCHECKED_HASH + importlib.util.source_hash(source)
-    return header + marshal.dumps(code, MARSHAL_FORMAT)
+    try:
+        marshalled = marshal.dumps(code, MARSHAL_FORMAT)
+    except ValueError:
+        return None
+    return importlib.util.MAGIC_NUMBER + UNCHECKED_HASH + importlib.util.source_hash(source) + marshalled
 
 
 def build(output: Path, package: Path = PACKAGE) -> Path:
@@ -54,7 +58,8 @@ def build(output: Path, package: Path = PACKAGE) -> Path:
                 name = f"storagetm/{path.relative_to(package).as_posix()}"
                 source = path.read_bytes()
                 archive.writestr(zipfile.ZipInfo(name, FIXED_TIME), source, zipfile.ZIP_DEFLATED)
-                archive.writestr(zipfile.ZipInfo(name + "c", FIXED_TIME), bytecode(source, name), zipfile.ZIP_DEFLATED)
+                if (compiled := bytecode(source, name)) is not None:
+                    archive.writestr(zipfile.ZipInfo(name + "c", FIXED_TIME), compiled, zipfile.ZIP_DEFLATED)
     temporary.chmod(0o755)
     temporary.replace(output)
     return output

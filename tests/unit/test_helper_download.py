@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import marshal
 import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import CodeType
+
+import pytest
 
 from ci.build_helper import build
 from storagetm.connection import ConnectionCode, encode
@@ -82,6 +86,26 @@ def test_the_helper_starts_from_its_bytecode_and_without_the_target_side(tmp_pat
     script = f"import sys; sys.path.insert(0, {str(pyz)!r}); import storagetm.initiator.copy as c; print(c.__file__)"
     where = subprocess.run([sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, check=True)
     assert where.stdout.strip().endswith("storagetm.pyz/storagetm/initiator/copy.pyc")
+
+
+def test_a_module_marshal_format_2_cannot_hold_goes_in_as_source(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    real = marshal.dumps
+
+    def no_code_of_text(value: CodeType, version: int = marshal.version) -> bytes:
+        if value.co_filename == "storagetm/text.py":
+            raise ValueError("unmarshallable object")
+        return real(value, version)
+
+    monkeypatch.setattr(marshal, "dumps", no_code_of_text)
+    pyz = build(tmp_path / "storagetm.pyz")
+    with zipfile.ZipFile(pyz) as archive:
+        names = set(archive.namelist())
+    assert "storagetm/text.py" in names and "storagetm/text.pyc" not in names and "storagetm/errors.pyc" in names
+    code = encode(ConnectionCode(("192.0.2.9",), 4420))
+    decoded = subprocess.run([sys.executable, "-I", "-S", str(pyz), "decode", code], capture_output=True, text=True,
+                             check=True)  # fmt: skip
+    assert json.loads(decoded.stdout)["addresses"] == ["192.0.2.9"]
 
 
 def test_the_helper_runs_from_source_on_a_python_its_bytecode_is_not_for(tmp_path: Path) -> None:
