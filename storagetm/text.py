@@ -5,7 +5,10 @@ uses it too."""
 
 from __future__ import annotations
 
-import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import logging
 
 REPLACEMENT = "?"
 # C0 controls, DEL and C1 controls (U+0080-U+009F: some terminals take U+009B as CSI).
@@ -26,8 +29,10 @@ def printable(text: str) -> str:
     return text.translate(_CONTROLS)
 
 
-class PrintableLogFilter(logging.Filter):
-    """Log records leave with their message made printable, whatever the arguments held."""
+class PrintableLogFilter:
+    """Log records leave with their message made printable, whatever the arguments held.
+    Any object with this `filter` method is a logging filter: no logging.Filter base, so
+    the helper, which logs nothing, starts without importing logging."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

@@ -1,38 +1,43 @@
-"""`storagetm targets | connect | copy | disconnect | decode`: the other machine's commands."""
+"""`storagetm targets | connect | copy | disconnect | decode`: the other machine's commands.
+
+What only some commands use (the connection code, mDNS, ipaddress) is imported by them:
+`copy` needs none of it and starts sooner without (under emulation start-up is a large part
+of a short copy's time). Target is a NamedTuple rather than a dataclass for the same reason.
+"""
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import re
 import shutil
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, NamedTuple
 
-from storagetm import connection
 from storagetm.errors import ExitCode, StorageTMError, UsageError
-from storagetm.initiator import fabrics, mdns, record
+from storagetm.initiator import fabrics, record
 from storagetm.initiator.copy import Copier, Source
 from storagetm.protocol import DISCOVERY_NQN, DISCOVERY_TRSVCID
-from storagetm.security.keys import HIDDEN
 from storagetm.text import human_size
+
+if TYPE_CHECKING:
+    from storagetm import connection
 
 MODE_NOTE = "mode (read-write, read-only, snapshot): shown on the target's screen, not announced"
 
 
-@dataclass
-class Target:
+class Target(NamedTuple):
     """A target to talk to: its name, where to reach it, and the credentials from its code."""
 
     name: str
     addresses: tuple[str, ...]
     port: int
     code: connection.ConnectionCode | None = None
-    txt: dict[str, str] = field(default_factory=dict)
+    txt: Mapping[str, str] = MappingProxyType({})  # a NamedTuple's default is shared: one nobody can change
 
     @property
     def credentials(self) -> fabrics.Credentials:
@@ -43,6 +48,8 @@ class Target:
 
 
 def decode_code(text: str) -> connection.ConnectionCode:
+    from storagetm import connection
+
     try:
         return connection.decode(text)
     except ValueError as exc:
@@ -50,6 +57,8 @@ def decode_code(text: str) -> connection.ConnectionCode:
 
 
 def _is_address(text: str) -> bool:
+    import ipaddress
+
     try:
         ipaddress.ip_address(text.split("%")[0])
     except ValueError:
@@ -72,6 +81,9 @@ def given(spec: str | None) -> str | None:
 
 def choose_target(spec: str | None, port: int | None) -> Target:
     """A code, an address, an announced name, or (none given) the one target announced."""
+    from storagetm import connection
+    from storagetm.initiator import mdns
+
     spec = given(spec)
     if spec and connection.looks_like_code(spec):
         code = decode_code(spec)
@@ -135,6 +147,8 @@ def targets(argv: Sequence[str]) -> int:
                         "list that target, through TLS if it has a key")  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    from storagetm.initiator import mdns
+
     if text := given(args.code):
         code = decode_code(text)
         found = [Target(code.addresses[0], code.addresses, code.port, code)]
@@ -304,6 +318,8 @@ def decode(argv: Sequence[str]) -> int:
                         "stdin, @FILE from FILE)")  # fmt: skip
     parser.add_argument("--show-secrets", action="store_true")
     args = parser.parse_args(argv)
+    from storagetm.security.keys import HIDDEN
+
     code = decode_code(given(args.code[0]) or "" if len(args.code) == 1 else " ".join(args.code))
     shown = {"addresses": list(code.addresses), "port": code.port, "host_nqn": code.host_nqn}
     for name in ("secret", "ctrl_secret", "tls_key"):

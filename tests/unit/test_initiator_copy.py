@@ -5,11 +5,14 @@ again, and refuses destinations it must not write."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from storagetm.errors import UsageError
 from storagetm.initiator import copy as copying
 from storagetm.initiator.copy import Copier, Reader, Source, TargetGone, open_reader, sidecar_of
 from storagetm.initiator.progress import Progress
+from storagetm.initiator.readahead import ReadAhead
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
@@ -253,3 +257,115 @@ def test_the_helper_records_are_written_whole_synced_and_private(tmp_path: Path,
     copying.Record(NQN, MIB, MIB).save(theirs / "disk.img.storagetm")
     assert stat.S_IMODE(os.stat(theirs / "disk.img.storagetm").st_mode) == 0o600 and len(synced) == 2
     assert stat.S_IMODE(os.stat(theirs).st_mode) == 0o755 and os.listdir(theirs) == ["disk.img.storagetm"]
+
+
+def test_the_block_tests_see_a_single_byte_anywhere() -> None:
+    block = bytearray(copying.BLOCK)
+    assert copying._zeros(memoryview(block)) and copying._zeros(memoryview(block)[:4097])
+    assert copying._same(memoryview(block), memoryview(bytes(copying.BLOCK)))
+    for where in (0, 4096, copying.BLOCK - 1):
+        other = bytearray(block)
+        other[where] = 1
+        assert not copying._zeros(memoryview(other))
+        assert not copying._same(memoryview(block), memoryview(other))
+        assert not copying._same(memoryview(other), memoryview(block))
+    assert not copying._same(memoryview(block), memoryview(block)[:-1])  # a short read is no match
+    assert not copying._zeros(memoryview(bytes(copying.BLOCK + 1)))  # larger than ZEROS: written, not skipped
+
+
+def test_the_target_gone_while_verifying_says_so_at_its_offset(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "disk")
+    dest = tmp_path / "copy.img"
+    assert Copier(source, dest, progress=quiet, block=MIB).run(verify=False).startswith("copied")
+
+    def gone_when_read_again(path: str, direct: bool) -> Reader:
+        reader = open_reader(path, direct)
+        return FailingReader(reader, 5 * MIB) if direct and path == source.path else reader
+
+    with pytest.raises(copying.CopyError, match=r"^target went away at offset 5242880 while verifying$"):
+        Copier(source, dest, opener=gone_when_read_again, progress=quiet, block=MIB).run()
+    assert Copier(source, dest, progress=quiet, block=MIB).run() == "identical"  # the same command again
+
+
+def read_from(data: bytes, reads: list[int], fail_at: int = -1) -> Callable[[memoryview, int], int]:
+    def read(view: memoryview, offset: int) -> int:
+        reads.append(offset)
+        if offset == fail_at:
+            raise OSError(errno.EIO, "Input/output error")
+        chunk = data[offset : offset + len(view)]
+        view[: len(chunk)] = chunk
+        return len(chunk)
+
+    return read
+
+
+def test_read_ahead_hands_out_every_block_in_order_and_stops_at_an_error() -> None:
+    data = os.urandom(5 * 4096 + 100)
+    reads: list[int] = []
+    ahead = ReadAhead(read_from(data, reads), len(data), 4096)
+    got = [(offset, bytes(view), count) for offset, view, count in ahead.blocks()]
+    ahead.close()
+    assert [offset for offset, _, _ in got] == [0, 4096, 8192, 12288, 16384, 20480] == reads
+    assert b"".join(chunk for _, chunk, _ in got) == data and got[-1][2] == 100
+    failing = ReadAhead(read_from(data, [], fail_at=8192), len(data), 4096)
+    seen: list[int] = []
+    with pytest.raises(OSError, match="Input/output error"):
+        seen.extend(offset for offset, _, _ in failing.blocks())
+    failing.close()
+    assert seen == [0, 4096] and not failing.thread.is_alive()
+
+
+def test_read_ahead_is_one_block_ahead_and_close_stops_it() -> None:
+    data = os.urandom(64 * 4096)
+    reads: list[int] = []
+    ahead = ReadAhead(read_from(data, reads), len(data), 4096)
+    blocks = ahead.blocks()
+    assert next(blocks)[0] == 0
+    deadline = time.monotonic() + 5
+    while len(reads) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # time enough to read further, if it would
+    assert reads == [0, 4096]  # the block handed out, and the next one: two buffers
+    ahead.close()
+    assert not ahead.thread.is_alive() and len(reads) <= 3
+
+
+def test_read_ahead_starts_where_a_resumed_copy_does() -> None:
+    data = os.urandom(8 * 4096)
+    reads: list[int] = []
+    ahead = ReadAhead(read_from(data, reads), len(data), 4096, start=5 * 4096)
+    assert [offset for offset, _, _ in ahead.blocks()] == [5 * 4096, 6 * 4096, 7 * 4096] == reads
+    ahead.close()
+
+
+def test_a_disk_that_ends_before_its_size_is_an_error_at_that_offset(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "disk", 6 * MIB)
+    claimed = Source(source.path, NQN, 8 * MIB)
+    dest = tmp_path / "copy.img"
+    with pytest.raises(copying.CopyError, match=rf"ended at offset {6 * MIB}, before its {8 * MIB} bytes"):
+        Copier(claimed, dest, progress=quiet, block=4 * MIB).run()
+    assert dest.read_bytes()[: 6 * MIB] == Path(source.path).read_bytes()
+
+
+def test_the_copy_reads_past_the_page_cache_where_the_file_system_allows(tmp_path: Path) -> None:
+    source = make_source(tmp_path / "disk", 4 * MIB)
+    try:
+        os.close(os.open(source.path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip("this file system refuses O_DIRECT")
+    for fresh in (False, True):
+        reader = copying.FileReader(source.path, fresh)
+        try:
+            assert reader.direct and os.O_DIRECT & fcntl.fcntl(reader.fd, fcntl.F_GETFL)
+        finally:
+            reader.close()
+
+
+def test_read_ahead_hands_on_any_error_of_its_read() -> None:
+    def broken(view: memoryview, offset: int) -> int:
+        raise ValueError("not a disk")
+
+    ahead = ReadAhead(broken, 3 * 4096, 4096)
+    with pytest.raises(ValueError, match="not a disk"):
+        next(ahead.blocks())
+    ahead.close()
