@@ -92,7 +92,8 @@ def test_uki_profiles_select_the_mode(profile: str, shown: str) -> None:
 
 def test_media_sizes_within_budget() -> None:
     # The budget is 72 MiB for the UKI; the bound here catches growth early. 2026-12-02: UKI
-    # 64.5 MiB (iSCSI, the LIO modules and open-iscsi, took 0.86 MiB), ISO 71.4, raw 73.0.
-    assert Path(image("storagetm.efi")).stat().st_size <= 65 << 20
-    assert Path(image("storagetm.iso")).stat().st_size <= 72 << 20
-    assert Path(image("storagetm.raw")).stat().st_size <= 74 << 20
+    # 65.3 MiB, ISO 72.4, raw 74.0 (the helper's zipapp now carries its bytecode: +0.4 MiB,
+    # its start on the other machine 4x faster; iSCSI took 0.86 MiB before).
+    assert Path(image("storagetm.efi")).stat().st_size <= 66 << 20
+    assert Path(image("storagetm.iso")).stat().st_size <= 73 << 20
+    assert Path(image("storagetm.raw")).stat().st_size <= 75 << 20
