@@ -24,8 +24,10 @@ LOG = "/tmp/handover.log"
 PID = "/tmp/handover.pid"  # the command's own pid (exec'd by the sh that wrote it)
 RC = "/tmp/handover.rc"  # its exit status, once it has ended
 # As typed at the target's shell, in the background; the exit status kept without job control.
-START = (f"rm -f {LOG} {RC} {PID}; (sh -c 'echo $$ >{PID}; exec storagetm {FILE} >{LOG} 2>&1'; echo $? >{RC}) "
-         f"</dev/null >/dev/null 2>&1 &")  # fmt: skip
+# In a subshell of its own: no job of the harness's interactive shell (whose "Done" line would
+# land in the next command's output), and no trailing `&`, on which the harness hangs.
+START = (f"rm -f {LOG} {RC} {PID}; ( (sh -c 'echo $$ >{PID}; exec storagetm {FILE} >{LOG} 2>&1'; echo $? >{RC}) "
+         f"</dev/null >/dev/null 2>&1 & )")  # fmt: skip
 MAKE_FILE = ("python3 -c 'import random, sys; sys.stdout.buffer.write(random.Random(23).randbytes(8 << 20))' "
              "> {path}")  # fmt: skip
 
