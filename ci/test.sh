@@ -25,7 +25,7 @@ if [ -e "$stamp" ] && [ -z "${STORAGETM_SLOW_TESTS:-}" ]; then
     markers="vm and not slow"
     echo "ci/test.sh: slow VM tests already passed for this image ($stamp); skipping them"
 fi
-if timeout 4500 "$PY" -m pytest -m "$markers" tests/vm -p no:cacheprovider -v --tb=short; then
+if timeout 4800 "$PY" -m pytest -m "$markers" tests/vm -p no:cacheprovider -v --tb=short; then
     if [ "$markers" = vm ]; then mkdir -p "$(dirname "$stamp")" && touch "$stamp"; fi
 else
     echo "VM suite failed; consoles, kernel logs and QEMU errors are in $STORAGETM_VM_LOGS" >&2
