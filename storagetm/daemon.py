@@ -556,8 +556,6 @@ class Daemon:
         if self.panel.stage is panel.Stage.QR:
             text = self.connection_text(self.state, self.settings.port)
             if self.qr_drawn[0] != text:  # qrencode runs once per text, not at every redraw
-                from storagetm.console import qr
-
                 self.qr_drawn = (text, qr.render(text))
             return [*self.qr_drawn[1], "The connection details, for a phone's camera. Any key: back."]
         return self.panel.overlay
