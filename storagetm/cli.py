@@ -88,7 +88,7 @@ def list_devices(settings: Settings, as_json: bool) -> int:
 
     from storagetm.config.settings import Settings
     from storagetm.disks.identity import default_nqn_base, host_identity
-    from storagetm.disks.policy import held_by_another, system_facts
+    from storagetm.disks.policy import held_by_another, system_facts, unlisted_reason
     from storagetm.disks.udev import BlockDevices
     from storagetm.errors import ExitCode
     from storagetm.selection import explicit_files, plan
@@ -106,7 +106,7 @@ def list_devices(settings: Settings, as_json: bool) -> int:
             "device": disk.devnode, "type": disk.devtype, "size": disk.size, "model": disk.model,
             "serial": disk.serial, "export": disk.devnode in exported,
             "nqn": exported.get(disk.devnode, ""),
-            "reason": reasons.get(disk.devnode, "" if disk.devnode in exported else "partition (whole disks only)"),
+            "reason": reasons.get(disk.devnode, "" if disk.devnode in exported else unlisted_reason(disk)),
         })  # fmt: skip
     if as_json:
         json.dump(rows, sys.stdout, indent=1)

@@ -264,6 +264,20 @@ class Daemon:
             a.read_rate or a.write_rate for a in self.state.activity.values())  # fmt: skip
         return (self.state.activity, self.state.initiators, self.state.hashing, self.state.snapshot_usage) != before
 
+    def _snapshot_usage_now(self) -> dict[str, modes.SnapshotUsage]:
+        """The fill of each snapshot exported now: what was sampled, and for one made since
+        the last sample its first `dmsetup status`, so its first draw already says how full."""
+        usage = {}
+        for nqn, backing in self.state.backings.items():
+            if not backing.store:
+                continue
+            known = self.state.snapshot_usage.get(nqn)
+            if known is None:
+                known = modes.snapshot_usage(backing.dm_name)
+            if known is not None:
+                usage[nqn] = known
+        return usage
+
     def _sample_snapshots(self, before: dict[str, stats.DiskActivity]) -> None:
         """A store fills only as the snapshot is written: `dmsetup status` (a fork) runs for a
         snapshot when it is new or has been written to since, not every second."""
@@ -280,8 +294,7 @@ class Daemon:
         self.state.snapshot_usage = usage
 
     def publish(self) -> None:
-        self.state.snapshot_usage = {nqn: usage for nqn, usage in self.state.snapshot_usage.items()
-                                     if nqn in self.state.backings and self.state.backings[nqn].store}  # fmt: skip
+        self.state.snapshot_usage = self._snapshot_usage_now()
         self._save_state()
         if self.keys is not None and self.keys.fds():
             self.screen.set_panel(self.panel.lines(), self._overlay())

@@ -83,6 +83,11 @@ def intrinsic_reason(disk: Disk) -> Reason | None:
     return None
 
 
+def unlisted_reason(disk: Disk) -> str:
+    """Why a device the plan leaves off the screen (a partition, a virtual device) is not exported."""
+    return (intrinsic_reason(disk) or Reason.PARTITION).value
+
+
 def guard_reason(disk: Disk, facts: SystemFacts) -> Reason | None:
     if disk.devnum and disk.devnum in facts.root_disks:
         return Reason.ROOT

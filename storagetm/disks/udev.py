@@ -171,14 +171,16 @@ class BlockDevices:
         udev = previous.udev if previous is not None else None
         self.known[device.sys_path] = _Known(disk, seqnum, udev)
         if disk is not None and udev is not None:
-            disk = refine(disk, udev)
+            disk = refine(disk, udev) if disk.serial else udev  # no identity of its own: udev's
         return disk
 
     def _from_udev(self, device: Any) -> Disk | None:
         if hidden(device.sys_path):
             return None
         known = self.known.setdefault(device.sys_path, _Known(None, 0))
-        if known.disk is None:  # the kernel path could not name it: udev's disk, as it always was
+        # The kernel path could not name it, or gave it no identity (a device never exported:
+        # partition, optical, virtual): udev's disk, as it always was.
+        if known.disk is None or not known.disk.serial:
             known.udev = disk_from_udev(device, partition_uuids=self.partition_uuids)
             return known.udev
         # The kernel path already read the partition table; only udev's names are new.

@@ -43,10 +43,17 @@ def images(state: RunState) -> dict[str, Image]:
 
 
 def open_read_only(path: str) -> tuple[int, int]:
-    """(fd, size in bytes): the size as the device says it now, not as it was at export."""
+    """(fd, size in bytes): the size as the device says it now, not as it was at export.
+
+    The kernel's targets write around the page cache (bios, or O_DIRECT on a file), so a
+    page cached by an earlier read (a download, udev's probe during the export) would
+    still hold what was there before the initiator wrote: the clean pages are dropped and
+    the bytes come from the disk."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return fd, os.lseek(fd, 0, os.SEEK_END)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return fd, size
     except OSError:
         os.close(fd)
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 from pathlib import Path
 
@@ -235,6 +236,24 @@ def test_list_devices_says_how_a_disk_is_used(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("/dev/sda") and lines[0].endswith(f"skip: {HELD_EXCLUSIVELY}")
     assert lines[1].startswith("/dev/sdb") and lines[1].endswith("skip: mounted at /home")
+
+
+def test_list_devices_says_a_partition_or_a_virtual_device_is_why(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dm, part = disk("dm-0", 1 << 7), Disk(name="sda1", devnode="/dev/sda1", devnum=1, devtype="partition", size=1)
+
+    class Devices:
+        def enumerate(self) -> list[Disk]:
+            return [dm, part]
+
+    monkeypatch.setattr(udev, "BlockDevices", Devices)
+    monkeypatch.setattr(policy, "system_facts", SystemFacts)
+    monkeypatch.setattr(cli, "exported_now", set)
+    monkeypatch.setattr(identity, "host_identity", lambda: "machine-id:test")
+    assert cli.main(["--list-devices", "--json"]) == 0
+    rows = {row["device"]: row["reason"] for row in json.loads(capsys.readouterr().out)}
+    assert rows == {"/dev/dm-0": Reason.VIRTUAL.value, "/dev/sda1": Reason.PARTITION.value}
 
 
 def test_mountinfo_fields_and_escapes() -> None:

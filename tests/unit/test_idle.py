@@ -156,3 +156,25 @@ def test_dmsetup_runs_for_a_snapshot_only_when_it_was_written(tmp_path: Path, mo
     activity[nqn] = DiskActivity(4096, 8192, 0.0, 8192.0, 0.0)
     assert daemon.sample_activity() is True and calls == ["snap", "snap"]
     assert daemon.state.snapshot_usage[nqn].used == 2
+
+
+def test_a_new_snapshot_is_drawn_with_its_fill_from_its_first_publish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = exporting(tmp_path)
+    (nqn,) = daemon.state.exports
+    daemon.state.backings = {nqn: Backing("/dev/mapper/snap", "snap", "/run/storagetm/store")}
+    calls: list[str] = []
+
+    def usage(name: str) -> SnapshotUsage:
+        calls.append(name)
+        return SnapshotUsage(used=0, total=100 << 20, invalid=False)
+
+    monkeypatch.setattr(modes, "snapshot_usage", usage)
+    daemon.publish()  # no sample yet: what the export's first draw shows
+    assert calls == ["snap"] and daemon.state.snapshot_usage[nqn].total == 100 << 20
+    daemon.publish()
+    assert calls == ["snap"]  # known since: no second fork
+    daemon.state.backings = {}
+    daemon.publish()
+    assert daemon.state.snapshot_usage == {}

@@ -288,6 +288,24 @@ def test_an_optical_drive_is_never_exported_from_the_kernels_event(tmp_path: Pat
     assert exclusion(disk_from_udev(drive.udev_device()), SystemFacts(), lift_guards=True) is Reason.OPTICAL
 
 
+def test_an_optical_drive_takes_udevs_names_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kernel path gives a device it never exports no identity; udev's is not a mismatch
+    (the warning went to stderr of `storagetm --list-devices --json`, ahead of its JSON)."""
+    drive = cdrom(tmp_path)
+    devices = BlockDevices(object(), FakeMonitor([drive.udev_device()]), FakeMonitor([drive.kernel_device()]))
+    with caplog.at_level(logging.WARNING):
+        first, refined = list(devices.events())
+    assert first.disk.serial == "" and refined.disk.serial == "QM00005" and refined.disk.cdrom
+    assert caplog.text == ""
+    (again,) = BlockDevices(object(), FakeMonitor([]), FakeMonitor([drive.kernel_device("change", 2)])).events()
+    assert again.disk.serial == ""  # nothing from udev yet
+    devices.kernel_monitor.push(drive.kernel_device("change", 2))
+    (changed,) = devices.events()
+    assert changed.disk.serial == "QM00005" and caplog.text == ""
+
+
 def test_a_partition_from_the_kernels_event_is_not_exported(tmp_path: Path) -> None:
     disk = virtio(tmp_path)
     part = disk.sys_path / "vda1"

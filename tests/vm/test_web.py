@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from testbed.initiator import wait_address
+from testbed.initiator import CONNECT_ALL, connected, disconnect_all, wait_address
 from testbed.machine import forwarded_nic, free_port
 from testbed.pair import BOOT_TIMEOUT, LOGS, REPO, TARGET_APPEND, Pair, report, vm_pair
 from testbed.terminal import screen
@@ -103,6 +103,25 @@ def test_a_download_broken_off_halfway_resumes_to_the_disk(pair: Pair, serial: s
     assert rest.status == 206 and rest.headers["content-range"] == f"bytes {have}-{SIZE - 1}/{SIZE}"
     assert pair.initiator.sh(f"sha256sum {out}").split()[0] == pair.sum_now(serial)
     pair.initiator.sh(f"rm -f {out}")
+
+
+def test_a_download_after_the_initiator_wrote_has_the_new_bytes(pair: Pair) -> None:
+    """The kernel's target writes around the target's page cache: a download read earlier
+    (its pages cached) must not hand out what was there before the initiator wrote."""
+    name, url = names(pair)["WEB00001"], f"{base(pair)}/disks/{names(pair)['WEB00001']}.img"
+    out = f"/var/tmp/{name}.img"
+    assert fetch(pair.initiator, url, out=out).status == 200  # every page of the disk now cached
+    assert pair.initiator.sh(f"sha256sum {out}").split()[0] == pair.sum_now("WEB00001")
+    pair.initiator.sh(f"{CONNECT_ALL} -a {wait_address(pair.target, '169.254.')}")
+    try:
+        remote = next(r for r in connected(pair.initiator) if r.serial == "WEB00001")
+        pair.initiator.sh(f"dd if=/dev/urandom of=/dev/{remote.block} bs=1M count=2 seek=3 oflag=direct,sync "
+                          "status=none")  # fmt: skip
+    finally:
+        disconnect_all(pair.initiator)
+    written = pair.sum_now("WEB00001")
+    assert fetch(pair.initiator, url, out=out).status == 200
+    assert pair.initiator.sh(f"sha256sum {out}; rm -f {out}").split()[0] == written
 
 
 def test_a_range_past_the_end_is_416(pair: Pair) -> None:
