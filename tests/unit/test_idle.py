@@ -136,7 +136,9 @@ def test_with_a_dashboard_it_samples_every_second_and_redraws_only_what_changed(
     assert counts["samples"] >= 8 and counts["publishes"] == 0  # 0.02 s apart: 25 if the machine keeps up
 
 
-def test_dmsetup_runs_for_a_snapshot_only_when_it_was_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def exporting_a_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Daemon, str, list[str]]:
+    """A daemon exporting one disk in snapshot mode; the list records each `dmsetup status`
+    (its answer: as many bytes used as there were calls, of 100 MiB)."""
     daemon = exporting(tmp_path)
     (nqn,) = daemon.state.exports
     daemon.state.backings = {nqn: Backing("/dev/mapper/snap", "snap", "/run/storagetm/store")}
@@ -144,9 +146,14 @@ def test_dmsetup_runs_for_a_snapshot_only_when_it_was_written(tmp_path: Path, mo
 
     def usage(name: str) -> SnapshotUsage:
         calls.append(name)
-        return SnapshotUsage(used=len(calls), total=100, invalid=False)
+        return SnapshotUsage(used=len(calls), total=100 << 20, invalid=False)
 
     monkeypatch.setattr(modes, "snapshot_usage", usage)
+    return daemon, nqn, calls
+
+
+def test_dmsetup_runs_for_a_snapshot_only_when_it_was_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon, nqn, calls = exporting_a_snapshot(tmp_path, monkeypatch)
     monkeypatch.setattr(stats, "initiators", lambda ports: [])
     activity = {nqn: IDLE}
     monkeypatch.setattr(daemon.meter, "sample", lambda exported: dict(activity))
@@ -161,16 +168,7 @@ def test_dmsetup_runs_for_a_snapshot_only_when_it_was_written(tmp_path: Path, mo
 def test_a_new_snapshot_is_drawn_with_its_fill_from_its_first_publish(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    daemon = exporting(tmp_path)
-    (nqn,) = daemon.state.exports
-    daemon.state.backings = {nqn: Backing("/dev/mapper/snap", "snap", "/run/storagetm/store")}
-    calls: list[str] = []
-
-    def usage(name: str) -> SnapshotUsage:
-        calls.append(name)
-        return SnapshotUsage(used=0, total=100 << 20, invalid=False)
-
-    monkeypatch.setattr(modes, "snapshot_usage", usage)
+    daemon, nqn, calls = exporting_a_snapshot(tmp_path, monkeypatch)
     daemon.publish()  # no sample yet: what the export's first draw shows
     assert calls == ["snap"] and daemon.state.snapshot_usage[nqn].total == 100 << 20
     daemon.publish()
