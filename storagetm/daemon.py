@@ -264,37 +264,33 @@ class Daemon:
             a.read_rate or a.write_rate for a in self.state.activity.values())  # fmt: skip
         return (self.state.activity, self.state.initiators, self.state.hashing, self.state.snapshot_usage) != before
 
-    def _snapshot_usage_now(self) -> dict[str, modes.SnapshotUsage]:
-        """The fill of each snapshot exported now: what was sampled, and for one made since
-        the last sample its first `dmsetup status`, so its first draw already says how full."""
-        usage = {}
-        for nqn, backing in self.state.backings.items():
-            if not backing.store:
-                continue
-            known = self.state.snapshot_usage.get(nqn)
-            if known is None:
-                known = modes.snapshot_usage(backing.dm_name)
-            if known is not None:
-                usage[nqn] = known
-        return usage
-
     def _sample_snapshots(self, before: dict[str, stats.DiskActivity]) -> None:
         """A store fills only as the snapshot is written: `dmsetup status` (a fork) runs for a
         snapshot when it is new or has been written to since, not every second."""
+
+        def written_since(nqn: str) -> bool:
+            now, then = self.state.activity.get(nqn), before.get(nqn)
+            return now is None or then is None or now.written_bytes != then.written_bytes
+
+        self._refresh_snapshot_usage(written_since)
+
+    def _refresh_snapshot_usage(self, stale: Callable[[str], bool]) -> None:
+        """The fill of each snapshot exported now: what is known, unless `stale` says it
+        changed; for a snapshot with no figure yet (new since the last sample: its first
+        draw already says how full) its first `dmsetup status`."""
         usage = {}
         for nqn, backing in self.state.backings.items():
             if not backing.store:
                 continue
-            now, then = self.state.activity.get(nqn), before.get(nqn)
             known = self.state.snapshot_usage.get(nqn)
-            if known is not None and now is not None and then is not None and now.written_bytes == then.written_bytes:
+            if known is None or stale(nqn):
+                known = modes.snapshot_usage(backing.dm_name)
+            if known is not None:
                 usage[nqn] = known
-            elif (fresh := modes.snapshot_usage(backing.dm_name)) is not None:
-                usage[nqn] = fresh
         self.state.snapshot_usage = usage
 
     def publish(self) -> None:
-        self.state.snapshot_usage = self._snapshot_usage_now()
+        self._refresh_snapshot_usage(lambda nqn: False)
         self._save_state()
         if self.keys is not None and self.keys.fds():
             self.screen.set_panel(self.panel.lines(), self._overlay())
