@@ -8,6 +8,7 @@ import logging
 import os
 import selectors
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
@@ -137,6 +138,7 @@ class Daemon:
         self.status_sent = ""
         self.ipv6 = True
         self.web: WebServer | None = None
+        self.web_socket: socket.socket | None = None  # bound, its server not made until a connection comes
         self.moving = False  # the last sample saw I/O, an initiator connected, or a hash under way
         self.control = control  # None: made by run(); `storagetm FILE…` hands its files over through it
         self.handed: dict[int, tuple[str, ...]] = {}  # client -> the disks and files it handed over
@@ -361,6 +363,7 @@ class Daemon:
             state.STATE_FILE.unlink(missing_ok=True)
             signal.set_wakeup_fd(old_wakeup)
             addr_sock.close()
+            devices.close()
             os.close(wake_r)
             os.close(wake_w)
             self.screen.close()
@@ -412,35 +415,49 @@ class Daemon:
         self.state.secure_boot = firmware.secure_boot()
         if self.announcer is not None:
             self.state.announced = self.announcer.publish(host_id(identity))
-        self.start_web()
+        self.start_web(on_demand=True)
         self.publish()
 
-    def start_web(self, host: str | None = None) -> None:
+    def start_web(self, host: str | None = None, *, on_demand: bool = False) -> None:
         """The web page, once the disks are exported. Not with a refused option (nothing is
-        exported, nothing listens); a port that cannot be had costs the page, never the exports."""
+        exported, nothing listens); a port that cannot be had costs the page, never the exports.
+        `on_demand`: only the port is taken now; the loop makes the server at the first connection."""
         if not self.settings.web or self.settings.refusals:
             return
-        from storagetm.web.server import WebServer  # http.server's imports only where it runs
+        from storagetm.web.listen import listen
 
         # The token before the first request can come in.
         self.state.web = WebConfig(self.settings.web_port, web_token(self.state.auth, self.state.tls),
                                    downloads=not self.state.tls.enabled or self.settings.web_downloads)  # fmt: skip
-        server = WebServer(lambda: self.state, self.settings.web_port, host=host, io_port=self.settings.port)
         try:
-            server.start()
+            listening = listen(host, self.settings.web_port)
         except OSError as exc:
             self.startup_problems.append(f"no web page: cannot listen on TCP port {self.settings.web_port}: "
                                          f"{exc.strerror}; choose another with storagetm.web_port=")  # fmt: skip
             log.warning("%s", self.startup_problems[-1])
             self.state.web = WebConfig()
             return
-        self.web = server
-        self.state.web = replace(self.state.web, port=server.address[1])
+        self.state.web = replace(self.state.web, port=listening.getsockname()[1])
+        log.info("web page on port %d", self.state.web.port)
+        if on_demand:
+            self.web_socket = listening
+        else:
+            self.serve_web(listening)
+
+    def serve_web(self, listening: socket.socket) -> None:
+        from storagetm.web.server import WebServer  # http.server's imports only once the page is asked for
+
+        server = WebServer(lambda: self.state, self.settings.web_port, io_port=self.settings.port)
+        server.start(listening)
+        self.web, self.web_socket = server, None
 
     def stop_web(self) -> None:
         if self.web is not None:
             self.web.stop()
             self.web = None
+        if self.web_socket is not None:
+            self.web_socket.close()
+            self.web_socket = None
         self.state.web = WebConfig()
 
     def _loop(self, devices: BlockDevices, addr_sock: object, wake_r: int) -> None:
@@ -451,6 +468,8 @@ class Daemon:
         for fd in self.keys.fds() if self.keys else []:
             selector.register(fd, selectors.EVENT_READ, "keys")
         self._listen_for_clients(selector)
+        if self.web_socket is not None:
+            selector.register(self.web_socket, selectors.EVENT_READ, "web")
         redraw_at: float | None = None
         addresses_changed = False  # `ip -j address` runs only after rtnetlink said so
         news = False  # a disk event or new addresses: the next tick publishes, whatever the sample says
@@ -483,6 +502,10 @@ class Daemon:
                         self.on_key(name)
                     if pressed:
                         self.publish()
+                elif key.data == "web":  # the first connection to the page: its server now takes the socket
+                    selector.unregister(key.fd)
+                    assert self.web_socket is not None
+                    self.serve_web(self.web_socket)
                 elif key.data == "control":
                     assert self.control is not None
                     self.control.ready(key.fd, self)

@@ -22,6 +22,7 @@ from typing import Any
 from storagetm.disks.disk import Disk, disk_from_udev, sysfs_int
 from storagetm.disks.kernel import disk_from_sysfs
 from storagetm.disks.policy import MEDIA_LABELS
+from storagetm.disks.uevents import KernelUevents
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,7 @@ class BlockDevices:
             context = pyudev.Context()
             monitor = pyudev.Monitor.from_netlink(context)
             monitor.filter_by("block")
-            kernel_monitor = pyudev.Monitor.from_netlink(context, source="kernel")
-            kernel_monitor.filter_by("block")
+            kernel_monitor = KernelUevents()
         self.context = context
         self.monitor = monitor
         self.kernel_monitor = kernel_monitor
@@ -101,6 +101,8 @@ class BlockDevices:
         if self._poll is not None:
             self._poll.close()
             self._poll = None
+        if isinstance(self.kernel_monitor, KernelUevents):
+            self.kernel_monitor.close()
 
     def enumerate(self) -> list[Disk]:
         """Every block device in sysfs the kernel path can name now, refined where udev has

@@ -18,7 +18,6 @@ import os
 import re
 import selectors
 import socket
-import socketserver
 import stat
 import threading
 import time
@@ -37,6 +36,7 @@ from storagetm.web import page, vhd
 from storagetm.web.hashing import Hashes, HashJob, HashKey
 from storagetm.web.images import Image, images, open_read_only
 from storagetm.web.links import NO_DOWNLOADS
+from storagetm.web.listen import listen
 from storagetm.web.ranges import Unsatisfiable, byte_range
 from storagetm.web.token import COOKIE, QUERY, matches
 
@@ -120,12 +120,13 @@ class WebServer:
         self.httpd: _Server | None = None
         self.thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        """Bind and serve in a thread of its own; OSError if the port cannot be had."""
-        self.httpd = _bind(self, self.host, self.port)
+    def start(self, listening: socket.socket | None = None) -> None:
+        """Serve in a thread of its own, on `listening` or a socket bound now; OSError if the
+        port cannot be had."""
+        self.httpd = _Server(self, listening or listen(self.host, self.port))
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(self.poll,), name="web", daemon=True)
         self.thread.start()
-        log.info("web page on port %d", self.address[1])
+        log.debug("web server started")
 
     @property
     def address(self) -> tuple[str, int]:
@@ -202,20 +203,18 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # stop() waits itself, with a limit
 
-    def __init__(self, web: WebServer, family: socket.AddressFamily, address: tuple[str, int]) -> None:
+    def __init__(self, web: WebServer, listening: socket.socket) -> None:
         self.web = web
-        self.address_family = family
+        self.address_family = listening.family
         self.slots = threading.BoundedSemaphore(web.max_connections)
         self.lock = web.lock
         self.active: dict[socket.socket, threading.Thread] = {}
         self.reading: dict[socket.socket, str] = {}  # the device each download is sending from
-        super().__init__(address, Handler)
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too, as ::ffff:a.b.c.d
-        # Not HTTPServer's: its getfqdn() asks DNS, which a target on a bare cable does not have.
-        socketserver.TCPServer.server_bind(self)
+        super().__init__(listening.getsockname()[:2], Handler, bind_and_activate=False)
+        self.socket.close()  # the one TCPServer made: the socket is the one bound already
+        self.socket = listening
+        self.server_address = listening.getsockname()
+        # Not HTTPServer's server_bind: its getfqdn() asks DNS, which a target on a bare cable does not have.
         self.server_name, self.server_port = "storagetm", int(self.server_address[1])
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -266,17 +265,6 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("web: request from %s failed", client_address[0], exc_info=True)
-
-
-def _bind(web: WebServer, host: str | None, port: int) -> _Server:
-    if host is not None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return _Server(web, family, (host, port))
-    try:
-        return _Server(web, socket.AF_INET6, ("::", port))
-    except OSError as exc:  # booted with IPv6 off
-        log.debug("web: no IPv6 socket (%s); IPv4 only", exc.strerror)
-        return _Server(web, socket.AF_INET, ("0.0.0.0", port))
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -231,6 +231,37 @@ def test_the_web_page_starts_with_the_token_and_stops_before_the_exports_go(tmp_
     assert refused.web is None and refused.state.web.port == 0
 
 
+def test_on_demand_the_web_port_is_taken_at_start_and_the_server_made_at_the_first_connection(tmp_path: Path) -> None:
+    import http.client
+
+    daemon = attached(tmp_path, Settings(web_port=0), FakeConfigfs(tmp_path / "configfs"))
+    daemon.start_web(host="127.0.0.1", on_demand=True)
+    assert daemon.web is None and daemon.web_socket is not None
+    port = daemon.state.web.port
+    assert port == daemon.web_socket.getsockname()[1] != 0
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/")  # waits in the socket's queue: nothing serves it yet
+        daemon.serve_web(daemon.web_socket)  # what the loop does when the socket turns readable
+        assert daemon.web is not None and daemon.web_socket is None
+        assert conn.getresponse().status == 200  # served (no authentication: no token asked)
+    finally:
+        conn.close()
+        daemon.stop_web()
+    assert daemon.state.web.port == 0
+    with socket.socket() as again:  # the port is let go of
+        again.bind(("127.0.0.1", port))
+
+
+def test_a_web_socket_never_asked_for_is_closed_at_stop(tmp_path: Path) -> None:
+    daemon = attached(tmp_path, Settings(web_port=0), FakeConfigfs(tmp_path / "configfs"))
+    daemon.start_web(host="127.0.0.1", on_demand=True)
+    listening = daemon.web_socket
+    assert listening is not None
+    daemon.stop_web()
+    assert listening.fileno() == -1 and daemon.web_socket is None and daemon.state.web.port == 0
+
+
 def test_a_web_port_in_use_costs_the_page_not_the_exports(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
