@@ -10,7 +10,7 @@ import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -81,6 +81,21 @@ def serve_at_realtime_priority() -> None:
         os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(1))
     except OSError as exc:
         log.warning("cannot raise storagetm to real-time priority: %s; disk events wait their turn", exc.strerror)
+
+
+@contextlib.contextmanager
+def at_normal_priority() -> Iterator[None]:
+    """The normal policy for a burst of work that must not run ahead of the I/O (at SCHED_RR,
+    nvmet's workers would wait for it), then the policy before."""
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    if policy & ~os.SCHED_RESET_ON_FORK == os.SCHED_OTHER:
+        yield
+        return
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, policy, param)
 
 
 class Daemon:
@@ -445,10 +460,20 @@ class Daemon:
             self.serve_web(listening)
 
     def serve_web(self, listening: socket.socket) -> None:
-        from storagetm.web.server import WebServer  # http.server's imports only once the page is asked for
+        """The server on the bound socket. At the first connection (a second of CPU under TCG for
+        its imports) at the normal policy; if it cannot start, the page goes, never the exports."""
+        try:
+            with at_normal_priority():
+                from storagetm.web.server import WebServer  # http.server's imports only once the page is asked for
 
-        server = WebServer(lambda: self.state, self.settings.web_port, io_port=self.settings.port)
-        server.start(listening)
+                server = WebServer(lambda: self.state, self.settings.web_port, io_port=self.settings.port)
+                server.start(listening)
+        except Exception as exc:
+            self.startup_problems.append(f"no web page: its server did not start: {exc}")
+            log.warning("%s", self.startup_problems[-1], exc_info=True)
+            listening.close()
+            self.web_socket, self.state.web = None, WebConfig()
+            return
         self.web, self.web_socket = server, None
 
     def stop_web(self) -> None:

@@ -23,17 +23,18 @@ log = logging.getLogger(__name__)
 NETLINK_KOBJECT_UEVENT = 15
 KERNEL_GROUP = 1  # the kernel's own messages; udev re-broadcasts its finished ones on group 2
 RECEIVE_BUFFER = 16 << 20  # a coldplug burst must not overflow it (ENOBUFS loses events)
-MAX_MESSAGE = 8192  # UEVENT_BUFFER_SIZE in the kernel's kobject_uevent
+MAX_MESSAGE = 8192  # more than a uevent can hold (UEVENT_BUFFER_SIZE, 2048 in lib/kobject_uevent.c)
 BLOCK = b"\0SUBSYSTEM=block\0"
 SO_ATTACH_FILTER = 26
 # Classic BPF (linux/filter.h): load a big-endian word at k, at X+k, a byte at X+k; X = k; jumps; return.
 LD_W_ABS, LD_W_IND, LD_B_IND, LDX_IMM, JA, JEQ_K, RET_K = 0x20, 0x40, 0x50, 0x01, 0x05, 0x15, 0x06
 PASS, DROP = 0xFFFFFFFF, 0
 # The kernel writes ACTION, DEVPATH, then SUBSYSTEM (kobject_uevent_env), after an "ACTION@DEVPATH"
-# header: the key starts before 2 * len(DEVPATH) + 30, i.e. within 600 bytes for a DEVPATH of up
-# to 285 characters (a disk behind three USB hubs has some 110). A message with its key further
-# on is let through to the reader. 600 offsets at 4 instructions each: the kernel charges the
-# filter, converted, to the socket's option memory (net.core.optmem_max; 959 fitted on 6.18).
+# header: the key starts at most at 2 * len(DEVPATH) + 30 ("change"/"remove"), i.e. within 600
+# bytes for a DEVPATH of up to 284 characters (a disk behind three USB hubs has some 110). A
+# message with its key further on is let through to the reader. 600 offsets at 4 instructions
+# each: the kernel charges the filter, converted, to the socket's option memory
+# (net.core.optmem_max; 959 offsets fitted in 6.18's 128 KiB).
 FILTER_WINDOW = 600
 
 
@@ -81,11 +82,15 @@ class Uevent:
 def parse(message: bytes) -> Uevent | None:
     """A block device's event from one netlink message ("add@/devices/…\\0KEY=value\\0…"); None
     for any other subsystem or a message without the fields every block uevent has."""
-    if BLOCK not in message:
+    if BLOCK not in message:  # cheap: most messages stop here when the socket filter is missing
         return None
-    fields = dict(item.split("=", 1) for item in message.decode("utf-8", "replace").split("\0")[1:] if "=" in item)
+    fields: dict[str, str] = {}
+    for item in message.decode("utf-8", "replace").split("\0")[1:]:
+        key, equals, value = item.partition("=")
+        if equals:
+            fields.setdefault(key, value)  # the first: the kernel's SUBSYSTEM is the third key
     action, devpath = fields.get("ACTION"), fields.get("DEVPATH")
-    if not action or not devpath:
+    if not action or not devpath or fields.get("SUBSYSTEM") != "block":
         return None
     try:
         number = os.makedev(int(fields.get("MAJOR", "0")), int(fields.get("MINOR", "0")))
@@ -93,7 +98,7 @@ def parse(message: bytes) -> Uevent | None:
     except ValueError:
         return None
     devname = fields.get("DEVNAME")
-    return Uevent(action=action, sys_path="/sys" + devpath, sys_name=devpath.rsplit("/", 1)[-1],
+    return Uevent(action=action, sys_path="/sys" + devpath, sys_name=devpath.rsplit("/", 1)[-1].replace("!", "/"),
                   device_node=("/dev/" + devname.removeprefix("/dev/")) if devname else None,
                   device_number=number, device_type=fields.get("DEVTYPE"), sequence_number=seqnum)  # fmt: skip
 
@@ -114,8 +119,8 @@ class KernelUevents:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         try:
             attach_filter(sock, block_filter())
-        except OSError as exc:  # a kernel with less option memory: every message comes up, and is read
-            log.debug("no socket filter on the kernel's uevents: %s", exc.strerror)
+        except OSError as exc:  # less option memory (net.core.optmem_max): every message comes up, and is read
+            log.info("no socket filter on the kernel's uevents (%s): each uevent wakes storagetm", exc.strerror)
         sock.bind((0, KERNEL_GROUP))
         self.sock = sock
 

@@ -176,3 +176,42 @@ def test_a_new_snapshot_is_drawn_with_its_fill_from_its_first_publish(
     daemon.state.backings = {}
     daemon.publish()
     assert daemon.state.snapshot_usage == {}
+
+
+def test_the_loop_makes_the_web_server_at_the_first_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import http.client
+
+    monkeypatch.setattr(daemon_module, "udev_settled", lambda: True)
+    daemon = exporting(tmp_path)
+    daemon.settings = Settings(devices=daemon.settings.devices, web_port=0)
+    daemon.start_web(host="127.0.0.1", on_demand=True)
+    assert daemon.web is None and daemon.web_socket is not None
+    port, replies = daemon.state.web.port, []
+
+    def ask() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/status.json")
+            reply = conn.getresponse()
+            replies.append((reply.status, reply.read()))
+        finally:
+            conn.close()
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        run_loop_for(daemon, 3.0)
+        asker.join(10)
+        assert daemon.web is not None and daemon.web_socket is None
+        assert replies and replies[0][0] == 200 and b'"exports"' in replies[0][1]
+    finally:
+        daemon.stop_web()
+
+
+def test_starting_the_daemon_imports_no_web_server() -> None:
+    """The page's server and its imports come with the first connection (see the test above)."""
+    import subprocess
+    import sys
+
+    code = "import sys, storagetm.cli, storagetm.daemon; print(sorted(m for m in ('http.server', 'http.client', 'ssl', 'email', 'storagetm.web.server') if m in sys.modules))"  # noqa: E501
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

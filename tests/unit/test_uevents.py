@@ -32,12 +32,14 @@ def test_other_subsystems_and_broken_messages_are_dropped() -> None:
     assert parse(message("ACTION=add", "SUBSYSTEM=block", "SEQNUM=3")) is None  # no DEVPATH
     assert parse(message("ACTION=add", "DEVPATH=/devices/x/block/vdb", "SUBSYSTEM=block", "MAJOR=x")) is None
     assert parse(b"") is None and parse(b"\xff\xfe\0SUBSYSTEM=block\0") is None
+    assert parse(message("ACTION=add", "DEVPATH=/devices/x", "SUBSYSTEM=net", "NOTE=\0SUBSYSTEM=block")) is None
     removed = parse(message("ACTION=remove", "DEVPATH=/devices/x/block/vdb", "SUBSYSTEM=block", "SEQNUM=5"))
     assert removed is not None and removed.action == "remove" and removed.device_node is None
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="sending on this netlink family needs CAP_NET_ADMIN")
 def test_a_message_from_a_process_is_not_taken_for_the_kernels() -> None:
-    """Any process may send to the socket's port; only port 0 is the kernel."""
+    """A privileged process may send to the socket's port too; only port 0 is the kernel."""
     monitor = KernelUevents()
     monitor.start()
     forger = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_KOBJECT_UEVENT)
@@ -55,6 +57,7 @@ def test_a_message_from_a_process_is_not_taken_for_the_kernels() -> None:
         monitor.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="sending on this netlink family needs CAP_NET_ADMIN")
 def test_the_socket_filter_lets_only_block_uevents_through() -> None:
     """The filter runs in the host's kernel here: messages sent to a socket carrying it, and
     what arrives."""
@@ -73,8 +76,11 @@ def test_the_socket_filter_lets_only_block_uevents_through() -> None:
             "net": (message("ACTION=add", "DEVPATH=/devices/virtual/net/lo", "SUBSYSTEM=net", "SEQNUM=3"), False),
             "blockx": (message("ACTION=add", "DEVPATH=/devices/x", "SUBSYSTEM=blockx", "SEQNUM=4"), False),
             "bdi": (message("ACTION=add", "DEVPATH=/devices/virtual/bdi/253:0", "SUBSYSTEM=bdi", "SEQNUM=5"), False),
-            "deeper": (message("ACTION=add", f"DEVPATH={deep}/x/y", "SUBSYSTEM=net", header=f"add@{deep}/x/y"),
-                       True),  # the key beyond the window: the reader decides
+            # "add": the key at 2 * len(DEVPATH) + 24; the window ends at 599.
+            "last": (message("ACTION=add", f"DEVPATH={deep:x<287}", "SUBSYSTEM=net", header=f"add@{deep:x<287}"),
+                     False),  # at 598, still looked at
+            "beyond": (message("ACTION=add", f"DEVPATH={deep:x<288}", "SUBSYSTEM=net", header=f"add@{deep:x<288}"),
+                       True),  # at 600: the reader decides
         }
         for text, _ in sent.values():
             sender.sendto(text, (receiver.getsockname()[0], 0))
@@ -97,3 +103,9 @@ def test_the_filter_fits_the_kernels_limit_and_every_jump_lands_inside() -> None
         targets = [at + 1 + k] if code == 0x05 else [at + 1 + jt, at + 1 + jf] if code == 0x15 else []
         assert all(at < target < len(program) for target in targets)
     assert program[-1][0] == program[-2][0] == 0x06  # ends with its two returns
+
+
+def test_a_cciss_style_name_reads_as_udev_names_it() -> None:
+    event = parse(message("ACTION=add", "DEVPATH=/devices/pci0000:00/0000:00:05.0/cciss0/c0d0/block/cciss!c0d0",
+                          "SUBSYSTEM=block", "DEVNAME=cciss/c0d0", "MAJOR=104", "MINOR=0"))  # fmt: skip
+    assert event is not None and event.sys_name == "cciss/c0d0" and event.device_node == "/dev/cciss/c0d0"
