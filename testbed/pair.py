@@ -26,6 +26,18 @@ BOOT_TIMEOUT = 240
 TARGET_MAC = "52:54:00:00:00:01"
 
 
+def link_local(mac: str) -> str:
+    """The IPv6 link-local address the kernel gives a NIC with this MAC (EUI-64)."""
+    import ipaddress
+
+    octets = bytes.fromhex(mac.replace(":", ""))
+    eui = bytes([octets[0] ^ 0x02]) + octets[1:3] + b"\xff\xfe" + octets[3:]
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + eui))
+
+
+TARGET_LINK_LOCAL = link_local(TARGET_MAC)  # on the target's NIC to the initiator (a target may have a second)
+
+
 def image(name: str) -> Path:
     path = OUTPUT / name
     if not path.exists():

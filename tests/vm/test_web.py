@@ -22,7 +22,7 @@ import pytest
 
 from testbed.initiator import CONNECT_ALL, connected, disconnect_all, wait_address
 from testbed.machine import forwarded_nic, free_port
-from testbed.pair import BOOT_TIMEOUT, LOGS, REPO, TARGET_APPEND, Pair, report, vm_pair
+from testbed.pair import BOOT_TIMEOUT, LOGS, REPO, TARGET_APPEND, TARGET_LINK_LOCAL, Pair, report, vm_pair
 from testbed.terminal import screen
 from testbed.wait import until
 from testbed.web import fetch, install_client
@@ -74,7 +74,8 @@ def test_the_page_lists_every_disk(pair: Pair) -> None:
 
 def test_the_page_answers_over_ipv4_and_ipv6_on_one_socket(pair: Pair) -> None:
     names(pair)
-    ipv6 = wait_address(pair.target, "fe80::").split()[0]  # fe80::…%IFACE: the initiator's is named alike
+    # fe80::…%IFACE on the NIC to the initiator (whose NIC is named alike), not the forwarded one's.
+    ipv6 = wait_address(pair.target, f"{TARGET_LINK_LOCAL}%").split()[0]
     for url in (f"{base(pair)}/", f"http://[{ipv6}]/"):
         assert fetch(pair.initiator, url).status == 200, url
     listening = pair.target.sh("ss -Htln 'sport = :80'").strip().splitlines()
