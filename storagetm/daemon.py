@@ -531,6 +531,8 @@ class Daemon:
                     selector.unregister(key.fd)
                     assert self.web_socket is not None
                     self.serve_web(self.web_socket)
+                    if self.web is None:  # it did not start: the screen says so now, not at the next change
+                        self.publish()
                 elif key.data == "control":
                     assert self.control is not None
                     self.control.ready(key.fd, self)

@@ -215,3 +215,31 @@ def test_starting_the_daemon_imports_no_web_server() -> None:
 
     code = "import sys, storagetm.cli, storagetm.daemon; print(sorted(m for m in ('http.server', 'http.client', 'ssl', 'email', 'storagetm.web.server') if m in sys.modules))"  # noqa: E501
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_a_web_server_that_fails_at_the_first_connection_is_said_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storagetm.web.server import WebServer
+
+    def broken(self: WebServer, listening: socket.socket | None = None) -> None:
+        raise RuntimeError("cannot start new thread")
+
+    monkeypatch.setattr(daemon_module, "udev_settled", lambda: True)
+    monkeypatch.setattr(WebServer, "start", broken)
+    daemon = exporting(tmp_path)
+    daemon.settings = Settings(devices=daemon.settings.devices, web_port=0)
+    daemon.start_web(host="127.0.0.1", on_demand=True)
+    published: list[list[str]] = []
+    publish = daemon.publish
+
+    def recorded() -> None:
+        published.append(list(daemon.state.alerts))
+        publish()
+
+    monkeypatch.setattr(daemon, "publish", recorded)
+    with socket.create_connection(("127.0.0.1", daemon.state.web.port), timeout=5):
+        run_loop_for(daemon, 1.0)  # no dashboard: without its own publish the next would be seconds away
+    line = "no web page: its server did not start: cannot start new thread"
+    assert published and line in published[0] and daemon.web is None and daemon.state.web.port == 0
+    assert len(daemon.state.exports) == 1  # the page went, the export stayed
