@@ -16,7 +16,7 @@ QEMU_PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data)
 SIGNED_BOOT_PACKAGES=(shim-signed shim-helpers-amd64-signed systemd-boot-efi-amd64-signed)
 SIGNED_BOOT_FILES=(usr/lib/shim/shimx64.efi.signed usr/lib/shim/mmx64.efi.signed
                    usr/lib/systemd/boot/efi/systemd-bootx64.efi.signed)
-PIP_PACKAGES=(pytest==8.3.4 ruff==0.8.6 mypy==1.14.1 qemu.qmp==0.0.6 pyudev==0.24.3 hypothesis==6.170.15)
+PIP_PACKAGES=(pytest==8.3.4 ruff==0.8.6 mypy==1.14.1 qemu.qmp==0.0.6 pyudev==0.24.3 hypothesis==6.170.15 msgspec==0.19.0)
 
 log() { printf 'setup-host: %s\n' "$*"; }
 

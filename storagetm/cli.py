@@ -24,14 +24,7 @@ subcommands:
   storagetm stop [--poweroff|--reboot]         stop it: exports withdrawn, disks flushed
                                                (then power off or reboot)
 
-on the other machine (the initiator; root, nvme-cli):
-  storagetm targets [CODE]                     find targets on the local links (mDNS)
-  storagetm connect [TARGET|CODE] [--disk D]   connect every disk (or D), print the devices
-  storagetm copy DISK DEST | --all DIR         copy with progress, resumable, verified
-  storagetm disconnect [TARGET]                disconnect what connect connected
-  storagetm decode CODE                        show what a connection code holds
-  (CODE as - reads it from stdin, @FILE from FILE: off the command line, which every user can read)
-
+{initiator_usage}
 secrets: --dhchap-secret=@FILE, --tls-key=@FILE or the systemd credentials storagetm.*
          keep them off the command line, which every user can read
 
@@ -44,11 +37,12 @@ def serve_parser() -> argparse.ArgumentParser:
     import argparse
 
     from storagetm.config import options
+    from storagetm.initiator.main import INITIATOR_USAGE
 
     parser = argparse.ArgumentParser(
         prog="storagetm",
         description="Export this machine's disks over NVMe/TCP (target disk mode).",
-        epilog=EPILOG,
+        epilog=EPILOG.format(initiator_usage=INITIATOR_USAGE),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     options.add_arguments(parser)
@@ -120,7 +114,8 @@ def list_devices(settings: Settings, as_json: bool) -> int:
 
 def serve(argv: Sequence[str]) -> int:
     import logging
-    from dataclasses import replace
+
+    from msgspec.structs import replace
 
     from storagetm.config import options
     from storagetm.console import font

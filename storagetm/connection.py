@@ -17,8 +17,7 @@ import re
 import struct
 import uuid
 import zlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from storagetm.protocol import DISCOVERY_TRSVCID, UUID_NQN_PREFIX
 
@@ -43,8 +42,9 @@ _SECRET_LENGTHS, _TLS_LENGTHS = (32, 48, 64), (32, 48)
 _LOOKALIKES = str.maketrans({"0": "O", "1": "I", "8": "B"})
 
 
-@dataclass(frozen=True)
-class ConnectionCode:
+# A NamedTuple, not a dataclass: the daemon imports this module at start, where importing
+# dataclasses alone costs more CPU than the rest of it, and the helper runs without msgspec.
+class ConnectionCode(NamedTuple):
     addresses: tuple[str, ...]  # IPs without zone: the helper finds the interface for link-local ones
     port: int
     host_nqn: str = ""

@@ -4,7 +4,8 @@ ports there are, what is wanted. Importing this pulls in no kernel code, so the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from msgspec import Struct, field
+from msgspec.structs import replace
 
 from storagetm.backing.modes import Mode
 from storagetm.disks.disk import Disk
@@ -21,8 +22,7 @@ NSID = 1
 ISCSI_PORT = 3260  # iSCSI's well-known port; Windows' Quick Connect asks there
 
 
-@dataclass(frozen=True)
-class Export:
+class Export(Struct, frozen=True):
     """One disk to export, with the identity the initiator will see."""
 
     disk: Disk
@@ -41,8 +41,7 @@ class Export:
         return self.disk.devnode, self.disk.devnum, self.disk.size, self.mode, self.snapshot_size
 
 
-@dataclass(frozen=True)
-class Listener:
+class Listener(Struct, frozen=True):
     """One TCP listening address: family, address (a wildcard, or one of the target's, with
     its zone if link-local) and service id (port)."""
 
@@ -57,8 +56,7 @@ def wildcard(ipv6: bool, trsvcid: int) -> Listener:
     return Listener("ipv6", "::", trsvcid) if ipv6 else Listener("ipv4", "0.0.0.0", trsvcid)
 
 
-@dataclass(frozen=True)
-class IscsiConfig:
+class IscsiConfig(Struct, frozen=True):
     """The second fabric: every export also an iSCSI target (kernel LIO), for initiators
     without NVMe/TCP (Windows). With `chap_secret`, a login needs CHAP with it; with
     `chap_ctrl_secret` too, the target proves itself (mutual CHAP) when the initiator asks."""
@@ -78,8 +76,7 @@ class IscsiConfig:
                        chap_ctrl_secret=keys.hidden(self.chap_ctrl_secret))  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Want:
+class Want(Struct, frozen=True):
     """Everything the exports should be, as one value: the input of the desired state."""
 
     exports: dict[str, Export] = field(default_factory=dict)  # by NQN
@@ -110,8 +107,7 @@ class Want:
         return [self.io_listener, *self.discovery_listeners]
 
 
-@dataclass(frozen=True)
-class Device:
+class Device(Struct, frozen=True):
     """The block device (or file) a fabric exports for one disk, and the backing object
     that makes it (None: the disk itself)."""
 
@@ -119,8 +115,7 @@ class Device:
     made_by: tuple[str, str] | None = None
 
 
-@dataclass(frozen=True)
-class Backing:
+class Backing(Struct, frozen=True):
     """What `storagetm status` shows of the device an export is offered on."""
 
     path: str
@@ -131,8 +126,7 @@ class Backing:
 WEB_PORT = 80
 
 
-@dataclass(frozen=True)
-class WebConfig:
+class WebConfig(Struct, frozen=True):
     """The web page, as the screen and `storagetm status` show it. `port` 0: not serving."""
 
     port: int = 0
@@ -143,8 +137,7 @@ class WebConfig:
         return replace(self, token=keys.hidden(self.token))
 
 
-@dataclass(frozen=True)
-class HashProgress:
+class HashProgress(Struct, frozen=True):
     """A disk's sha256 computed on the target, as the screen, `storagetm status` and
     status.json show it: running (`done` of `size` bytes), or finished with its digest or
     why there is none."""

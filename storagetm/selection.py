@@ -5,8 +5,9 @@ hands its result to the reconciler, `--list-devices` prints it."""
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from msgspec import Struct, field
 
 from storagetm.config.settings import Settings
 from storagetm.disks.disk import Disk, disk_from_file, sort_disks
@@ -15,8 +16,7 @@ from storagetm.disks.policy import Reason, SystemFacts, awaiting_names, exclusio
 from storagetm.model import Export
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(Struct, frozen=True):
     """The outcome of the export policy for the current set of block devices."""
 
     exports: dict[str, Export]

@@ -7,9 +7,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from msgspec import Struct, field, to_builtins
+from msgspec.structs import fields, replace
 
 from storagetm.backing.modes import Mode, SnapshotUsage
 from storagetm.console.stats import DiskActivity
@@ -29,14 +31,14 @@ FORMAT = 1
 
 @functools.lru_cache(maxsize=1024)
 def _plain(value: Any) -> dict[str, Any]:
-    """`asdict` of an immutable value, made once: the state is serialised every second for
-    the dashboard, and asdict's deep copy of every disk and identity was most of its CPU
-    time. The dict is shared; nothing may change it."""
-    return asdict(value)
+    """The JSON form of an immutable value, made once: the state is serialised every second
+    for the dashboard, and a deep copy of every disk and identity was most of its CPU time.
+    The dict is shared; nothing may change it."""
+    plain: dict[str, Any] = to_builtins(value)
+    return plain
 
 
-@dataclass
-class RunState:
+class RunState(Struct):
     pid: int = 0
     nqn_base: str = ""
     ports: list[Listener] = field(default_factory=list)
@@ -78,10 +80,10 @@ class RunState:
             "addresses": [_plain(a) | {"connect": a.for_command} for a in self.addresses],
             "not_exported": self.not_exported,
             "problems": self.problems,
-            "auth": _plain(self.auth) | {"enabled": self.auth.enabled},
+            "auth": self.auth._asdict() | {"hosts": list(self.auth.hosts), "enabled": self.auth.enabled},
             "initiators": self.initiators,
             "announced": self.announced,
-            "tls": _plain(self.tls) | {"enabled": self.tls.enabled},
+            "tls": {"key": self.tls.key, "hosts": list(self.tls.hosts), "enabled": self.tls.enabled},
             "secure_boot": self.secure_boot,
             "alerts": self.alerts,
             "refused": self.refused,
@@ -103,9 +105,9 @@ class RunState:
         if nqn in self.backings:
             data["backing"] = _plain(self.backings[nqn])
         if nqn in self.activity:
-            data["activity"] = asdict(self.activity[nqn])
+            data["activity"] = to_builtins(self.activity[nqn])
         if nqn in self.snapshot_usage:
-            data["snapshot_usage"] = asdict(self.snapshot_usage[nqn])
+            data["snapshot_usage"] = to_builtins(self.snapshot_usage[nqn])
         if nqn in self.hashing:
             data["sha256"] = _plain(self.hashing[nqn])
         return data

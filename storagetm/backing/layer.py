@@ -17,8 +17,9 @@ import fcntl
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from msgspec import Struct, field
 
 from storagetm.backing import modes
 from storagetm.backing.modes import Mode, System
@@ -35,8 +36,7 @@ def store_file(system: System, name: str) -> str:
     return str(system.cow_dir / name / STORE_FILE)
 
 
-@dataclass(frozen=True)
-class BackingLayer:
+class BackingLayer(Struct, frozen=True):
     system: System = field(default_factory=System)
 
     def objects(self, export: Export) -> tuple[list[Obj], Device]:

@@ -26,8 +26,9 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from storagetm.errors import StorageTMError
 
@@ -101,8 +102,7 @@ def statvfs_free(store: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-@dataclass(frozen=True)
-class System:
+class System(Struct, frozen=True):
     """What the modes ask of the machine; unit tests pass fakes."""
 
     run: Run = run_command
@@ -226,8 +226,7 @@ def _store_rmdir(store: Path) -> None:
             directory.rmdir()
 
 
-@dataclass(frozen=True)
-class SnapshotUsage:
+class SnapshotUsage(Struct, frozen=True):
     used: int  # bytes of copy-on-write store in use
     total: int
     invalid: bool  # the store filled up: the snapshot no longer accepts I/O

@@ -13,9 +13,11 @@ import argparse
 import enum
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+
+from msgspec import Struct
+from msgspec.structs import replace
 
 from storagetm.backing.modes import Mode
 from storagetm.config.settings import (
@@ -58,16 +60,14 @@ class Secret(enum.Enum):
     FILE = "file"  # on the kernel command line only `@FILE`, so the secret is not there for all to read
 
 
-@dataclass(frozen=True)
-class Credential:
+class Credential(Struct, frozen=True):
     """A systemd credential that holds the option's secret; being there turns its protection on."""
 
     name: str
     turn_on: Callable[[Settings], Settings]
 
 
-@dataclass(frozen=True)
-class Option(Generic[T]):
+class Option(Struct, Generic[T], frozen=True):
     help: str
     parse: Callable[[str], T]  # raises OptionError
     apply: Callable[[Settings, T], Settings]

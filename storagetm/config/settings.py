@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+
+from msgspec import Struct
+from msgspec.structs import replace
 
 from storagetm.backing.modes import Mode, parse_size
 from storagetm.disks.disk import Disk, resolve_file
@@ -24,8 +26,7 @@ class OptionError(ValueError):
     """A bad option value; the message says what the option expects, never a secret's value."""
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(Struct, frozen=True):
     all_disks: bool = False  # --all: every eligible disk, now and hotplugged later
     lift_guards: bool = False  # --all twice: root disk and boot medium too
     devices: tuple[str, ...] = ()  # explicit DEVICE/FILE arguments or storagetm.disks=

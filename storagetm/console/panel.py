@@ -6,7 +6,8 @@ authentication off) or ends the session (power off, reboot) asks for a confirmat
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from storagetm.backing.modes import Mode
 from storagetm.system.power import End
@@ -29,27 +30,23 @@ HELP = [
 ]
 
 
-@dataclass(frozen=True)
-class SetMode:
+class SetMode(Struct, frozen=True):
     mode: Mode
     nqn: str | None = None  # None: every disk
 
 
-@dataclass(frozen=True)
-class SetAuth:
+class SetAuth(Struct, frozen=True):
     on: bool
 
 
-@dataclass(frozen=True)
-class Finish:
+class Finish(Struct, frozen=True):
     end: End
 
 
 Command = SetMode | SetAuth | Finish
 
 
-@dataclass(frozen=True)
-class DiskChoice:
+class DiskChoice(Struct, frozen=True):
     """One exported disk as the panel numbers it: the screen's order."""
 
     nqn: str

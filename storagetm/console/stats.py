@@ -10,8 +10,9 @@ import ipaddress
 import os
 import stat
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from storagetm.system.kernelfs import read_attribute
 
@@ -19,15 +20,13 @@ SECTOR = 512
 SYS_DEV_BLOCK = "/sys/dev/block"
 
 
-@dataclass(frozen=True)
-class Counters:
+class Counters(Struct, frozen=True):
     read_bytes: int
     written_bytes: int
     at: float  # time.monotonic() of the sample
 
 
-@dataclass(frozen=True)
-class DiskActivity:
+class DiskActivity(Struct, frozen=True):
     """Since storagetm started exporting the disk."""
 
     read_bytes: int

@@ -7,9 +7,10 @@ import stat
 import struct
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from msgspec import Struct
 
 from storagetm.errors import UsageError
 from storagetm.system.kernelfs import read_attribute
@@ -35,8 +36,7 @@ class UdevDevice(Protocol):
     def properties(self) -> Mapping[str, str]: ...
 
 
-@dataclass(frozen=True)
-class Disk:
+class Disk(Struct, frozen=True):
     """A block device with the identity facts storagetm needs."""
 
     name: str  # kernel name: sda, nvme0n1

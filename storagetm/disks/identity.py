@@ -12,8 +12,10 @@ import hashlib
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
 from pathlib import Path
+
+from msgspec import Struct
+from msgspec.structs import replace
 
 from storagetm.disks.disk import Disk
 from storagetm.errors import UsageError
@@ -148,8 +150,7 @@ def _ascii(text: str, limit: int) -> str:
     return clean[:limit].rstrip()
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(Struct, frozen=True):
     """What the initiator sees of one exported disk."""
 
     nqn: str
@@ -160,8 +161,7 @@ class Identity:
     firmware: str
 
 
-@dataclass(frozen=True)
-class NvmeOverrides:
+class NvmeOverrides(Struct, frozen=True):
     """What the initiator sees instead of a disk's own model, firmware, serial and namespace
     UUID: systemd-storagetm's $SYSTEMD_NVME_MODEL, _FIRMWARE, _SERIAL and _UUID. "" keeps the
     disk's own."""

@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from storagetm.system.kernelfs import read_attribute
 
@@ -18,8 +19,7 @@ NETWORK_TYPES = frozenset({"nfs", "nfs4", "cifs", "smb3", "9p", "virtiofs", "cep
 _ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
-@dataclass(frozen=True)
-class HostPaths:
+class HostPaths(Struct, frozen=True):
     """Where the kernel's views live; tests point them at temp dirs."""
 
     sysfs: Path = Path("/sys")
@@ -28,8 +28,7 @@ class HostPaths:
     dev: Path = Path("/dev")
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(Struct, frozen=True):
     devnum: int  # st_dev; major 0 for btrfs, overlayfs, ZFS, tmpfs, …
     mountpoint: str
     fstype: str
@@ -37,8 +36,7 @@ class Mount:
     options: str  # the super block's options (overlayfs: lowerdir=…,upperdir=…)
 
 
-@dataclass(frozen=True)
-class Backing:
+class Backing(Struct, frozen=True):
     """The whole disks under a file system; `unknown` says why they cannot be told ("" if they can)."""
 
     disks: frozenset[int] = frozenset()
@@ -69,8 +67,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
     return mounts
 
 
-@dataclass(frozen=True)
-class MountTable:
+class MountTable(Struct, frozen=True):
     """The mounts, read once for every question a plan asks of them; `unreadable` says why
     there are none if the table could not be read."""
 

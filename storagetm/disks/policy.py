@@ -7,8 +7,9 @@ import errno
 import fcntl
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from msgspec import Struct, field
 
 from storagetm.backing.modes import DM_PREFIX
 from storagetm.disks.disk import Disk
@@ -54,8 +55,7 @@ LOCKED = "in use by another program (locked)"
 VIRTUAL_PREFIXES = ("loop", "zram", "ram", "dm-", "md", "nbd")
 
 
-@dataclass(frozen=True)
-class SystemFacts:
+class SystemFacts(Struct, frozen=True):
     """Device numbers of the disks that hold the root file system and the boot medium, and
     of the disks this system uses (mounted or swap): read again for every plan."""
 

@@ -15,9 +15,11 @@ import logging
 import os
 import select
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from msgspec import Struct
+from msgspec.structs import replace
 
 from storagetm.disks.disk import Disk, disk_from_udev, sysfs_int
 from storagetm.disks.kernel import disk_from_sysfs
@@ -34,14 +36,12 @@ def udev_settled(queue: Path = UDEV_QUEUE) -> bool:
     return not queue.exists()
 
 
-@dataclass(frozen=True)
-class DiskEvent:
+class DiskEvent(Struct, frozen=True):
     action: str  # "add", "change", "remove", …
     disk: Disk
 
 
-@dataclass
-class _Known:
+class _Known(Struct):
     """What the kernel said of one device: its disk (None: it waits for udev) and udev's view."""
 
     disk: Disk | None

@@ -16,7 +16,8 @@ import logging
 import os
 import socket
 import struct
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ def attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]])
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("@HP", len(program), ctypes.addressof(buffer)))
 
 
-@dataclass(frozen=True)
-class Uevent:
+class Uevent(Struct, frozen=True):
     """One kernel uevent of a block device, with the part of pyudev.Device we read."""
 
     action: str

@@ -16,9 +16,11 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from msgspec import Struct, field
+from msgspec.structs import replace
 
 from storagetm.reconcile.objects import Facts, Key, Obj
 from storagetm.statefile import FILE_MODE, private_directory, write_atomic
@@ -31,8 +33,7 @@ COMPACT_AFTER = 2000  # lines; a hotplug writes about a dozen
 MAKING, MADE, REMOVING = "making", "made", "removing"
 
 
-@dataclass(frozen=True)
-class Owned:
+class Owned(Struct, frozen=True):
     """One object the record says storagetm made (or was making or removing)."""
 
     kind: str

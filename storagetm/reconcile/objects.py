@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Protocol
+
+from msgspec import Struct, field
 
 Key = tuple[str, str]  # (kind, name): unique in a desired state
 Facts = Mapping[str, str]  # what making an object found out (a loop device, a port id)
 FactsOf = Callable[[Key], Facts]
 
 
-@dataclass(frozen=True)
-class Obj:
+class Obj(Struct, frozen=True):
     """One kernel object storagetm wants. `attrs` are what it is made with: a difference
     between the desired and the owned object means it is remade, unless the driver can
     change that attribute in place (`Driver.mutable`). `needs`: made before it, removed

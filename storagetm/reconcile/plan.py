@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from storagetm.reconcile.journal import MADE, Owned
 from storagetm.reconcile.objects import Key, Obj
@@ -22,8 +23,7 @@ from storagetm.reconcile.objects import Key, Obj
 REMOVE, CREATE, UPDATE, ADOPT = "remove", "create", "update", "adopt"
 
 
-@dataclass(frozen=True)
-class Op:
+class Op(Struct, frozen=True):
     action: str
     key: Key
     changed: frozenset[str] = frozenset()  # UPDATE: the attributes to change
@@ -33,8 +33,7 @@ class Op:
         return f"{self.action} {self.key[0]} {self.key[1]}{extra}"
 
 
-@dataclass(frozen=True)
-class Kinds:
+class Kinds(Struct, frozen=True):
     """What the plan needs to know of each kind's driver."""
 
     rank: Mapping[str, int]

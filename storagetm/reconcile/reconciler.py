@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from storagetm.errors import StorageTMError
 from storagetm.reconcile.journal import MADE, Journal, Owned
@@ -20,8 +21,7 @@ from storagetm.reconcile.plan import ADOPT, CREATE, REMOVE, UPDATE, Kinds, Op, p
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Failure:
+class Failure(Struct, frozen=True):
     """An object that could not be made (or changed): its group is not exported."""
 
     key: Key

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from storagetm.security import keys
 
@@ -41,13 +41,12 @@ def generated_host_nqn() -> str:
     return f"nqn.2014-08.org.nvmexpress:uuid:{uuid.uuid4()}"
 
 
-@dataclass(frozen=True)
-class AuthConfig:
+class AuthConfig(NamedTuple):  # the initiator side imports this module: the standard library only
     """Who may connect, and with which secrets. `hosts` empty means anyone, unauthenticated."""
 
     secret: str = ""
     ctrl_secret: str = ""  # bidirectional: the initiator checks the target too
-    hosts: tuple[str, ...] = field(default_factory=tuple)
+    hosts: tuple[str, ...] = ()
 
     @property
     def enabled(self) -> bool:

@@ -18,8 +18,7 @@ import re
 import struct
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from storagetm.errors import StorageTMError, UsageError
 from storagetm.security import keys
@@ -87,12 +86,11 @@ def derive_psk(key: str, hostnqn: str, subnqn: str) -> tuple[str, bytes]:
     return identity, _hkdf(digest, retained, _label(len(configured), "nvme-tls-psk", identity), len(configured))
 
 
-@dataclass(frozen=True)
-class TLSConfig:
+class TLSConfig(NamedTuple):  # the initiator side imports this module: the standard library only
     """The PSK and the host NQNs it is derived for. No key: TLS is off."""
 
     key: str = ""
-    hosts: tuple[str, ...] = field(default_factory=tuple)
+    hosts: tuple[str, ...] = ()
 
     @property
     def enabled(self) -> bool:

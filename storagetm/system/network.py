@@ -6,8 +6,9 @@ import ipaddress
 import json
 import socket
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from storagetm.text import printable
 
@@ -16,8 +17,7 @@ RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
 
 
-@dataclass(frozen=True, order=True)
-class Address:
+class Address(Struct, frozen=True, order=True):
     family: str  # "ipv4" or "ipv6"
     address: str
     interface: str

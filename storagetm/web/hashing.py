@@ -10,7 +10,8 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from storagetm.model import HashProgress
 from storagetm.web.images import open_read_only
@@ -20,16 +21,14 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class HashKey:
+class HashKey(Struct, frozen=True):
     path: str
     size: int
     mode: str
     generation: int  # bytes written to the device since export; -1 where nothing counts them
 
 
-@dataclass
-class HashJob:
+class HashJob(Struct):
     key: HashKey
     done: int = 0  # bytes hashed so far
     digest: str = ""

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from storagetm.backing.modes import Mode
 from storagetm.model import Export
@@ -19,8 +20,7 @@ from storagetm.state import RunState
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-@dataclass(frozen=True)
-class Image:
+class Image(Struct, frozen=True):
     name: str  # in URLs: /disks/<name>.img
     export: Export
     path: str  # the device the initiator is offered

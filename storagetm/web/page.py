@@ -3,8 +3,9 @@ from the same RunState and the same wording as the screen (storagetm.console.scr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from html import escape
+
+from msgspec import Struct
 
 from storagetm.console.screen import connect_lines, mode_text, warnings
 from storagetm.model import IO_TRSVCID
@@ -24,8 +25,7 @@ vertical-align:top}code,pre{background:#f3f3f3;overflow-wrap:anywhere}pre{paddin
 .warn{background:#fff3cd;padding:.4em}progress{width:6em}"""
 
 
-@dataclass(frozen=True)
-class Page:
+class Page(Struct, frozen=True):
     """What one rendering needs besides the state."""
 
     host: str  # as the browser reached us (Host header, with its port): the address in the commands shown

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
@@ -10,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec.structs
 import pytest
 
 from storagetm import state
@@ -194,7 +194,8 @@ def test_failed_state_write_is_one_error_and_the_daemon_goes_on(monkeypatch: pyt
 
 def test_the_web_page_starts_with_the_token_and_stops_before_the_exports_go(tmp_path: Path) -> None:
     import http.client
-    from dataclasses import replace
+
+    from msgspec.structs import replace
 
     from storagetm.security.auth import AuthConfig
     from storagetm.web.token import web_token
@@ -344,7 +345,7 @@ def test_udevs_names_arriving_after_the_export_do_not_pause_its_downloads(tmp_pa
     its device stays as it is, so a download from the web page goes on."""
     disk = hot_disk(tmp_path)
     daemon = attached(tmp_path, Settings(devices=(disk.devnode,)), FakeConfigfs(tmp_path / "configfs"))
-    early = dataclasses.replace(disk, by_id=(), names_pending=True)
+    early = msgspec.structs.replace(disk, by_id=(), names_pending=True)
     daemon._on_disk_events(QueuedEvents([DiskEvent("add", early)]))  # type: ignore[arg-type]
     released: list[set[str]] = []
 
@@ -356,7 +357,7 @@ def test_udevs_names_arriving_after_the_export_do_not_pause_its_downloads(tmp_pa
             pass
 
     daemon.web = Web()  # type: ignore[assignment]
-    refined = dataclasses.replace(disk, by_id=("/dev/disk/by-id/virtio-HOT1",))
+    refined = msgspec.structs.replace(disk, by_id=("/dev/disk/by-id/virtio-HOT1",))
     daemon._on_disk_events(QueuedEvents([DiskEvent("change", refined)]))  # type: ignore[arg-type]
     assert [e.disk.by_id for e in daemon.state.exports.values()] == [refined.by_id]
     assert released and not any(released), released

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from msgspec.structs import replace
 
 from storagetm.backing.modes import Mode
 from storagetm.console.screen import Screen, render

@@ -7,6 +7,7 @@ import errno
 import os
 from pathlib import Path
 
+import msgspec.structs
 import pytest
 
 from storagetm.backing.layer import BackingLayer
@@ -220,7 +221,7 @@ def test_size_change_revalidates_in_place(tmp_path: Path, target: Target) -> Non
     disk = file_disk(tmp_path, "a")
     export = export_of(disk)
     assert target.apply(export) == []
-    bigger = Export(Disk(**{**disk.__dict__, "size": disk.size * 2}), export.identity)
+    bigger = Export(msgspec.structs.replace(disk, size=disk.size * 2), export.identity)
     target.fake.links.clear()
     assert target.apply(bigger) == []
     assert (f"subsystems/{export.nqn}/namespaces/1/revalidate_size", "1") in target.fake.writes

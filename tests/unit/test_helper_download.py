@@ -49,6 +49,11 @@ def test_the_one_file_helper_runs_help_and_decodes_a_code(tmp_path: Path) -> Non
     helped = subprocess.run([sys.executable, "-I", "-S", str(pyz), "--help"], cwd=elsewhere, capture_output=True,
                             text=True, check=True)  # fmt: skip
     assert "storagetm copy DISK DEST" in helped.stdout
+    target_side = subprocess.run([sys.executable, "-I", "-S", str(pyz), "status"], cwd=elsewhere, capture_output=True,
+                                 text=True)  # fmt: skip
+    assert (target_side.returncode, target_side.stdout) == (2, "")
+    assert target_side.stderr == ("storagetm: 'status' is not a command of this helper (it runs targets, connect, "
+                                  "copy, disconnect, decode); the target's commands run on the target\n")
     host = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555"
     code = ConnectionCode(("169.254.1.2", "fe80::1"), 4420, host)
     decoded = subprocess.run([sys.executable, "-I", "-S", str(pyz), "decode", encode(code).lower()], cwd=elsewhere,

@@ -4,10 +4,11 @@ unit serial), and what it leaves in a kernel-like LIO tree on start, change and 
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from pathlib import Path
 
+import msgspec.structs
 import pytest
+from msgspec.structs import replace
 
 from storagetm.backing.modes import Mode
 from storagetm.console.screen import iscsi_lines, render
@@ -48,7 +49,7 @@ def test_each_disk_is_one_target_with_a_stable_valid_iqn(tmp_path: Path) -> None
 
 def test_a_long_identity_still_fits_an_iqn(tmp_path: Path) -> None:
     disk = World(tmp_path).disks[0]
-    long = type(disk)(**{**disk.__dict__, "model": "m" * 200, "serial": "s" * 200})
+    long = msgspec.structs.replace(disk, model="m" * 200, serial="s" * 200)
     iqn = target_iqn(IQN_BASE, long)
     assert IQN_RE.fullmatch(iqn) and len(iqn.encode()) <= IQN_MAX
 
@@ -108,7 +109,7 @@ def test_disabled_or_refused_offers_nothing(tmp_path: Path) -> None:
     world = World(tmp_path)
     assert not [o for o in world.desired(world.want(MIXED)) if o.kind.startswith(("iscsi", "lio"))]
     want = world.want(MIXED, iscsi=True)
-    refused = type(want)(**{**want.__dict__, "listen": False})
+    refused = msgspec.structs.replace(want, listen=False)
     assert not [o for o in world.desired(refused) if o.kind.startswith(("iscsi", "lio"))]
 
 
@@ -116,7 +117,7 @@ def test_portal_is_the_dual_stack_wildcard_or_ipv4_without_ipv6(tmp_path: Path) 
     world = World(tmp_path)
     want = world.want(MIXED[:1], iscsi=True)
     assert by_kind(world.desired(want), PORTAL)[0].name.endswith(" 0.0.0.0:3260")  # World's Want: no IPv6
-    dual = type(want)(**{**want.__dict__, "ipv6": True})
+    dual = msgspec.structs.replace(want, ipv6=True)
     assert by_kind(world.desired(dual), PORTAL)[0].name.endswith(" [::]:3260")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from storagetm.cli import EPILOG, main
+from storagetm.cli import main, serve_parser
 from storagetm.errors import ExitCode, KernelError
 from storagetm.fabrics.nvmet import kernel
 
@@ -70,5 +70,5 @@ def test_documented_exit_codes_are_the_ones_used() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     listed = re.search(r"^Exit codes: (.*?)\n\n", readme, re.MULTILINE | re.DOTALL)
     assert listed is not None
-    epilog = EPILOG.split("exit codes:", 1)[1]
+    epilog = str(serve_parser().epilog).split("exit codes:", 1)[1]
     assert exit_codes_in(listed.group(0)) == exit_codes_in(epilog) == {int(code) for code in ExitCode}

@@ -11,10 +11,11 @@ import select
 import struct
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from msgspec.structs import replace
 
 from storagetm.backing.modes import Mode
 from storagetm.config.settings import Settings

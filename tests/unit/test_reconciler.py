@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import msgspec.structs
 import pytest
 
 from storagetm.backing.layer import BackingLayer
@@ -153,7 +154,7 @@ def fresh_snapshot(base: Path, want: Want) -> object:
 
 
 def _moved(disk: Disk, base: Path) -> Disk:
-    return Disk(**{**disk.__dict__, "devnode": str(base / Path(disk.devnode).name)})
+    return msgspec.structs.replace(disk, devnode=str(base / Path(disk.devnode).name))
 
 
 def _relative(snapshot: object, base: Path) -> object:

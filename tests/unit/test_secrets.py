@@ -9,10 +9,10 @@ import logging
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from msgspec.structs import replace
 
 from storagetm import state
 from storagetm.cli import main, serve_parser

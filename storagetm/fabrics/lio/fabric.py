@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from storagetm.backing.modes import Mode
 from storagetm.disks.identity import target_iqn
@@ -74,8 +75,7 @@ def unit_serial(export: Export, iqn: str) -> str:
     return f"{export.identity.serial}-{digest[:16]}" if export.identity.serial else digest[:32]
 
 
-@dataclass(frozen=True)
-class IscsiFabric:
+class IscsiFabric(Struct, frozen=True):
     root: Root
     name: str = "iscsi"
 

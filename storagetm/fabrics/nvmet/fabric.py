@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+
+from msgspec import Struct, field
 
 from storagetm.fabrics.nvmet.configfs import Root
 from storagetm.model import DISCOVERY_NQN, NSID, Device, Export, Listener, Want
@@ -63,8 +64,7 @@ def referred_address(listener: Listener) -> str:
     return listener.traddr.partition("%")[0]
 
 
-@dataclass(frozen=True)
-class NvmetFabric:
+class NvmetFabric(Struct, frozen=True):
     root: Root
     keyring: Keyring = field(default_factory=Keyring)
     name: str = "nvmet"
