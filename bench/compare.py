@@ -1,6 +1,6 @@
 """storagetm beside systemd-storagetm and NBD, measured in one run on the same image and VMs.
 
-    ci/build-image.sh bench && python3 -m bench.compare [--size-mib 128] [--boots 3]
+    ci/build-image.sh bench && python3 -m bench.compare [--size-mib 128] [--boots 5] [--runs 2]
 
 Everything runs on the bench image (`mkosi.profiles/bench`: the shipped image plus
 nbd-server and nbd-client). One initiator VM stays up; target VMs boot from the same UKI,
@@ -13,18 +13,19 @@ order) so that drift of this shared machine hits all alike. Every boot samples, 
   discovery log changed (its persistent discovery controller gets the asynchronous event;
   the log is then read to check the disk is in it); NBD has no hotplug;
 - sequential read and write over the link (dd, O_DIRECT, MiB/s, `--rounds` each), and for
-  storagetm also read in read-only and snapshot mode.
-
-Each figure is the median of all its samples. The last boot also measures, once:
-
+  storagetm also read in read-only and snapshot mode;
 - the daemon's CPU time and resident memory after the copies (NBD: nbd-server and its
-  per-connection child, still connected);
-- export time for 1, 8 and 32 disks (regular files, the daemon started by hand in the
-  target, until every disk is linked into a port; NBD: until it listens); for storagetm
-  also while its service runs, when the command hands the files to it (control socket).
+  per-connection child, still connected).
 
-Writes bench/results/compare.json, compare.md and compare.png, and puts the table into
-README's performance section. Not part of CI: slow, and this machine is shared and noisy."""
+Each figure is the median of all its samples. The last boot also measures, once, the export
+time for 1, 8 and 32 disks (regular files, the daemon started by hand in the target, until
+every disk is linked into a port; NBD: until it listens); for storagetm also while its
+service runs, when the command hands the files to it (control socket).
+
+Each run is saved as bench/results/compare-<start>.json. The report (bench/compare_report.py:
+compare.md, compare.png, README's performance section) shows the latest `--runs` runs side by
+side, every figure with its spread over the boots, and the goals checked in each run. Not
+part of CI: slow, and this machine is shared and noisy."""
 
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from bench.compare_report import EXPORT_COUNTS, ROWS, report
 from storagetm.model import DISCOVERY_NQN, IO_TRSVCID
 from testbed.initiator import connected, disconnect_all
 from testbed.machine import VM, Disk, make_disk, qemu_binary
@@ -49,24 +52,8 @@ from testbed.wait import until
 BENCH_IMAGE = "storagetm-bench.efi"
 TARGET_LL = "fe80::5054:ff:fe00:1%enp0s3"  # the target's EUI-64 link-local address (MAC below)
 NBD_PORT = 10809
-EXPORT_COUNTS = (1, 8, 32)
 RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).resolve().parents[1] / "README.md"
-MARKERS = ("<!-- bench.compare: begin -->", "<!-- bench.compare: end -->")
-NAMES = ("storagetm", "systemd-storagetm", "nbd")
-ROWS = (
-    ("boot → disk offered (s)", "ready_s"),
-    ("hotplug → in discovery log (s)", "hotplug_s"),
-    ("sequential read (MiB/s)", "read_mib_s"),
-    ("sequential write (MiB/s)", "write_mib_s"),
-    ("sequential read, read-only mode (MiB/s)", "read_ro_mib_s"),
-    ("sequential read, snapshot mode (MiB/s)", "read_snapshot_mib_s"),
-    ("daemon CPU time after the copies (s)", "daemon_cpu_s"),
-    ("daemon resident memory (MiB)", "daemon_rss_mib"),
-    *((f"export {n} disk{'s' if n > 1 else ''} (s)", f"export_{n}_s") for n in EXPORT_COUNTS),
-    *((f"export {n} disk{'s' if n > 1 else ''}, handed to the service (s)", f"handover_{n}_s")
-      for n in EXPORT_COUNTS),
-)
 AEN_FIFO = "/tmp/bench-aen"
 # The initiator's kernel turns a discovery-log-change AEN into a uevent with NVME_AEN=0x70f002
 # (nvme-cli's autoconnect rule acts on the same); this writes a line into AEN_FIFO for each.
@@ -83,10 +70,6 @@ AUTOCONNECT_MASK = "/run/udev/rules.d/70-nvmf-autoconnect.rules"
 
 # Read-only and snapshot reads are compared with the anchors' plain read: they have no such modes.
 # A hand-over is compared with the anchors' export by hand: they have no service to hand files to.
-ANCHOR_KEY = {"read_ro_mib_s": "read_mib_s", "read_snapshot_mib_s": "read_mib_s",
-              **{f"handover_{n}_s": f"export_{n}_s" for n in EXPORT_COUNTS}}  # fmt: skip
-
-
 def dd_mib_s(initiator: VM, command: str) -> float:
     out = initiator.sh(f"{command} 2>&1 | tail -n 1", timeout=900)
     match = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", out)
@@ -385,8 +368,7 @@ class Bench:
             target.sh("systemctl stop bench-mode.service")
 
     def sample_boot(self, impl: Implementation, run: int, *, last: bool) -> None:
-        """One boot's samples; the last boot also measures what is taken once (the daemon's
-        usage after its copies, export times)."""
+        """One boot's samples; the last boot also measures what is taken once (export times)."""
         target, ready = self.boot(impl, run)
         samples = self.samples.setdefault(impl.name, {})
 
@@ -401,14 +383,13 @@ class Bench:
                     add("hotplug_s", [self.hotplug(impl, target, watch, run, i) for i in range(self.hotplugs_per_boot)])
             add("read_mib_s", self.throughput(impl, "read"))
             add("write_mib_s", self.throughput(impl, "write"))
-            if last:
-                if isinstance(impl, NBDServer):  # its per-connection child counts too: measure while connected
-                    impl.connect(self.initiator, self.size_mib << 20)
-                cpu, rss = process_usage(target, impl.daemon_pids(target))
-                add("daemon_cpu_s", [cpu])
-                add("daemon_rss_mib", [rss])
-                if isinstance(impl, NBDServer):
-                    impl.disconnect(self.initiator)
+            if isinstance(impl, NBDServer):  # its per-connection child counts too: measure while connected
+                impl.connect(self.initiator, self.size_mib << 20)
+            cpu, rss = process_usage(target, impl.daemon_pids(target))
+            add("daemon_cpu_s", [cpu])
+            add("daemon_rss_mib", [rss])
+            if isinstance(impl, NBDServer):
+                impl.disconnect(self.initiator)
             if last and impl.name == "storagetm":  # the command hands the files to the running service
                 for n in EXPORT_COUNTS:
                     add(f"handover_{n}_s", [impl.export_seconds(target, n)])
@@ -432,95 +413,40 @@ class Bench:
                 for impl in impls}  # fmt: skip
 
 
-def ratio(results: dict[str, dict[str, float | None]], key: str, anchor: str) -> float | None:
-    ours, theirs = results["storagetm"].get(key), results[anchor].get(ANCHOR_KEY.get(key, key))
-    return ours / theirs if ours is not None and theirs else None
-
-
-def markdown(results: dict[str, dict[str, float | None]], meta: dict[str, str]) -> str:
-    def cell(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.2f}"
-
-    lines = [
-        f"Measured {meta['date']} on {meta['machine']} (QEMU TCG, one vCPU per VM), one run; "
-        f"each figure is the median over {meta['boots']} boots per implementation, taken in turns "
-        f"({meta['hotplugs']} hotplugs and {meta['rounds']} copies per boot); CPU, memory and export "
-        "times are from the last boot.",
-        "",
-        "| | storagetm | systemd-storagetm | NBD | ÷ systemd-storagetm | ÷ NBD |",
-        "|---|---|---|---|---|---|",
-    ]
-    for label, key in ROWS:
-        values = [results[name].get(key) for name in NAMES]
-        anchors = [ratio(results, key, anchor) for anchor in NAMES[1:]]
-        lines.append(f"| {label} | " + " | ".join(cell(v) for v in [*values, *anchors]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def chart(results: dict[str, dict[str, float | None]], path: Path) -> None:
-    """Ratios storagetm ÷ each anchor as pairs of bars, drawn by ImageMagick; the line marks 1."""
-    bar, scale, left = 14, 150, 260
-    height = 70 + 2 * bar * len(ROWS) + 6 * len(ROWS)
-    draw: dict[str, list[str]] = {"steelblue": [], "darkorange": []}
-    labels = [f"line {left + scale},50 {left + scale},{height - 10}"]
-    for i, (label, key) in enumerate(ROWS):
-        y = 55 + i * (2 * bar + 6)
-        labels.append(f"text 10,{y + bar + 4} '{label}'")
-        for j, (anchor, colour) in enumerate((("systemd-storagetm", "steelblue"), ("nbd", "darkorange"))):
-            value = ratio(results, key, anchor)
-            if value is None:
-                continue
-            top = y + j * bar
-            length = min(value, 3.0) * scale
-            draw[colour].append(f"rectangle {left},{top} {left + length:.0f},{top + bar - 2}")
-            labels.append(f"text {left + length + 6:.0f},{top + bar - 3} '{value:.2f}'")
-    title = "storagetm ÷ systemd-storagetm (blue) and ÷ NBD (orange); 1 = same (bench.compare)"
-    command = ["convert", "-size", f"{left + 3 * scale + 80}x{height}", "xc:white", "-font", "DejaVu-Sans",
-               "-pointsize", "12", "-fill", "black", "-draw", f"text 10,20 '{title}'"]  # fmt: skip
-    for colour, shapes in draw.items():
-        if shapes:
-            command += ["-fill", colour, "-stroke", "none", "-draw", " ".join(shapes)]
-    command += ["-fill", "black", "-draw", " ".join(labels), str(path)]
-    subprocess.run(command, check=True)
-
-
-def update_readme(table: str, readme: Path = README) -> None:
-    """Put the table of this run between the markers in README's performance section."""
-    text = readme.read_text()
-    begin, end = text.find(MARKERS[0]), text.find(MARKERS[1])
-    if begin < 0 or end < begin:
-        return
-    readme.write_text(text[: begin + len(MARKERS[0])] + "\n" + table + text[end:])
-
-
-def report(data: dict[str, object]) -> str:
-    """compare.md, compare.png and README's table from one run's JSON."""
-    results: dict[str, dict[str, float | None]] = data["results"]  # type: ignore[assignment]
-    table = markdown(results, data["meta"])  # type: ignore[arg-type]
-    (RESULTS / "compare.md").write_text(table)
-    chart(results, RESULTS / "compare.png")
-    update_readme(table)
-    return table
+def saved_runs(count: int) -> list[dict[str, Any]]:
+    """The latest `count` runs' JSON, oldest first."""
+    paths = sorted(RESULTS.glob("compare-*.json"))[-count:]
+    if not paths:
+        raise SystemExit(f"bench.compare: no run in {RESULTS}; run it without --report-only first")
+    return [json.loads(path.read_text()) for path in paths]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="dd runs per throughput figure")
-    parser.add_argument("--boots", type=int, default=3, help="boots per implementation, each one sampling every figure")
+    parser.add_argument("--boots", type=int, default=5, help="boots per implementation, each one sampling every figure")
     parser.add_argument("--hotplugs", type=int, default=5, help="hot-plugged disks per boot of an NVMe implementation")
-    parser.add_argument("--report-only", action="store_true", help="redo table, chart and README from the last JSON")
+    parser.add_argument("--runs", type=int, default=2, help="latest runs the report shows side by side")
+    parser.add_argument("--report-only", action="store_true", help="redo tables, chart and README from the saved runs")
     args = parser.parse_args()
-    if args.report_only:
-        print(report(json.loads((RESULTS / "compare.json").read_text())))
-        return 0
+    if not args.report_only:
+        run_once(args)
+    print(report(saved_runs(args.runs), RESULTS, README))
+    return 0
+
+
+def run_once(args: argparse.Namespace) -> None:
+    """One run of every boot, saved as bench/results/compare-<start>.json."""
+    started = time.gmtime()
     workdir = Path(tempfile.mkdtemp(prefix="storagetm-compare-"))
     with running_initiator(workdir, workdir / "link.sock", image(BENCH_IMAGE)) as initiator:
         bench = Bench(workdir, initiator, args.size_mib, args.rounds, args.hotplugs)
         results = bench.run(args.boots)
     qemu = subprocess.getoutput(f"{qemu_binary()} --version").split()[3]
     meta = {
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d", started),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", started),
         "machine": f"{subprocess.getoutput('nproc')} cores, {subprocess.getoutput('uname -m')}, QEMU {qemu}",
         "boots": str(args.boots),
         "hotplugs": str(args.hotplugs),
@@ -529,10 +455,8 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     data = {"meta": meta, "size_mib": args.size_mib, "rounds": args.rounds, "results": results,
             "samples": bench.samples}  # fmt: skip
-    (RESULTS / "compare.json").write_text(json.dumps(data, indent=1))
-    print(report(data))
+    (RESULTS / time.strftime("compare-%Y%m%dT%H%M.json", started)).write_text(json.dumps(data, indent=1))
     shutil.rmtree(workdir, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":
