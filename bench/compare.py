@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import re
 import shutil
 import statistics
@@ -45,7 +46,7 @@ from typing import Any
 from bench.compare_report import EXPORT_COUNTS, ROWS, report
 from storagetm.model import DISCOVERY_NQN, IO_TRSVCID
 from testbed.initiator import connected, disconnect_all
-from testbed.machine import VM, Disk, make_disk, qemu_binary
+from testbed.machine import DEFAULT_CPU, VM, Disk, make_disk, qemu_binary
 from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, image, running_initiator, target_vm
 from testbed.wait import until
 
@@ -447,7 +448,8 @@ def run_once(args: argparse.Namespace) -> None:
     meta = {
         "date": time.strftime("%Y-%m-%d", started),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", started),
-        "machine": f"{subprocess.getoutput('nproc')} cores, {subprocess.getoutput('uname -m')}, QEMU {qemu}",
+        "machine": f"{subprocess.getoutput('nproc')} cores, {subprocess.getoutput('uname -m')}, QEMU {qemu} "
+                   f"-cpu {os.environ.get('STORAGETM_QEMU_CPU', DEFAULT_CPU)}",
         "boots": str(args.boots),
         "hotplugs": str(args.hotplugs),
         "rounds": str(args.rounds),

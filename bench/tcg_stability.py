@@ -1,7 +1,7 @@
 """How often a TCG guest crashes under NVMe/TCP load, for one QEMU binary and CPU model: the
 initiator's kernel panics (double faults, impossible RFLAGS) that made the VM suite flaky.
 
-    python3 -m bench.tcg_stability --label qemu-7.2-max [--qemu PATH] [--cpu max] [--minutes 10]
+    python3 -m bench.tcg_stability --label qemu-7.2-max [--qemu PATH] [--cpu qemu64] [--minutes 10]
 
 One target exports three disks; the initiator reads them whole (O_DIRECT into sha256sum,
 every byte over the link) in turns until the time is up. A panic (or a hung shell) is counted, both VMs are
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from testbed import VMError
 from testbed.initiator import CONNECT_ALL, connected, prepare_initiator, wait_address
-from testbed.machine import PANIC, VM, qemu_binary
+from testbed.machine import DEFAULT_CPU, PANIC, VM, qemu_binary
 from testbed.pair import BOOT_TIMEOUT, vm_pair
 
 KINDS = {"STRESS01": "virtio", "STRESS02": "nvme", "STRESS03": "sata"}
@@ -39,7 +39,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label", required=True)
     parser.add_argument("--qemu", default=qemu_binary())
-    parser.add_argument("--cpu", default="max")
+    parser.add_argument("--cpu", default=DEFAULT_CPU)
     parser.add_argument("--minutes", type=float, default=10)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix=f"storagetm-stability-{args.label}-"))
