@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import re
 import shutil
 import statistics
@@ -44,16 +43,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.compare_report import EXPORT_COUNTS, ROWS, report
+from bench.summary import RESULTS
 from storagetm.model import DISCOVERY_NQN, IO_TRSVCID
 from testbed.initiator import connected, disconnect_all
-from testbed.machine import DEFAULT_CPU, VM, Disk, make_disk, qemu_binary
+from testbed.machine import VM, Disk, make_disk, qemu_binary, qemu_cpu
 from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, image, running_initiator, target_vm
 from testbed.wait import until
 
 BENCH_IMAGE = "storagetm-bench.efi"
 TARGET_LL = "fe80::5054:ff:fe00:1%enp0s3"  # the target's EUI-64 link-local address (MAC below)
 NBD_PORT = 10809
-RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).resolve().parents[1] / "README.md"
 AEN_FIFO = "/tmp/bench-aen"
 # The initiator's kernel turns a discovery-log-change AEN into a uevent with NVME_AEN=0x70f002
@@ -69,8 +68,6 @@ while True:
 """
 AUTOCONNECT_MASK = "/run/udev/rules.d/70-nvmf-autoconnect.rules"
 
-# Read-only and snapshot reads are compared with the anchors' plain read: they have no such modes.
-# A hand-over is compared with the anchors' export by hand: they have no service to hand files to.
 def dd_mib_s(initiator: VM, command: str) -> float:
     out = initiator.sh(f"{command} 2>&1 | tail -n 1", timeout=900)
     match = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", out)
@@ -449,7 +446,7 @@ def run_once(args: argparse.Namespace) -> None:
         "date": time.strftime("%Y-%m-%d", started),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", started),
         "machine": f"{subprocess.getoutput('nproc')} cores, {subprocess.getoutput('uname -m')}, QEMU {qemu} "
-                   f"-cpu {os.environ.get('STORAGETM_QEMU_CPU', DEFAULT_CPU)}",
+                   f"-cpu {qemu_cpu()}",
         "boots": str(args.boots),
         "hotplugs": str(args.hotplugs),
         "rounds": str(args.rounds),

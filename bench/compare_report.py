@@ -26,7 +26,8 @@ ROWS = (
     *((f"export {n} disk{'s' if n > 1 else ''}, handed to the service (s)", f"handover_{n}_s")
       for n in EXPORT_COUNTS),
 )
-# storagetm's figures that have no twin of the same name in the others: compared with this one
+# Read-only and snapshot reads are compared with the anchors' plain read: they have no such modes.
+# A hand-over is compared with the anchors' export by hand: they have no service to hand files to.
 ANCHOR_KEY = {"read_ro_mib_s": "read_mib_s", "read_snapshot_mib_s": "read_mib_s",
               **{f"handover_{n}_s": f"export_{n}_s" for n in EXPORT_COUNTS}}  # fmt: skip
 # The goals storagetm ÷ systemd-storagetm must meet in every run: (key, bound, at most?)
@@ -67,8 +68,7 @@ def cell(value: float | None, spread: list[float] | None = None) -> str:
 
 def title(run: dict[str, Any]) -> str:
     meta = run["meta"]
-    when = meta.get("started", meta["date"])
-    return (f"Run started {when} on {meta['machine']} (QEMU TCG, one vCPU per VM): each figure is the "
+    return (f"Run started {meta['started']} on {meta['machine']} (QEMU TCG, one vCPU per VM): each figure is the "
             f"median over {meta['boots']} boots per implementation, taken in turns ({meta['hotplugs']} "
             f"hotplugs and {meta['rounds']} copies per boot), in brackets the lowest and highest boot's "
             "own median; export times are taken once, in the last boot.")  # fmt: skip

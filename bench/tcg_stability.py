@@ -21,7 +21,7 @@ from pathlib import Path
 
 from testbed import VMError
 from testbed.initiator import CONNECT_ALL, connected, prepare_initiator, wait_address
-from testbed.machine import DEFAULT_CPU, PANIC, VM, qemu_binary
+from testbed.machine import PANIC, VM, qemu_binary, qemu_cpu
 from testbed.pair import BOOT_TIMEOUT, vm_pair
 
 KINDS = {"STRESS01": "virtio", "STRESS02": "nvme", "STRESS03": "sata"}
@@ -39,7 +39,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label", required=True)
     parser.add_argument("--qemu", default=qemu_binary())
-    parser.add_argument("--cpu", default=DEFAULT_CPU)
+    parser.add_argument("--cpu", default=qemu_cpu())
     parser.add_argument("--minutes", type=float, default=10)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix=f"storagetm-stability-{args.label}-"))

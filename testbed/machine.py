@@ -37,10 +37,6 @@ ANSI = re.compile(r"\x1b\[[0-9;:?]*[A-Za-z]")
 PANIC = re.compile(r"BUG:|Oops|Kernel panic|RIP:|Workqueue:")  # an oops, as the console shows it
 # A USB stick the firmware boots first; its drive is `boot_drive()`'s.
 USB_STICK = "usb-storage,bus=xhci.0,drive=boot,bootindex=0,serial=BOOTSTICK"
-# TCG's baseline x86-64 model, not `max`: side by side it moved 1.44x the data over NVMe/TCP (no
-# AVX for guests to pick, which TCG emulates slowly), and the guest crashes once seen under `max`
-# (impossible RFLAGS, a segfaulting sha256sum) pointed at its emulation (docs/measurements.md,
-# "CPU model"). STORAGETM_QEMU_CPU overrides it.
 DEFAULT_CPU = "qemu64"
 
 
@@ -51,6 +47,14 @@ def qemu_binary() -> str:
         return chosen
     cached = Path(os.environ.get("STORAGETM_CACHE", "/var/cache/storagetm")) / "qemu" / "qemu-system-x86_64"
     return str(cached) if cached.exists() else "qemu-system-x86_64"
+
+
+def qemu_cpu() -> str:
+    """STORAGETM_QEMU_CPU, else TCG's baseline x86-64 model, not `max`: side by side it moved 1.44x
+    the data over NVMe/TCP (no AVX for guests to pick, which TCG emulates slowly), and the guest
+    crashes once seen under `max` (impossible RFLAGS, a segfaulting sha256sum) pointed at its
+    emulation (docs/measurements.md, "CPU model")."""
+    return os.environ.get("STORAGETM_QEMU_CPU", DEFAULT_CPU)
 
 
 @dataclass
@@ -123,7 +127,7 @@ class VM:
     uuid: str = "6a1f7c2e-0b7d-4f4e-9a51-3d2c1b0a9f88"
     secure_boot: bool = False  # OVMF with Secure Boot enforced and Microsoft's keys
     qemu: str = field(default_factory=qemu_binary)
-    cpu: str = field(default_factory=lambda: os.environ.get("STORAGETM_QEMU_CPU", DEFAULT_CPU))
+    cpu: str = field(default_factory=qemu_cpu)
     wrapper: list[str] = field(default_factory=list)  # e.g. ip netns exec NS: QEMU's network namespace
     proc: subprocess.Popen[bytes] | None = None
     qmp: Any = None
