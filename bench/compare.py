@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.compare_report import EXPORT_COUNTS, ROWS, report
+from bench.compare_report import EXPORT_COUNTS, ROWS, baseline_report, report
 from bench.summary import RESULTS
 from storagetm.model import DISCOVERY_NQN, IO_TRSVCID
 from testbed.initiator import connected, disconnect_all
@@ -51,6 +51,7 @@ from testbed.pair import BOOT_TIMEOUT, TARGET_APPEND, image, running_initiator, 
 from testbed.wait import until
 
 BENCH_IMAGE = "storagetm-bench.efi"
+BASELINE = "storagetm-baseline"  # storagetm of the --baseline image
 TARGET_LL = "fe80::5054:ff:fe00:1%enp0s3"  # the target's EUI-64 link-local address (MAC below)
 NBD_PORT = 10809
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -108,8 +109,9 @@ def process_usage(target: VM, pids: list[str]) -> tuple[float, float]:
 class Implementation:
     """How one exporter is booted, found, connected to and measured."""
 
-    def __init__(self, name: str, append: str) -> None:
+    def __init__(self, name: str, append: str, efi: Path | None = None) -> None:
         self.name, self.append = name, append
+        self.efi = efi or image(BENCH_IMAGE)  # what the target boots
 
     def offered(self, initiator: VM, target: VM) -> bool:
         raise NotImplementedError
@@ -132,8 +134,8 @@ class Implementation:
 
 
 class NVMeTarget(Implementation):
-    def __init__(self, name: str, append: str, unit: str, run: str, port: str = "") -> None:
-        super().__init__(name, append)
+    def __init__(self, name: str, append: str, unit: str, run: str, port: str = "", efi: Path | None = None) -> None:
+        super().__init__(name, append, efi)
         self.unit = unit
         self.run = run  # the daemon by hand, on {files}
         self.port = port  # where it offers discovery; "" = read from the console once the target is up
@@ -267,23 +269,35 @@ class NBDServer(Implementation):
                            "nbd-server -d -C /tmp/bench/nbd.conf >/dev/null 2>&1", listening)  # fmt: skip
 
 
-def implementations() -> list[Implementation]:
+def storagetm(name: str = "storagetm", efi: Path | None = None) -> NVMeTarget:
+    return NVMeTarget(
+        name,
+        TARGET_APPEND,
+        unit="storagetm.service",
+        run="storagetm {files} >/dev/null 2>&1",
+        # Port 8009 only refers to the I/O port's discovery service, which lists the
+        # disks and tells watching initiators of a new one: the same port as upstream's.
+        # (Before 2026-12-02 every subsystem was linked into 4420 too: a baseline image works alike.)
+        port=str(IO_TRSVCID),
+        efi=efi,
+    )
+
+
+def implementations(baseline: Path | None = None) -> list[Implementation]:
+    """storagetm, systemd-storagetm and NBD; with `baseline` (a bench image built from an older
+    commit), storagetm of that image instead of NBD, so that both are measured in turns against
+    the same systemd-storagetm in one run."""
+    anchor = NVMeTarget(
+        "systemd-storagetm",
+        f"{TARGET_APPEND} systemd.mask=storagetm.service systemd.wants=systemd-storagetm.service",
+        unit="systemd-storagetm.service",
+        run="/usr/lib/systemd/systemd-storagetm {files} >/dev/null 2>&1 </dev/null",
+    )
+    if baseline is not None:
+        return [storagetm(), storagetm(BASELINE, baseline), anchor]
     return [
-        NVMeTarget(
-            "storagetm",
-            TARGET_APPEND,
-            unit="storagetm.service",
-            run="storagetm {files} >/dev/null 2>&1",
-            # Port 8009 only refers to the I/O port's discovery service, which lists the
-            # disks and tells watching initiators of a new one: the same port as upstream's.
-            port=str(IO_TRSVCID),
-        ),
-        NVMeTarget(
-            "systemd-storagetm",
-            f"{TARGET_APPEND} systemd.mask=storagetm.service systemd.wants=systemd-storagetm.service",
-            unit="systemd-storagetm.service",
-            run="/usr/lib/systemd/systemd-storagetm {files} >/dev/null 2>&1 </dev/null",
-        ),
+        storagetm(),
+        anchor,
         NBDServer(
             "nbd",  # storage-target-mode.target pulls in udev and the network only through storagetm
             f"{TARGET_APPEND} systemd.unit=multi-user.target systemd.mask=storagetm.service "
@@ -305,7 +319,7 @@ class Bench:
 
     def boot(self, impl: Implementation, run: int) -> tuple[VM, float]:
         """Boot a target with `impl`; return it and the seconds until the initiator sees the disk."""
-        target = target_vm(self.workdir / f"{impl.name}-{run}", self.workdir / "link.sock", kernel=image(BENCH_IMAGE),
+        target = target_vm(self.workdir / f"{impl.name}-{run}", self.workdir / "link.sock", kernel=impl.efi,
                            append=impl.append, disks=[self.disk], extra=self.hotplug_ports())  # fmt: skip
         started = time.monotonic()
         target.start()
@@ -401,8 +415,7 @@ class Bench:
         finally:
             target.stop()
 
-    def run(self, boots: int) -> dict[str, dict[str, float | None]]:
-        impls = implementations()
+    def run(self, boots: int, impls: list[Implementation]) -> dict[str, dict[str, float | None]]:
         for run in range(boots):
             for impl in impls if run % 2 == 0 else impls[::-1]:
                 self.sample_boot(impl, run, last=run == boots - 1)
@@ -411,9 +424,9 @@ class Bench:
                 for impl in impls}  # fmt: skip
 
 
-def saved_runs(count: int) -> list[dict[str, Any]]:
+def saved_runs(count: int, kind: str = "compare") -> list[dict[str, Any]]:
     """The latest `count` runs' JSON, oldest first."""
-    paths = sorted(RESULTS.glob("compare-*.json"))[-count:]
+    paths = sorted(RESULTS.glob(f"{kind}-*.json"))[-count:]
     if not paths:
         raise SystemExit(f"bench.compare: no run in {RESULTS}; run it without --report-only first")
     return [json.loads(path.read_text()) for path in paths]
@@ -427,20 +440,29 @@ def main() -> int:
     parser.add_argument("--hotplugs", type=int, default=5, help="hot-plugged disks per boot of an NVMe implementation")
     parser.add_argument("--runs", type=int, default=2, help="latest runs the report shows side by side")
     parser.add_argument("--report-only", action="store_true", help="redo tables, chart and README from the saved runs")
+    parser.add_argument("--baseline", type=Path, metavar="EFI",
+                        help="a bench image built from an older commit: its storagetm is measured in turns beside "
+                        "this one's and systemd-storagetm (instead of NBD); saved as baseline-<start>.json, "
+                        "reported apart from README's tables")  # fmt: skip
     args = parser.parse_args()
+    if args.baseline is not None:
+        if not args.report_only:
+            run_once(args, "baseline")
+        print(baseline_report(saved_runs(args.runs, "baseline"), RESULTS))
+        return 0
     if not args.report_only:
         run_once(args)
     print(report(saved_runs(args.runs), RESULTS, README))
     return 0
 
 
-def run_once(args: argparse.Namespace) -> None:
-    """One run of every boot, saved as bench/results/compare-<start>.json."""
+def run_once(args: argparse.Namespace, kind: str = "compare") -> None:
+    """One run of every boot, saved as bench/results/<kind>-<start>.json."""
     started = time.gmtime()
     workdir = Path(tempfile.mkdtemp(prefix="storagetm-compare-"))
     with running_initiator(workdir, workdir / "link.sock", image(BENCH_IMAGE)) as initiator:
         bench = Bench(workdir, initiator, args.size_mib, args.rounds, args.hotplugs)
-        results = bench.run(args.boots)
+        results = bench.run(args.boots, implementations(args.baseline))
     qemu = subprocess.getoutput(f"{qemu_binary()} --version").split()[3]
     meta = {
         "date": time.strftime("%Y-%m-%d", started),
@@ -451,10 +473,12 @@ def run_once(args: argparse.Namespace) -> None:
         "hotplugs": str(args.hotplugs),
         "rounds": str(args.rounds),
     }
+    if args.baseline is not None:
+        meta["baseline"] = args.baseline.name
     RESULTS.mkdir(exist_ok=True)
     data = {"meta": meta, "size_mib": args.size_mib, "rounds": args.rounds, "results": results,
             "samples": bench.samples}  # fmt: skip
-    (RESULTS / time.strftime("compare-%Y%m%dT%H%M.json", started)).write_text(json.dumps(data, indent=1))
+    (RESULTS / time.strftime(f"{kind}-%Y%m%dT%H%M.json", started)).write_text(json.dumps(data, indent=1))
     shutil.rmtree(workdir, ignore_errors=True)
 
 

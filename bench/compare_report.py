@@ -44,9 +44,9 @@ MARKERS = ("<!-- bench.compare: begin -->", "<!-- bench.compare: end -->")
 Results = dict[str, dict[str, float | None]]
 
 
-def ratio(results: Results, key: str, anchor: str) -> float | None:
-    ours, theirs = results["storagetm"].get(key), results[anchor].get(ANCHOR_KEY.get(key, key))
-    return ours / theirs if ours is not None and theirs else None
+def ratio(results: Results, key: str, anchor: str, ours: str = "storagetm") -> float | None:
+    mine, theirs = results[ours].get(key), results[anchor].get(ANCHOR_KEY.get(key, key))
+    return mine / theirs if mine is not None and theirs else None
 
 
 def per_boot(values: list[float], boots: int) -> list[float]:
@@ -89,6 +89,41 @@ def table(run: dict[str, Any]) -> str:
         anchors = [cell(ratio(results, key, anchor)) for anchor in NAMES[1:]]
         lines.append(f"| {label} | " + " | ".join([*values, *anchors]) + " |")
     return "\n".join(lines) + "\n"
+
+
+BASELINE_NAMES = ("storagetm", "storagetm-baseline", "systemd-storagetm")
+
+
+def baseline_table(run: dict[str, Any]) -> str:
+    """A --baseline run: this storagetm and the baseline image's, each ÷ systemd-storagetm, and
+    this one ÷ the baseline; figures only storagetm measures (modes, hand-over) are left out."""
+    results: Results = run["results"]
+    boots = int(run["meta"]["boots"])
+    samples: dict[str, dict[str, list[float]]] = run.get("samples", {})
+    lines = [
+        title(run) + f" Baseline: storagetm of {run['meta'].get('baseline', 'another image')}.",
+        "",
+        "| | storagetm | baseline | systemd-storagetm | storagetm ÷ systemd-storagetm "
+        "| baseline ÷ systemd-storagetm | storagetm ÷ baseline |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, key in ROWS:
+        if results["storagetm-baseline"].get(key) is None:
+            continue
+        values = [cell(results[name].get(key), per_boot(samples.get(name, {}).get(key, []), boots))
+                  for name in BASELINE_NAMES]  # fmt: skip
+        ratios = [ratio(results, key, "systemd-storagetm"),
+                  ratio(results, key, "systemd-storagetm", ours="storagetm-baseline"),
+                  ratio(results, key, "storagetm-baseline")]  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join([*values, *(cell(r) for r in ratios)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def baseline_report(runs: list[dict[str, Any]], results_dir: Path) -> str:
+    """baseline.md from the latest --baseline runs (oldest first); README is not touched."""
+    text = "\n".join(f"**Run {i + 1}.** " + baseline_table(run) for i, run in enumerate(runs))
+    (results_dir / "baseline.md").write_text(text)
+    return text
 
 
 def goals(runs: list[dict[str, Any]]) -> str:

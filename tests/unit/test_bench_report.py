@@ -56,3 +56,15 @@ def test_report_puts_every_run_into_the_readme(tmp_path: Path, monkeypatch: pyte
     assert "**Run 2.** Run started 2026-12-03 10:02 UTC" in written
     assert "| run 1 | run 2 | met in every run |" in written
     assert (tmp_path / "compare.md").read_text() == text
+
+
+def test_baseline_table_sets_both_storagetms_against_the_same_anchor(tmp_path: Path) -> None:
+    first = run("2026-12-03 14:00 UTC", {"daemon_cpu_s": 3.0, "read_ro_mib_s": 20.0}, {"daemon_cpu_s": 0.3})
+    first["results"]["storagetm-baseline"] = {"daemon_cpu_s": 4.5}
+    first["meta"]["baseline"] = "base.efi"
+    text = compare_report.baseline_report([first], tmp_path)
+    line = next(row for row in text.splitlines() if row.startswith("| daemon CPU"))
+    assert line == "| daemon CPU time after the copies (s) | 3.00 | 4.50 | 0.30 | 10.00 | 15.00 | 0.67 |"
+    assert "read-only" not in text  # the baseline has no figure for it: left out
+    assert "storagetm of base.efi" in text
+    assert (tmp_path / "baseline.md").read_text() == text
