@@ -113,8 +113,6 @@ def list_devices(settings: Settings, as_json: bool) -> int:
 
 
 def serve(argv: Sequence[str]) -> int:
-    import logging
-
     from msgspec.structs import replace
 
     from storagetm.config import options
@@ -123,12 +121,13 @@ def serve(argv: Sequence[str]) -> int:
     from storagetm.disks.identity import nvme_overrides
     from storagetm.errors import ExitCode, StorageTMError, UsageError
     from storagetm.security.keys import ON_COMMAND_LINE, on_command_line
+    from storagetm.system import log as logs
     from storagetm.system.memory import check_system_complete
 
-    log = logging.getLogger("storagetm")
+    log = logs.Logger("storagetm")
     # Intermixed, as getopt permutes: `storagetm FILE --nqn=quux` and `storagetm a --port=N b`.
     args = serve_parser().parse_intermixed_args(argv)
-    setup_logging(args.debug)
+    logs.configure(args.debug)
     if args.help_kernel_cmdline:
         print(options.kernel_help(), end="")
         return ExitCode.OK
@@ -241,18 +240,6 @@ def stop(argv: Sequence[str]) -> int:
     return ExitCode.OK
 
 
-def setup_logging(debug: bool) -> None:
-    import logging
-
-    from storagetm.text import PrintableLogFilter
-
-    fmt = "%(message)s" if os.environ.get("JOURNAL_STREAM") else "storagetm: %(message)s"
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
-    handler.addFilter(PrintableLogFilter())
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
-
-
 INITIATOR_COMMANDS = ("targets", "connect", "copy", "disconnect", "decode")
 
 
@@ -281,9 +268,10 @@ def run_command(argv: list[str], commands: Mapping[str, Callable[[Sequence[str]]
         return serve(argv)
     except StorageTMError as exc:
         if debug:
-            import logging
+            from storagetm.system.log import Logger, configure
 
-            logging.getLogger("storagetm").exception("failed")
+            configure(debug=True)
+            Logger("storagetm").exception("failed")
         print(f"storagetm: {printable(exc.one_line())}", file=sys.stderr)
         return int(exc.exit_code)
     except KeyboardInterrupt:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import selectors
 import signal
@@ -38,7 +37,7 @@ from storagetm.errors import ExitCode, KernelError, StorageTMError, UsageError
 from storagetm.fabrics import Fabric
 from storagetm.fabrics.lio import configfs as lio
 from storagetm.fabrics.lio.fabric import IscsiFabric
-from storagetm.fabrics.lio.kernel import ensure_lio
+from storagetm.fabrics.lio.kernel import ensure_lio, lio_loaded
 from storagetm.fabrics.nvmet import kernel
 from storagetm.fabrics.nvmet.configfs import Root
 from storagetm.fabrics.nvmet.fabric import NvmetFabric, discovery_group
@@ -50,6 +49,7 @@ from storagetm.security.auth import AuthConfig
 from storagetm.security.chap import chap_secrets
 from storagetm.selection import Plan, explicit_files, plan, refusal
 from storagetm.system import firmware, network, power
+from storagetm.system.log import Logger
 from storagetm.system.notify import sd_notify
 from storagetm.web.token import web_token
 
@@ -58,13 +58,18 @@ if TYPE_CHECKING:  # each imported where its feature runs: the mDNS announcement
     from storagetm.system.announce import Announcer
     from storagetm.web.server import WebServer
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 REDRAW_DEBOUNCE = 0.75  # seconds, as upstream: addresses come and go in bursts
 DASHBOARD_REFRESH = 1.0  # seconds between samples of I/O counters, connections and snapshot fill
 # Without a dashboard on a terminal, and while no initiator is connected and no disk moves, the
 # samples (for `storagetm status` and the web page) are this far apart.
 IDLE_REFRESH = 5.0  # seconds
+# Connected initiators are read from /proc/net/tcp{,6} (2-6 ms of CPU a time under emulation,
+# most of an idle sample) when a disk moved since the last sample (a new initiator reads its
+# partition table at once), else this far apart: a discovery-only visit or a departure shows
+# within these seconds.
+INITIATOR_POLL = 3.0  # seconds
 READY_WAIT = 30.0  # seconds storagetm waits at most for udev's queue before it tells systemd it is ready
 SETTLE_POLL = 0.1  # seconds between looks at udev's queue until then
 # After a disk event, the screen and the state file follow this much later: the CPU goes first
@@ -156,6 +161,7 @@ class Daemon:
         self.web: WebServer | None = None
         self.web_socket: socket.socket | None = None  # bound, its server not made until a connection comes
         self.moving = False  # the last sample saw I/O, an initiator connected, or a hash under way
+        self.initiators_due = 0.0  # time.monotonic() when connected initiators are next read
         self.control = control  # None: made by run(); `storagetm FILE…` hands its files over through it
         self.handed: dict[int, tuple[str, ...]] = {}  # client -> the disks and files it handed over
 
@@ -178,6 +184,18 @@ class Daemon:
             return IscsiConfig(unavailable=self.iscsi_unavailable or "no LIO configfs root")
         secret, ctrl_secret = chap_secrets(self.state.auth, self.state.tls)
         return IscsiConfig(True, iqn_base(host), secret, ctrl_secret)
+
+    def open_lio(self) -> None:
+        """LIO's root for iSCSI, its kernel modules loaded if they are not (at boot: 1-2 s of
+        modprobe, after the NVMe/TCP exports). Without it NVMe/TCP goes on and the screen
+        says why there is no iSCSI."""
+        if self.lio_root is not None or not self.settings.iscsi:
+            return
+        try:
+            self.lio_root = lio.Root(ensure_lio())
+        except KernelError as exc:
+            self.iscsi_unavailable = exc.one_line()
+            log.warning("iSCSI is unavailable: %s", self.iscsi_unavailable)
 
     def export_wanted(self) -> None:
         """Plan and apply the exports for the disks known now; the screen is not redrawn."""
@@ -272,14 +290,16 @@ class Daemon:
                   export.disk.size)
             for nqn, export in self.state.exports.items()
         })  # fmt: skip
-        ports = {listener.trsvcid for listener in self.state.ports}
-        if self.state.iscsi.enabled:
-            ports.add(ISCSI_PORT)
-        self.state.initiators = stats.initiators(ports)
+        moved = any(a.read_rate or a.write_rate for a in self.state.activity.values())
+        if moved or time.monotonic() >= self.initiators_due:
+            ports = {listener.trsvcid for listener in self.state.ports}
+            if self.state.iscsi.enabled:
+                ports.add(ISCSI_PORT)
+            self.state.initiators = stats.initiators(ports)
+            self.initiators_due = time.monotonic() + INITIATOR_POLL
         self.state.hashing = self.web.hash_status(self.state) if self.web is not None else {}
         self._sample_snapshots(before[0])
-        self.moving = bool(self.state.initiators or self.state.hashing) or any(
-            a.read_rate or a.write_rate for a in self.state.activity.values())  # fmt: skip
+        self.moving = moved or bool(self.state.initiators or self.state.hashing)
         return (self.state.activity, self.state.initiators, self.state.hashing, self.state.snapshot_usage) != before
 
     def _sample_snapshots(self, before: dict[str, stats.DiskActivity]) -> None:
@@ -344,12 +364,8 @@ class Daemon:
                                  hint="use `storagetm status` or `storagetm stop`")  # fmt: skip
         if self.root is None:
             self.root = Root(kernel.ensure_nvmet())
-        if self.lio_root is None and self.settings.iscsi:
-            try:
-                self.lio_root = lio.Root(ensure_lio())
-            except KernelError as exc:  # NVMe/TCP goes on; the screen says why there is no iSCSI
-                self.iscsi_unavailable = exc.one_line()
-                log.warning("iSCSI is unavailable: %s", self.iscsi_unavailable)
+        if lio_loaded():  # a restart: what the last instance made on LIO is adopted in the first pass
+            self.open_lio()
         devices = self.devices or BlockDevices(partition_uuids=bool(self.facts().boot_partuuid))
         devices.start()  # before enumerating, so no hotplug event is missed
         addr_sock = network.address_monitor()
@@ -426,6 +442,10 @@ class Daemon:
             self.disks[disk.devnode] = disk
         # Disks first: at boot every process competes for the CPU, and what follows is for the screen.
         self.export_wanted()
+        if self.lio_root is None and not self.iscsi_unavailable:  # not loaded before, so nothing of ours is on it
+            self.open_lio()
+            self.state.iscsi = self.iscsi_config(self.host)
+            self._on_disk_events(devices)  # a disk the kernel found while modprobe ran: out now, not after the rest
         self.state.addresses = network.local_addresses()
         self.reconcile_addresses()
         self.state.secure_boot = firmware.secure_boot()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +24,9 @@ from storagetm.backing import modes
 from storagetm.backing.modes import Mode, System
 from storagetm.model import Device, Export
 from storagetm.reconcile.objects import BaseDriver, Driver, Facts, FactsOf, Key, Obj, make
+from storagetm.system.log import Logger
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 HOLD, LOOP, STORE, DM = "hold", "loop", "store", "dm"
 STORE_FILE = "store.cow"

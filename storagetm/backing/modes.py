@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import logging
 import os
 import re
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 from msgspec import Struct
 
 from storagetm.errors import StorageTMError
+from storagetm.system.log import Logger
 
 SECTOR = 512
 DM_PREFIX = "storagetm-"
@@ -45,7 +45,7 @@ PACKAGES = {"dmsetup": "dmsetup", "losetup": "mount", "mount": "mount", "umount"
 # par, and a scattered 4 KiB write still takes only 16 KiB of the store (docs/measurements.md).
 SNAPSHOT_CHUNK_SECTORS = 32
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 
 class Mode(enum.Enum):

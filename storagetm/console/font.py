@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import logging
 import os
 import struct
 import termios
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+from storagetm.system.log import Logger
+
+log = Logger(__name__)
 
 KDFONTOP = 0x4B72  # linux/kd.h
 KD_FONT_OP_SET_DEFAULT = 2

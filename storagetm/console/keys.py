@@ -5,13 +5,14 @@ Nothing here runs a shell or a login: a key is only ever a name the panel looks 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import termios
 from collections.abc import Sequence
 from typing import Any
 
-log = logging.getLogger(__name__)
+from storagetm.system.log import Logger
+
+log = Logger(__name__)
 
 ESC = 0x1B
 # What terminals send for the keys the panel names (VT100/xterm and the Linux console).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import select
@@ -18,10 +17,11 @@ from storagetm.console.stats import DiskActivity
 from storagetm.model import DISCOVERY_TRSVCID, IO_TRSVCID, Export, HashProgress
 from storagetm.security.chap import CHAP_USER
 from storagetm.state import RunState
+from storagetm.system.log import Logger
 from storagetm.text import human_size, printable
 from storagetm.web.links import screen_lines as web_lines
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 CLEAR = "\033[H\033[2J"
 TITLE = "storagetm: target disk mode - disks exported over NVMe/TCP"

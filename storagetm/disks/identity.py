@@ -8,7 +8,6 @@ reboots, re-plugging and `sda` becoming `sdb`.
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 import uuid
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from msgspec.structs import replace
 
 from storagetm.disks.disk import Disk
 from storagetm.errors import UsageError
+from storagetm.security.digest import sha256_hex, uuid5
 
 NQN_MAX = 223  # bytes, nvmet's NVMF_NQN_SIZE
 # Bytes kept for ".<disk identity>": readable identities up to 79 bytes; a longer one becomes a
@@ -96,7 +96,7 @@ def host_identity(dmi: Path = Path("/sys/class/dmi/id"), machine_id: Path = Path
 
 
 def host_id(identity: str) -> str:
-    return hashlib.sha256(f"storagetm-host:{identity}".encode()).hexdigest()[:12]
+    return sha256_hex(f"storagetm-host:{identity}")[:12]
 
 
 def _slug(text: str) -> str:
@@ -106,7 +106,7 @@ def _slug(text: str) -> str:
 def disk_slug(disk: Disk) -> str:
     """The disk's own identity as an NQN-safe word."""
     if disk.is_file:
-        return "file-" + _slug(disk.name)[:40] + "-" + hashlib.sha256(disk.devnode.encode()).hexdigest()[:8]
+        return "file-" + _slug(disk.name)[:40] + "-" + sha256_hex(disk.devnode)[:8]
     if disk.serial:
         slug = (_slug(disk.model)[:40] + "-" + _slug(disk.serial)[:40]).strip("-")
         nsid = re.fullmatch(r"nvme\d+n(\d+)", disk.name)
@@ -127,7 +127,7 @@ def _disk_name(base: str, disk: Disk, limit: int) -> str:
     """BASE.<disk identity>, or BASE.<32-digit hash> if that would pass `limit` bytes."""
     name = f"{base}.{disk_slug(disk)}"
     if len(name.encode()) > limit:
-        name = f"{base}.{hashlib.sha256(name.encode()).hexdigest()[:32]}"
+        name = f"{base}.{sha256_hex(name)[:32]}"
     return name
 
 
@@ -202,8 +202,8 @@ def nvme_overrides(environ: Mapping[str, str]) -> tuple[NvmeOverrides, list[str]
 @functools.lru_cache(maxsize=1024)  # plan() asks again for every disk on each udev event
 def identity_for(base: str, disk: Disk, overrides: NvmeOverrides = NO_OVERRIDES) -> Identity:
     nqn = subsystem_nqn(base, disk)
-    ns_uuid = overrides.uuid or str(uuid.uuid5(_UUID_NAMESPACE, nqn))
-    nguid = hashlib.sha256(f"storagetm-nguid:{nqn}".encode()).hexdigest()[:32]
+    ns_uuid = overrides.uuid or str(uuid5(_UUID_NAMESPACE, nqn))
+    nguid = sha256_hex(f"storagetm-nguid:{nqn}")[:32]
     return Identity(
         nqn=nqn,
         uuid=ns_uuid,

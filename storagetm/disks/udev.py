@@ -11,7 +11,6 @@ same). A disk the kernel path cannot name waits for udev's event, as before.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import select
 from collections.abc import Iterator
@@ -25,8 +24,9 @@ from storagetm.disks.disk import Disk, disk_from_udev, sysfs_int
 from storagetm.disks.kernel import disk_from_sysfs
 from storagetm.disks.policy import MEDIA_LABELS
 from storagetm.disks.uevents import KernelUevents
+from storagetm.system.log import Logger
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 UDEV_QUEUE = Path("/run/udev/queue")  # exists while udevd has events to process (libudev's udev_queue)
 IDENTITY_FIELDS = ("model", "serial", "wwn")

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import logging
 import os
 import socket
 import struct
 
 from msgspec import Struct
 
-log = logging.getLogger(__name__)
+from storagetm.system.log import Logger
+
+log = Logger(__name__)
 
 NETLINK_KOBJECT_UEVENT = 15
 KERNEL_GROUP = 1  # the kernel's own messages; udev re-broadcasts its finished ones on group 2

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -24,8 +23,9 @@ from msgspec.structs import replace
 
 from storagetm.reconcile.objects import Facts, Key, Obj
 from storagetm.statefile import FILE_MODE, private_directory, write_atomic
+from storagetm.system.log import Logger
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 JOURNAL_FILE = Path("/run/storagetm/owned.jsonl")
 COMPACT_AFTER = 2000  # lines; a hotplug writes about a dozen

@@ -3,11 +3,12 @@ it is made with, and the objects it needs; and the protocol a driver of one kind
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from msgspec import Struct, field
+
+from storagetm.security.digest import sha256_hex
 
 Key = tuple[str, str]  # (kind, name): unique in a desired state
 Facts = Mapping[str, str]  # what making an object found out (a loop device, a port id)
@@ -42,7 +43,7 @@ class Obj(Struct, frozen=True):
 
 
 def digest(value: str) -> str:
-    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+    return "sha256:" + sha256_hex(value)
 
 
 def make(kind: str, name: str, attrs: Mapping[str, str] | None = None, needs: Iterable[Key] = (),

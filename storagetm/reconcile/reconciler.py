@@ -8,7 +8,6 @@ removals go on past errors to the end (any OSError, not only ours), each logged 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 
 from msgspec import Struct
@@ -17,8 +16,9 @@ from storagetm.errors import StorageTMError
 from storagetm.reconcile.journal import MADE, Journal, Owned
 from storagetm.reconcile.objects import Driver, Facts, Key, Obj
 from storagetm.reconcile.plan import ADOPT, CREATE, REMOVE, UPDATE, Kinds, Op, plan
+from storagetm.system.log import Logger
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 
 class Failure(Struct, frozen=True):

@@ -7,10 +7,8 @@ the screen and typed, so they are 16 characters of an alphabet without look-alik
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-
 from storagetm.security.auth import AuthConfig
+from storagetm.security.digest import hmac_digest
 from storagetm.security.tls import TLSConfig
 
 CHAP_USER = "storagetm"  # the CHAP name an initiator logs in with, and the target's for mutual CHAP
@@ -19,8 +17,7 @@ ALPHABET = "abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
 
 def derive_secret(source: str, purpose: str) -> str:
-    number = int.from_bytes(hmac.new(source.encode(), f"storagetm-iscsi-chap:{purpose}".encode(),
-                                     hashlib.sha256).digest())  # fmt: skip
+    number = int.from_bytes(hmac_digest(source.encode(), f"storagetm-iscsi-chap:{purpose}".encode()))
     chars = []
     for _ in range(SECRET_LENGTH):
         number, index = divmod(number, len(ALPHABET))

@@ -11,8 +11,6 @@ same way on both sides (`nvme check-tls-key --insert`), so both sides agree.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import hmac
 import os
 import re
 import struct
@@ -21,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from storagetm.errors import StorageTMError, UsageError
-from storagetm.security import keys
+from storagetm.security import digest, keys
 from storagetm.security.auth import generated_host_nqn, read_credential
 
 KEY_RE = re.compile(r"^NVMeTLSkey-1:0[12]:[A-Za-z0-9+/]+={0,2}:$")
@@ -51,15 +49,16 @@ def key_argument(value: str) -> str:
 
 
 def _hash(key: str) -> Callable[[], Any]:
-    return hashlib.sha384 if key.split(":")[1] == "02" else hashlib.sha256
+    algorithm: Callable[[], Any] = digest.sha384 if key.split(":")[1] == "02" else digest.sha256
+    return algorithm
 
 
-def _hkdf(digest: Callable[[], Any], key: bytes, info: bytes, length: int) -> bytes:
+def _hkdf(algorithm: Callable[[], Any], key: bytes, info: bytes, length: int) -> bytes:
     """RFC 5869 HKDF-Extract (no salt) and HKDF-Expand."""
-    prk = hmac.new(bytes(digest().digest_size), key, digest).digest()
+    prk = digest.hmac_digest(bytes(algorithm().digest_size), key, algorithm)
     out, block = b"", b""
     for counter in range(1, -(-length // len(prk)) + 1):
-        block = hmac.new(prk, block + info + bytes([counter]), digest).digest()
+        block = digest.hmac_digest(prk, block + info + bytes([counter]), algorithm)
         out += block
     return out[:length]
 

@@ -3,16 +3,16 @@ published over mDNS by systemd-resolved, and a host name people can tell apart."
 
 from __future__ import annotations
 
-import logging
 import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 from storagetm.model import DISCOVERY_NQN, DISCOVERY_TRSVCID
+from storagetm.system.log import Logger
 from storagetm.text import printable
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 DNSSD_DIR = Path("/run/systemd/dnssd")
 # Installed is enough: storagetm starts before resolved, which reads the .dnssd file when it starts.

@@ -9,13 +9,14 @@ SIGRTMIN+5 stops it and reboots (the signals PID 1 takes for the same, systemd(1
 from __future__ import annotations
 
 import enum
-import logging
 import os
 import signal
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 
-log = logging.getLogger(__name__)
+from storagetm.system.log import Logger
+
+log = Logger(__name__)
 
 SYSTEMCTL_TIMEOUT = 10.0  # seconds; --no-block only queues the job
 

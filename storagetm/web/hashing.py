@@ -6,7 +6,6 @@ device has one). The page and the screen show how far a computation has got."""
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -14,9 +13,10 @@ from collections.abc import Mapping
 from msgspec import Struct
 
 from storagetm.model import HashProgress
+from storagetm.system.log import Logger
 from storagetm.web.images import open_read_only
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 CHUNK = 1 << 20
 

@@ -7,10 +7,11 @@ in use is said at once, and a connection that comes early waits in the socket's 
 
 from __future__ import annotations
 
-import logging
 import socket
 
-log = logging.getLogger(__name__)
+from storagetm.system.log import Logger
+
+log = Logger(__name__)
 
 REQUEST_QUEUE = 16  # connections that may wait to be accepted (the server takes 16 at once)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import re
 import selectors
@@ -32,6 +31,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from storagetm.model import IO_TRSVCID, HashProgress
 from storagetm.state import RunState
+from storagetm.system.log import Logger
 from storagetm.web import page, vhd
 from storagetm.web.hashing import Hashes, HashJob, HashKey
 from storagetm.web.images import Image, images, open_read_only
@@ -40,7 +40,7 @@ from storagetm.web.listen import listen
 from storagetm.web.ranges import Unsatisfiable, byte_range
 from storagetm.web.token import COOKIE, QUERY, matches
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 HELPER_FILE = Path("/usr/share/storagetm/storagetm.pyz")  # the initiator-side helper, built into the image
 MAX_CONNECTIONS = 16

@@ -4,8 +4,6 @@ to type a second secret), for a purpose of its own (knowing it tells nothing of 
 
 from __future__ import annotations
 
-import hmac
-
 from storagetm.security.auth import AuthConfig
 from storagetm.security.chap import derive_secret
 from storagetm.security.tls import TLSConfig
@@ -26,4 +24,6 @@ def web_token(auth: AuthConfig, tls: TLSConfig) -> str:
 
 def matches(given: str, token: str) -> bool:
     """In constant time; an empty token is never given (the caller lets everyone in then)."""
+    import hmac  # here, in the web server: its import loads OpenSSL (storagetm.security.digest)
+
     return bool(token) and hmac.compare_digest(given.encode(), token.encode())

@@ -8,6 +8,14 @@ import pytest
 from storagetm import control, state
 from storagetm.initiator import record
 from storagetm.reconcile import journal
+from storagetm.system import log
+
+
+@pytest.fixture
+def logged() -> Iterator[list[log.Record]]:
+    """What the code under test logged, every level, in order (nothing is written)."""
+    with log.capture() as records:
+        yield records
 
 
 @pytest.fixture(autouse=True)

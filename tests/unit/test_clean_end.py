@@ -17,7 +17,7 @@ from storagetm.daemon import farewell_line
 from storagetm.disks.udev import DiskEvent
 from storagetm.errors import ExitCode
 from storagetm.state import RunState
-from storagetm.system import power
+from storagetm.system import log, power
 from storagetm.system.power import End
 from tests.unit.fake_configfs import FakeConfigfs
 from tests.unit.test_daemon import QueuedEvents, RecordingScreen, attached, hot_disk
@@ -33,7 +33,7 @@ class FarewellScreen(RecordingScreen):
 
 
 def test_flush_all_flushes_each_disk_once_and_names_the_ones_it_could_not(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, logged: list[log.Record]
 ) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"x" * 4096)
@@ -44,11 +44,11 @@ def test_flush_all_flushes_each_disk_once_and_names_the_ones_it_could_not(
         power.flush(path)  # the real fsync; a missing disk raises
         flushed.append(path)
 
-    caplog.set_level("INFO")
     failed = power.flush_all([str(disk), gone, str(disk)], flusher)
     assert flushed == [str(disk)]
     assert failed == [f"{gone}: No such file or directory"]
-    assert f"flushed {disk}" in caplog.text and f"cannot flush {gone}" in caplog.text
+    text = "\n".join(r.message for r in logged)
+    assert f"flushed {disk}" in text and f"cannot flush {gone}" in text
 
 
 def test_the_farewell_says_what_was_done_and_what_follows() -> None:

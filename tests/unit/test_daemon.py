@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from storagetm.fabrics.nvmet.configfs import Root
 from storagetm.model import Backing, Listener
 from storagetm.reconcile.journal import Journal
 from storagetm.state import RunState
+from storagetm.system import log
 from tests.unit.fake_configfs import FakeConfigfs
 from tests.unit.fake_machine import FakeKeyring, FakeMachine
 
@@ -155,19 +155,19 @@ def test_status_goes_to_systemd_only_when_it_changes(tmp_path: Path, monkeypatch
 
 
 def test_realtime_refused_is_one_warning_and_the_daemon_goes_on(monkeypatch: pytest.MonkeyPatch,
-                                                                caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+                                                                logged: list[log.Record]) -> None:  # fmt: skip
     def refuse(*_args: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
     serve_at_realtime_priority()
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.message for r in logged] == [
         "cannot raise storagetm to real-time priority: Operation not permitted; disk events wait their turn"
     ]
 
 
 def test_failed_state_write_is_one_error_and_the_daemon_goes_on(monkeypatch: pytest.MonkeyPatch,
-                                                                caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+                                                                logged: list[log.Record]) -> None:  # fmt: skip
     """/run full: the exports stay, the error is logged once until a write succeeds again."""
     results: list[OSError | None] = [OSError(28, "No space left on device", "/run/storagetm/.state.json.1")] * 3
     results.append(None)
@@ -179,13 +179,12 @@ def test_failed_state_write_is_one_error_and_the_daemon_goes_on(monkeypatch: pyt
         return "saved"
 
     monkeypatch.setattr(state, "save", save)
-    caplog.set_level(logging.INFO, logger="storagetm")
     screen = RecordingScreen()
     daemon = Daemon(Settings(), screen=screen, facts=SystemFacts, announcer=None)
     for _ in range(4):
         daemon.publish()
     assert screen.shown == [0, 0, 0, 0] and daemon.saved_state == "saved"
-    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+    assert [(r.level_name, r.message) for r in logged if r.level >= log.INFO] == [
         ("ERROR", "cannot write the state file /run/storagetm/.state.json.1: No space left on device; the exports "
                   "go on, `storagetm status` shows old news until it can (free space in /run)"),
         ("INFO", "state file written again"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[D
     monkeypatch.setattr(daemon_module, "udev_settled", lambda: True)
     monkeypatch.setattr(daemon_module, "DASHBOARD_REFRESH", 0.02)
     monkeypatch.setattr(daemon_module, "IDLE_REFRESH", 0.1)
+    monkeypatch.setattr(daemon_module, "INITIATOR_POLL", 0.05)
     daemon = exporting(tmp_path)
     counts = {"samples": 0, "publishes": 0}
     sample, publish = daemon.sample_activity, daemon.publish
@@ -243,3 +245,35 @@ def test_a_web_server_that_fails_at_the_first_connection_is_said_at_once(
     line = "no web page: its server did not start: cannot start new thread"
     assert published and line in published[0] and daemon.web is None and daemon.state.web.port == 0
     assert len(daemon.state.exports) == 1  # the page went, the export stayed
+
+
+def test_connections_are_read_when_a_disk_moved_else_every_few_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = exporting(tmp_path)
+    (nqn,) = daemon.state.exports
+    reads: list[set[int]] = []
+
+    def initiators(ports: set[int]) -> list[str]:
+        reads.append(ports)
+        return ["fe80::1"]
+
+    monkeypatch.setattr(stats, "initiators", initiators)
+    activity = {nqn: IDLE}
+    monkeypatch.setattr(daemon.meter, "sample", lambda exported: dict(activity))
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    daemon.sample_activity()
+    assert len(reads) == 1 and daemon.state.initiators == ["fe80::1"]
+    for _ in range(2):  # idle: the connections are not read again within INITIATOR_POLL
+        now[0] += 1.0
+        daemon.sample_activity()
+    assert len(reads) == 1
+    activity[nqn] = DiskActivity(8192, 0, 4096.0, 0.0, 0.0)  # a disk moved: read at once
+    now[0] += 0.5
+    daemon.sample_activity()
+    assert len(reads) == 2
+    activity[nqn] = IDLE
+    now[0] += daemon_module.INITIATOR_POLL
+    daemon.sample_activity()
+    assert len(reads) == 3 and daemon.moving  # an initiator is connected: the next sample a second away

@@ -289,3 +289,51 @@ def test_a_hot_plugged_disk_is_on_nvme_tcp_before_iscsi_is_made(tmp_path: Path) 
     lio_kinds = [i for i, kind in enumerate(made) if kind.startswith(("iscsi", "lio"))]
     assert lio_kinds and max(i for i, kind in enumerate(made) if kind.startswith("nvmet")) < min(lio_kinds), made
     reconciler.teardown()
+
+
+def test_at_a_first_start_iscsi_follows_the_nvme_tcp_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LIO's modules are not loaded at boot (modprobe takes a second or more then): the disks
+    are on NVMe/TCP before they are loaded, and a LIO that cannot be had costs iSCSI only."""
+    from collections.abc import Iterator
+
+    from storagetm import daemon as daemon_module
+    from storagetm.config.settings import Settings
+    from storagetm.disks.udev import DiskEvent
+    from storagetm.errors import KernelError
+    from storagetm.system import firmware, network
+    from tests.unit.test_daemon import attached
+
+    fake = FakeConfigfs(tmp_path / "a")
+    disk, late = World(tmp_path / "w").disks[:2]
+    daemon = attached(tmp_path, Settings(devices=(disk.devnode, late.devnode), web=False), fake)
+    linked_when_asked: list[list[str]] = []
+    exported_when_addresses_asked: list[int] = []
+
+    def ensure_lio() -> Path:
+        linked_when_asked.append([p for p in fake.tree() if p.startswith("ports/") and "/subsystems/" in p])
+        raise KernelError("cannot load kernel module target_core_mod: not found")
+
+    def local_addresses() -> list[object]:
+        exported_when_addresses_asked.append(len(daemon.state.exports))
+        return []
+
+    class Devices:
+        """One disk there at enumeration; the second found by the kernel while modprobe ran."""
+
+        def enumerate(self) -> list[object]:
+            return [disk]
+
+        def events(self) -> Iterator[DiskEvent]:
+            return iter([DiskEvent("add", late)] if linked_when_asked else [])
+
+    monkeypatch.setattr(daemon_module, "ensure_lio", ensure_lio)
+    monkeypatch.setattr(daemon_module, "host_identity", lambda: "0123456789abcdef")
+    monkeypatch.setattr(network, "local_addresses", local_addresses)
+    monkeypatch.setattr(firmware, "secure_boot", lambda: False)
+    monkeypatch.setattr(daemon_module, "explicit_files", lambda settings: [])  # the disks come as devices only
+    daemon._start(Devices(), None)  # type: ignore[arg-type]
+    assert len(linked_when_asked) == 1 and linked_when_asked[0], "LIO was asked for before the disk was linked"
+    assert exported_when_addresses_asked[0] == 2  # the late disk went out before the addresses and the rest
+    assert daemon.state.iscsi == IscsiConfig(unavailable="cannot load kernel module target_core_mod: not found")
+    assert len(daemon.state.exports) == 2 and daemon.lio_root is None
+    daemon.reconciler.teardown()  # type: ignore[union-attr]

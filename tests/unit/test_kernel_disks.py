@@ -5,7 +5,6 @@ later event only refines names."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import select
 import struct
@@ -25,6 +24,7 @@ from storagetm.disks.kernel import disk_from_sysfs, media_label, udev_attr, udev
 from storagetm.disks.policy import Reason, SystemFacts, exclusion
 from storagetm.disks.udev import BlockDevices
 from storagetm.selection import plan
+from storagetm.system import log
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
 ESP_TYPE = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
@@ -289,22 +289,19 @@ def test_an_optical_drive_is_never_exported_from_the_kernels_event(tmp_path: Pat
     assert exclusion(disk_from_udev(drive.udev_device()), SystemFacts(), lift_guards=True) is Reason.OPTICAL
 
 
-def test_an_optical_drive_takes_udevs_names_without_a_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_an_optical_drive_takes_udevs_names_without_a_warning(tmp_path: Path, logged: list[log.Record]) -> None:
     """The kernel path gives a device it never exports no identity; udev's is not a mismatch
     (the warning went to stderr of `storagetm --list-devices --json`, ahead of its JSON)."""
     drive = cdrom(tmp_path)
     devices = BlockDevices(object(), FakeMonitor([drive.udev_device()]), FakeMonitor([drive.kernel_device()]))
-    with caplog.at_level(logging.WARNING):
-        first, refined = list(devices.events())
+    first, refined = list(devices.events())
     assert first.disk.serial == "" and refined.disk.serial == "QM00005" and refined.disk.cdrom
-    assert caplog.text == ""
+    assert [r for r in logged if r.level >= log.WARNING] == []
     (again,) = BlockDevices(object(), FakeMonitor([]), FakeMonitor([drive.kernel_device("change", 2)])).events()
     assert again.disk.serial == ""  # nothing from udev yet
     devices.kernel_monitor.push(drive.kernel_device("change", 2))
     (changed,) = devices.events()
-    assert changed.disk.serial == "QM00005" and caplog.text == ""
+    assert changed.disk.serial == "QM00005" and [r for r in logged if r.level >= log.WARNING] == []
 
 
 def test_a_partition_from_the_kernels_event_is_not_exported(tmp_path: Path) -> None:
@@ -469,14 +466,14 @@ def test_a_lost_kernel_event_is_made_up_from_udevs(tmp_path: Path) -> None:
     assert not event.disk.names_pending
 
 
-def test_udev_never_changes_the_identity_of_an_export(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_udev_never_changes_the_identity_of_an_export(tmp_path: Path, logged: list[log.Record]) -> None:
     disk = nvme(tmp_path)
     disk.udev["ID_SERIAL_SHORT"] = "SOMETHING-ELSE"
     devices = BlockDevices(object(), FakeMonitor([disk.udev_device()]), FakeMonitor([disk.kernel_device()]))
-    with caplog.at_level(logging.WARNING):
-        first, refined = list(devices.events())
+    first, refined = list(devices.events())
     assert identity_for(BASE, refined.disk) == identity_for(BASE, first.disk)
-    assert refined.disk.serial == "NVME0001" and "SOMETHING-ELSE" in caplog.text
+    warned = [r.message for r in logged if r.level >= log.WARNING]
+    assert refined.disk.serial == "NVME0001" and any("SOMETHING-ELSE" in m for m in warned)
 
 
 def test_enumeration_reads_sysfs_without_waiting_for_udev(tmp_path: Path) -> None:

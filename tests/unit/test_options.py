@@ -18,6 +18,7 @@ from storagetm.errors import ExitCode
 from storagetm.security.auth import generate_secret
 from storagetm.security.tls import generate_key
 from storagetm.selection import plan
+from storagetm.system import log
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
@@ -144,10 +145,10 @@ def test_one_named_disk_takes_every_override_several_share_model_and_firmware() 
     assert UUID not in {i.uuid for i in identities}
 
 
-def test_serve_reads_the_environment(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_serve_reads_the_environment(monkeypatch: pytest.MonkeyPatch, logged: list[log.Record]) -> None:
     monkeypatch.setenv("SYSTEMD_NVME_UUID", "bogus")
     monkeypatch.setenv("SYSTEMD_NVME_SERIAL", "S1")
     assert main(["sda", "sdb"]) in (ExitCode.USAGE, ExitCode.FAILURE, ExitCode.KERNEL)  # not root, or no nvmet
-    messages = [r.getMessage() for r in caplog.records]
+    messages = [r.message for r in logged]
     assert any("$SYSTEMD_NVME_UUID='bogus' is not a UUID" in m for m in messages)
     assert any("apply only to a single named disk" in m for m in messages)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import stat
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from storagetm.security.auth import AuthConfig, generate_secret
 from storagetm.security.keys import on_command_line
 from storagetm.security.tls import TLSConfig, derive_psk, generate_key
 from storagetm.state import RunState
+from storagetm.system import log
 from storagetm.system.network import Address
 from tests.unit.test_exports import ANCHOR, Target, export_of, file_disk
 
@@ -174,11 +174,11 @@ def test_an_unreadable_secret_file_is_one_usage_error(tmp_path: Path, capsys: py
 
 
 def test_a_secret_on_the_command_line_is_warned_about_once_without_its_value(
-    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+    logged: list[log.Record], capsys: pytest.CaptureFixture[str]
 ) -> None:
     secret, key = generate_secret(), generate_key()
     assert main(["--dhchap-secret", secret, f"--tls-key={key}"]) == ExitCode.USAGE  # no disks: stops early
-    warnings = [r.getMessage() for r in caplog.records]
+    warnings = [r.message for r in logged if r.level >= log.WARNING]
     assert len(warnings) == 1 and "visible to every user" in warnings[0] and "@FILE" in warnings[0]
     assert secret not in warnings[0] + capsys.readouterr().err and key not in warnings[0]
 
@@ -192,19 +192,18 @@ def test_a_rejected_secret_is_not_echoed(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_a_failed_secret_write_to_configfs_does_not_show_the_secret(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, logged: list[log.Record]
 ) -> None:
     target = Target(tmp_path)
     target.fake.fail_on["dhchap_key"] = errno.EINVAL
     auth = AuthConfig(generate_secret(), "", (HOST,))
     export = export_of(file_disk(tmp_path, "a"))
-    caplog.set_level(logging.DEBUG, logger="storagetm")
     failures = target.apply(export, auth=auth)
     host_failure = next(f for f in failures if f.key == ("nvmet-host", HOST))
     line = host_failure.one_line()
     assert auth.secret not in line and line.endswith("dhchap_key to the secret: Invalid argument")
     assert not any(auth.secret in f.one_line() for f in failures)
-    assert not any(auth.secret in r.getMessage() for r in caplog.records)
+    assert logged and not any(auth.secret in r.message for r in logged)
     assert not (target.fake.root / "hosts" / HOST).exists()  # the half-made host is gone
     assert target.names("subsystems") == [ANCHOR]  # and the export that needs it is not made
     target.fake.fail_on["attr_model"] = errno.EINVAL  # other values are still shown
@@ -242,3 +241,19 @@ def test_the_screen_on_standard_output_hides_the_secrets(capsys: pytest.CaptureF
     assert "nvme connect-all" in out
     for secret in (shown.auth.secret, shown.auth.ctrl_secret, shown.tls.key):
         assert secret not in out
+
+
+def test_the_interpreters_own_digests_give_hashlibs_and_hmacs_results() -> None:
+    """storagetm.security.digest (no OpenSSL) derives byte for byte what hashlib and hmac do."""
+    import hashlib
+    import hmac
+    import uuid
+
+    from storagetm.security import digest
+
+    for key in (b"", b"k", bytes(range(200))):  # shorter and longer than a block
+        for algorithm, reference in ((digest.sha256, hashlib.sha256), (digest.sha384, hashlib.sha384)):
+            assert digest.hmac_digest(key, b"message", algorithm) == hmac.new(key, b"message", reference).digest()
+    assert digest.sha256_hex("storagetm") == hashlib.sha256(b"storagetm").hexdigest()
+    namespace = uuid.UUID("4f1d6a40-4f5e-4c5b-9d55-73746f726167")
+    assert digest.uuid5(namespace, "nqn.2023-10.io.systemd:x") == uuid.uuid5(namespace, "nqn.2023-10.io.systemd:x")

@@ -3,7 +3,7 @@ a disk whose model holds ESC[2J does not clear the screen of whoever lists the d
 
 from __future__ import annotations
 
-import logging
+import io
 import os
 from pathlib import Path
 
@@ -17,8 +17,9 @@ from storagetm.disks.identity import identity_for, valid_nqn
 from storagetm.disks.policy import SystemFacts
 from storagetm.model import Export
 from storagetm.state import RunState
+from storagetm.system import log
 from storagetm.system.network import parse_ip_json
-from storagetm.text import PrintableLogFilter, human_size, printable
+from storagetm.text import human_size, printable
 from tests.unit.test_disks import FakeDevice
 
 BASE = "nqn.2023-10.io.systemd:storagetm.0123456789ab"
@@ -98,7 +99,23 @@ def test_host_nqns_with_control_characters_are_refused() -> None:
 
 
 def test_log_lines_are_made_printable() -> None:
-    record = logging.LogRecord("storagetm", logging.WARNING, __file__, 1, "not exporting %s: %s", (f"/dev/x{CLEAR}",
-                               "fake\nstoragetm: forged line"), None)  # fmt: skip
-    assert PrintableLogFilter().filter(record)
-    assert record.getMessage() == "not exporting /dev/x?[2J: fake?storagetm: forged line"
+    out = io.StringIO()
+    with log.capture() as records:
+        log.Logger("storagetm").warning("not exporting %s: %s", f"/dev/x{CLEAR}", "fake\nstoragetm: forged line")
+    assert [r.message for r in records] == ["not exporting /dev/x?[2J: fake?storagetm: forged line"]
+    log.Destination(log.INFO, out).emit(records[0])
+    assert out.getvalue() == "storagetm: not exporting /dev/x?[2J: fake?storagetm: forged line\n"
+    journal = io.StringIO()
+    log.Destination(log.INFO, journal, journal=True).emit(records[0])
+    assert journal.getvalue() == "<4>not exporting /dev/x?[2J: fake?storagetm: forged line\n"  # journald's priority
+
+
+def test_a_logged_exception_keeps_its_traceback_lines() -> None:
+    with log.capture() as records:
+        try:
+            raise OSError(5, f"I/O error{CLEAR}")
+        except OSError:
+            log.Logger("storagetm").warning("cannot flush %s", "/dev/sda", exc_info=True)
+    lines = records[0].message.split("\n")
+    assert lines[0] == "cannot flush /dev/sda" and lines[1] == "Traceback (most recent call last):"
+    assert lines[-1] == "OSError: [Errno 5] I/O error?[2J"

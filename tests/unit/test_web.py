@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import logging
 import os
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from storagetm.model import Backing, Export, HashProgress, WebConfig
 from storagetm.security.auth import AuthConfig
 from storagetm.security.tls import TLSConfig
 from storagetm.state import RunState
+from storagetm.system import log
 from storagetm.system.network import Address
 from storagetm.web import vhd
 from storagetm.web.server import WebServer
@@ -238,14 +238,13 @@ def test_the_token_sets_a_cookie_and_leaves_the_address(server: WebServer, locke
     assert get(server, f"//elsewhere.example/?token={locked}&x=1")[1]["location"] == "/elsewhere.example/?x=1"
 
 
-def test_no_token_in_the_logs(server: WebServer, locked: str, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="storagetm.web")
+def test_no_token_in_the_logs(server: WebServer, locked: str, logged: list[log.Record]) -> None:
     get(server, f"/?token={locked}")
     get(server, "/?token=wrongwrongwrong1")
     get(server, "/", {"Cookie": f"{COOKIE}={locked}"})
     server.stop()  # the request lines are logged after the response: wait for the threads
-    logged = "\n".join(record.getMessage() for record in caplog.records)
-    assert "GET /?token=" in logged and locked not in logged and "wrongwrongwrong1" not in logged
+    text = "\n".join(record.message for record in logged)
+    assert "GET /?token=" in text and locked not in text and "wrongwrongwrong1" not in text
 
 
 def test_connections_beyond_the_limit_are_turned_away(state: RunState, tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ the kernel refuse AuthMethod=None (iscsi_target_handle_csg_zero/one).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 
 from msgspec import Struct
@@ -27,6 +26,7 @@ from storagetm.fabrics.lio.configfs import Backstore, Root
 from storagetm.model import ISCSI_PORT, Device, Export, Want
 from storagetm.reconcile.objects import BaseDriver, Driver, Facts, FactsOf, Obj, make
 from storagetm.security.chap import CHAP_USER
+from storagetm.security.digest import sha256_hex
 
 HBA, BACKSTORE, TARGET, TPG = "lio-hba", "lio-backstore", "iscsi-target", "iscsi-tpg"
 LUN, PORTAL, ENABLE = "iscsi-lun", "iscsi-portal", "iscsi-enable"
@@ -71,7 +71,7 @@ def unit_serial(export: Export, iqn: str) -> str:
     """VPD page 0x80's serial, from which LIO makes the device's NAA WWN (page 0x83) out of
     the first 25 hex digits: the disk's serial, then a hash of the IQN, so that the WWN is
     stable and differs between disks whatever their serials hold."""
-    digest = hashlib.sha256(f"storagetm-unit-serial:{iqn}".encode()).hexdigest()
+    digest = sha256_hex(f"storagetm-unit-serial:{iqn}")
     return f"{export.identity.serial}-{digest[:16]}" if export.identity.serial else digest[:32]
 
 

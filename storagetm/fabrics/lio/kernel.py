@@ -7,9 +7,14 @@ import os
 from pathlib import Path
 
 from storagetm.errors import KernelError
-from storagetm.fabrics.nvmet.kernel import CONFIGFS, ensure_configfs, load_modules
+from storagetm.fabrics.nvmet.kernel import CONFIGFS, SYS_MODULE, ensure_configfs, load_modules
 
 MODULES = ("target_core_mod", "target_core_iblock", "target_core_file", "iscsi_target_mod")
+
+
+def lio_loaded(sys_module: Path = SYS_MODULE) -> bool:
+    """LIO's modules are in the kernel: a previous instance may have made iSCSI targets."""
+    return all((sys_module / module).is_dir() for module in MODULES)
 
 
 def ensure_lio() -> Path:

@@ -3,13 +3,13 @@ loads LIO's the same way)."""
 
 from __future__ import annotations
 
-import logging
 import subprocess
 from pathlib import Path
 
 from storagetm.errors import KernelError
+from storagetm.system.log import Logger
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)
 
 CONFIGFS = Path("/sys/kernel/config")
 SYS_MODULE = Path("/sys/module")
